@@ -1,0 +1,3 @@
+"""rlhf-jax: RLHF for language models in JAX and Flax NNX."""
+
+__version__ = "0.1.0"
