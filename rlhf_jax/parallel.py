@@ -1,0 +1,672 @@
+"""Scale-out: one compiled step over a named device mesh, with sharding rules as data.
+
+The same jitted step runs on one CPU, 8 fake CPU devices, a GPU node or a multi-host TPU pod. What
+changes between them is data, never code:
+
+- a **mesh** with the axes ``('data', 'fsdp', 'tensor')`` built from a :class:`MeshConfig`
+  (sizes, ``-1`` = the rest; a split between hosts/slices (DCN) and chips within one (ICI));
+- a **rule table** per preset: an ordered tuple of ``(parameter-path regex, PartitionSpec)``. The
+  first regex that matches a parameter's path (``re.search`` on ``"layers/attn/q_proj/kernel"``)
+  gives its spec. Presets ``dp``, ``fsdp``, ``tp`` and ``fsdp+tp`` differ only in their table
+  (:data:`RULES`); all are generated from one architecture layout (:data:`PARAM_LAYOUT`, a path
+  regex -> logical axis names, as in maxtext's ``logical_axis_rules``) and a per-preset map from
+  logical names to mesh axes (:data:`PRESET_AXES`);
+- the **batch** is always split over ``('data', 'fsdp')`` on its leading axis (:data:`BATCH_AXES`).
+
+A spec names the *trailing* dimensions of a parameter: a parameter with more dimensions than its
+spec (stacked layers with a leading layer axis) is replicated along the extra leading ones. An axis
+whose size the mesh axis does not divide is replicated instead, and the reason is logged once.
+
+The per-device, pmap-style form of data parallelism (explicit ``lax.pmean`` of gradient sums, loss
+sums and counts) is :func:`make_data_parallel_step` with ``mode='shard_map'``; ``mode='jit'`` is
+the same update written as one ``jax.jit`` over sharded arrays, where XLA inserts the collectives.
+Both follow the loss contract of :func:`rlhf_jax.optim.accumulate`:
+``loss_fn(params, batch) -> (loss_sum, (count, metric_sums))``.
+
+Multi-host: :func:`initialize_distributed` starts ``jax.distributed`` from a config or the
+environment; :func:`shard_batch` builds global arrays from each host's *local* rows with
+``jax.make_array_from_process_local_data``.
+
+Memory before running: :func:`dry_run` compiles a train step from abstract shapes only
+(``jax.eval_shape`` of the model init, no weights allocated) and reads
+``compiled.memory_analysis()``. See ``docs/scaling.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "tensor")  # mesh axis names, outermost (slowest network) first
+BATCH_AXES = ("data", "fsdp")  # the leading batch axis is split over these
+PRESETS = ("dp", "fsdp", "tp", "fsdp+tp")
+STEP_MODES = ("jit", "shard_map")
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _named(sizes: Sequence[int]) -> dict[str, int]:
+    return dict(zip(AXES, sizes, strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes. Sizes are global; ``dcn_*`` says how many hosts/slices each axis spans."""
+
+    data: int = -1  # data-parallel replicas (params replicated); -1 = all devices left over
+    fsdp: int = 1  # fully-sharded data parallel: batch and parameter shards; -1 = the rest
+    tensor: int = 1  # tensor (model) parallel: heads, MLP and vocab split; -1 = the rest
+    dcn_data: int = 1  # of `data`, how many groups live on different hosts/slices (DCN)
+    dcn_fsdp: int = 1  # of `fsdp`, how many groups live on different hosts/slices (DCN)
+    dcn_tensor: int = 1  # of `tensor`, across hosts/slices (rarely wise: TP wants fast ICI)
+
+    def __post_init__(self):
+        sizes = self.sizes
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"mesh {_named(sizes)}: at most one axis may be -1")
+        for name, s in zip(AXES, sizes, strict=True):
+            if s == 0 or s < -1:
+                raise ValueError(f"mesh.{name}={s}: must be a positive size or -1 (the rest)")
+        for name, s, d in zip(AXES, sizes, self.dcn_sizes, strict=True):
+            if d < 1:
+                raise ValueError(f"mesh.dcn_{name}={d}: must be >= 1")
+            if s != -1 and s % d:
+                raise ValueError(f"mesh.dcn_{name}={d} must divide mesh.{name}={s}")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """``(data, fsdp, tensor)`` as configured (may hold one -1)."""
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def dcn_sizes(self) -> tuple[int, int, int]:
+        """``(dcn_data, dcn_fsdp, dcn_tensor)``."""
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """Concrete ``(data, fsdp, tensor)`` for ``num_devices``, with -1 replaced by the rest."""
+        known = math.prod(s for s in self.sizes if s != -1)
+        if -1 in self.sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh {_named(self.sizes)}: {num_devices} devices are not divisible "
+                    f"by the fixed axes' product {known}; change the sizes"
+                )
+            sizes = tuple(num_devices // known if s == -1 else s for s in self.sizes)
+        else:
+            sizes = self.sizes
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh {_named(sizes)} holds {math.prod(sizes)} devices but "
+                f"{num_devices} are available; set one axis to -1 or make the product match"
+            )
+        for name, s, d in zip(AXES, sizes, self.dcn_sizes, strict=True):
+            if s % d:
+                raise ValueError(f"mesh.dcn_{name}={d} must divide the resolved {name}={s}")
+        return sizes  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How ``jax.distributed`` starts. Unset fields come from the environment or the cluster."""
+
+    enabled: str = "auto"  # "auto": start when the environment names a cluster; "on"; "off"
+    coordinator_address: str | None = None  # "host:port" of process 0 (env JAX_COORDINATOR_ADDRESS)
+    num_processes: int | None = None  # processes in the job (env JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process's rank, 0-based (env JAX_PROCESS_ID)
+    local_device_ids: tuple[int, ...] | None = None  # devices this process uses (GPU: one each)
+    initialization_timeout: int = 300  # seconds to wait for all processes to join
+
+    def __post_init__(self):
+        if self.enabled not in ("auto", "on", "off"):
+            raise ValueError(f"distributed.enabled={self.enabled!r}: choose 'auto', 'on' or 'off'")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError("distributed.num_processes must be >= 1")
+        if self.process_id is not None and self.process_id < 0:
+            raise ValueError("distributed.process_id must be >= 0")
+        if (
+            self.num_processes is not None
+            and self.process_id is not None
+            and self.process_id >= self.num_processes
+        ):
+            raise ValueError(
+                f"distributed.process_id={self.process_id} must be < "
+                f"num_processes={self.num_processes}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Everything about placement: the mesh, the rule preset, the step form, multi-host start."""
+
+    mesh: MeshConfig = MeshConfig()  # axis sizes
+    preset: str = "dp"  # parameter rule table: "dp" | "fsdp" | "tp" | "fsdp+tp"
+    step: str = "jit"  # "jit" (XLA inserts collectives) | "shard_map" (explicit pmean; dp only)
+    distributed: DistributedConfig = DistributedConfig()  # multi-host start
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"parallel.preset={self.preset!r}: choose one of {PRESETS}")
+        if self.step not in STEP_MODES:
+            raise ValueError(f"parallel.step={self.step!r}: choose one of {STEP_MODES}")
+        if self.step == "shard_map" and self.preset != "dp":
+            raise ValueError(
+                "parallel.step='shard_map' is the pmap-style data-parallel form and needs "
+                f"replicated parameters: set parallel.preset='dp' (got {self.preset!r})"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host start and the mesh
+# --------------------------------------------------------------------------------------------
+
+_CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",  # explicit (any platform)
+    "SLURM_JOB_ID",  # SLURM (jax detects ranks and the coordinator)
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI mpirun
+    "TPU_WORKER_HOSTNAMES",  # multi-host Cloud TPU VM
+    "MEGASCALE_COORDINATOR_ADDRESS",  # multi-slice TPU
+)
+
+
+def initialize_distributed(cfg: DistributedConfig | None = None) -> bool:
+    """Start ``jax.distributed`` once, from ``cfg`` or the environment. Returns True if started.
+
+    Call it first, before any other JAX call (it must precede backend initialisation). With
+    ``enabled='auto'`` it starts only when a config field or the environment names a cluster:
+    ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), SLURM, Open MPI or
+    a multi-host TPU VM (where JAX finds everything itself). On CPU it selects the gloo
+    collectives, so several CPU processes can run one program (tests, debugging).
+    """
+    cfg = cfg or DistributedConfig()
+    if cfg.enabled == "off" or jax.distributed.is_initialized():
+        return False
+    env = os.environ
+    address = cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    num = cfg.num_processes or _env_int("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id is not None else _env_int("JAX_PROCESS_ID")
+    named = address or num or any(k in env for k in _CLUSTER_ENV)
+    if cfg.enabled == "auto" and not named:
+        return False
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=num,
+        process_id=pid,
+        local_device_ids=list(cfg.local_device_ids) if cfg.local_device_ids else None,
+        initialization_timeout=cfg.initialization_timeout,
+    )
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def make_mesh(
+    cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
+    """A mesh with axes ``('data', 'fsdp', 'tensor')`` (all ``AxisType.Auto``) over ``devices``.
+
+    With every ``dcn_*`` equal to 1 this is ``jax.make_mesh``, which orders devices for the
+    physical topology. Otherwise the mesh is hybrid: ``mesh_utils.create_hybrid_device_mesh`` puts
+    the ``dcn_*`` factor of each axis across slices (TPU multi-slice) or processes (GPU nodes), and
+    the rest within one, so the collectives of ``tensor`` and ``fsdp`` stay on the fast network.
+    """
+    cfg = cfg or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = cfg.resolve(len(devices))
+    types = (AxisType.Auto,) * len(AXES)
+    if cfg.dcn_sizes == (1, 1, 1):
+        return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    ici = tuple(s // d for s, d in zip(sizes, cfg.dcn_sizes, strict=True))
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, cfg.dcn_sizes, devices, process_is_granule=not by_slice
+    )
+    return jax.sharding.Mesh(grid, AXES, axis_types=types)
+
+
+def mesh_from_devices(
+    devices: Sequence[jax.Device], *, data: int = -1, fsdp: int = 1, tensor: int = 1
+):
+    """Shorthand: ``make_mesh(MeshConfig(data, fsdp, tensor), devices)``."""
+    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding rules as data
+# --------------------------------------------------------------------------------------------
+
+# Logical axis names of the parameters, per path pattern (first match wins). Each tuple names the
+# trailing dimensions: "vocab", "embed" (the model width), "heads" (query heads x head_dim),
+# "kv_heads" (key/value heads x head_dim), "mlp" (the MLP width); None = never sharded.
+# Kernels are stored [in, out] (flax convention). Covers GPT-2 and Llama/Qwen2/Qwen3 names of
+# rlhf_jax.models.transformer and the scalar heads (value / reward / cost) of heads.py.
+PARAM_LAYOUT: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    # embeddings and the LM head
+    (r"(^|/)(embed|wte|embed_tokens|token_embed)(/embedding)?$", ("vocab", "embed")),
+    (r"(^|/)(wpe|pos_embed|position_embed)(/embedding)?$", (None, "embed")),
+    (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
+    (r"(^|/)lm_head/bias$", ("vocab",)),
+    # attention: q/k/v projections (separate, or GPT-2's fused c_attn), and the output projection
+    (r"(^|/)(q_proj|query|wq)/kernel$", ("embed", "heads")),
+    (r"(^|/)(q_proj|query|wq)/bias$", ("heads",)),
+    (r"(^|/)(k_proj|v_proj|key|value|wk|wv)/kernel$", ("embed", "kv_heads")),
+    (r"(^|/)(k_proj|v_proj|key|value|wk|wv)/bias$", ("kv_heads",)),
+    (r"(^|/)(c_attn|qkv_proj|wqkv)/kernel$", ("embed", "heads")),
+    (r"(^|/)(c_attn|qkv_proj|wqkv)/bias$", ("heads",)),
+    (r"(^|/)(o_proj|out_proj|wo|attn/c_proj)/kernel$", ("heads", "embed")),
+    # MLP: SwiGLU gate/up/down (Llama, Qwen) and GPT-2's c_fc / c_proj
+    (r"(^|/)(gate_proj|up_proj|w1|w3|c_fc|fc_in)/kernel$", ("embed", "mlp")),
+    (r"(^|/)(gate_proj|up_proj|w1|w3|c_fc|fc_in)/bias$", ("mlp",)),
+    (r"(^|/)(down_proj|w2|mlp/c_proj|fc_out)/kernel$", ("mlp", "embed")),
+    # scalar heads: [embed, 1] kernels; their biases and gains stay replicated
+    (r"(^|/)(value_head|score_head|reward_head|cost_head|head)/kernel$", ("embed", None)),
+    # everything else (norm scales, q/k norms, output-projection and head biases, gains): replicated
+    (r".*", ()),
+)
+
+# Logical axis -> mesh axis, per preset. The only difference between presets.
+PRESET_AXES: dict[str, dict[str, str | None]] = {
+    "dp": {"vocab": None, "embed": None, "heads": None, "kv_heads": None, "mlp": None},
+    "fsdp": {"vocab": None, "embed": "fsdp", "heads": None, "kv_heads": None, "mlp": None},
+    "tp": {
+        "vocab": "tensor",
+        "embed": None,
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+    },
+    "fsdp+tp": {
+        "vocab": "tensor",
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+    },
+}
+
+Rules = tuple[tuple[str, P], ...]
+
+
+def rules_for(preset: str, layout=PARAM_LAYOUT) -> Rules:
+    """The ordered ``(path regex, PartitionSpec)`` table of ``preset``, from a logical layout."""
+    if preset not in PRESET_AXES:
+        raise ValueError(f"unknown sharding preset {preset!r}: choose one of {PRESETS}")
+    axes = PRESET_AXES[preset]
+    return tuple(
+        (pattern, P(*(axes.get(a) if a else None for a in names))) for pattern, names in layout
+    )
+
+
+RULES: dict[str, Rules] = {preset: rules_for(preset) for preset in PRESETS}
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``'layers/0/attn/q_proj/kernel'`` from a pytree key path (nnx ``.value`` dropped)."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    if parts and parts[-1] in ("value", "raw_value"):
+        parts.pop()
+    return "/".join(parts)
+
+
+def _mesh_axis_size(mesh: jax.sharding.Mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def fit_spec(
+    spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh | None, where: str = ""
+) -> tuple[P, list[str]]:
+    """Align ``spec`` to the trailing dims of ``shape``; replicate axes the mesh does not divide.
+
+    Returns the fitted spec and the reasons for every axis replicated because of divisibility.
+    """
+    spec = tuple(spec)
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"{where}: spec {P(*spec)} names {len(spec)} dims but the array has "
+            f"shape {tuple(shape)}"
+        )
+    full = (None,) * (len(shape) - len(spec)) + spec
+    reasons, out = [], []
+    for dim, (size, axis) in enumerate(zip(shape, full, strict=True)):
+        if axis is not None and mesh is not None:
+            n = _mesh_axis_size(mesh, axis)
+            if size % n:
+                reasons.append(
+                    f"{where}: dim {dim} of size {size} is not divisible by mesh axis {axis!r} "
+                    f"of size {n}; replicated"
+                )
+                axis = None
+        out.append(axis)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out), reasons
+
+
+def _log_reasons(reasons: list[str]) -> None:
+    for reason in dict.fromkeys(reasons):
+        log.warning("sharding fallback: %s", reason)
+
+
+def spec_for_path(path: str, shape: Sequence[int], rules: Rules, mesh=None) -> tuple[P, list[str]]:
+    """The fitted spec of one parameter: the first rule whose regex matches ``path``."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return fit_spec(spec, shape, mesh, where=f"{path} (rule {pattern!r})")
+    raise ValueError(f"no sharding rule matches parameter {path!r}; add a rule (or a '.*' rule)")
+
+
+def param_specs(params: Any, rules: Rules | str, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """A pytree of ``PartitionSpec`` with the structure of ``params`` (arrays or ShapeDtypeStructs).
+
+    ``rules`` is a table or a preset name. With ``mesh`` given, axes that the mesh does not divide
+    are replicated (logged once each); without it, the specs are the rules' as written.
+    """
+    rules = RULES[rules] if isinstance(rules, str) else rules
+    reasons: list[str] = []
+
+    def one(path, leaf):
+        spec, why = spec_for_path(path_str(path), np.shape(leaf), rules, mesh)
+        reasons.extend(why)
+        return spec
+
+    specs = jax.tree_util.tree_map_with_path(one, params)
+    _log_reasons(reasons)
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
+    """``NamedSharding(mesh, spec)`` for every spec of a pytree of specs."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+def param_shardings(params: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> Any:
+    """``NamedSharding`` per parameter from the rules (with the divisibility fallback)."""
+    return named(mesh, param_specs(params, rules, mesh))
+
+
+def shard_params(params: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> Any:
+    """Place ``params`` on ``mesh`` as the rules say (a copy; host or device arrays)."""
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def opt_state_specs(optimizer: optax.GradientTransformation, params: Any, specs: Any) -> Any:
+    """Specs of ``optimizer.init(params)``: parameter-shaped parts (Adam's mu, nu) follow the
+    parameters' ``specs``; everything else (step counts, hyperparameters) is replicated."""
+    state = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        state,
+        specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=_is_spec,
+    )
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Any, mesh, specs: Any) -> Any:
+    """``optimizer.init(params)`` created directly in its sharded layout (no replicated copy)."""
+    shardings = named(mesh, opt_state_specs(optimizer, params, specs))
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+def batch_spec(ndim: int = 1) -> P:
+    """The spec of a batch array: leading axis over ``('data', 'fsdp')``, the rest replicated."""
+    return P(BATCH_AXES, *([None] * (ndim - 1))) if ndim else P()
+
+
+def batch_shardings(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``NamedSharding`` per batch leaf (scalars replicated)."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x))), batch)
+
+
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Global arrays from each process's *local* rows of a host batch (numpy or arrays).
+
+    On one process the local batch is the global batch. On several, process ``i`` passes only its
+    rows (the global batch is the concatenation in process order) and
+    ``jax.make_array_from_process_local_data`` assembles the global array without a transfer
+    between hosts. Scalars are replicated and must be equal on every process.
+    """
+    n = _mesh_axis_size(mesh, BATCH_AXES)
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = NamedSharding(mesh, batch_spec(x.ndim))
+        if x.ndim == 0:
+            return jax.make_array_from_process_local_data(sharding, x, x.shape)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % n:
+            raise ValueError(
+                f"global batch of {global_rows} rows is not divisible by data x fsdp = {n}; "
+                "change the batch size or the mesh"
+            )
+        return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+
+    return jax.tree.map(one, batch)
+
+
+def cache_specs(cache: Any, mesh: jax.sharding.Mesh | None, preset: str) -> Any:
+    """Specs of a KV cache ``dict(k=[L, B, S, Hkv, Dh], v=...)``: batch over ``('data','fsdp')``,
+    KV heads over ``tensor`` in the tensor-parallel presets (replicated when they do not divide,
+    e.g. GQA with fewer KV heads than ``tensor``); other leaves split along their batch axis 0.
+    """
+    heads = PRESET_AXES[preset]["kv_heads"]
+    reasons: list[str] = []
+
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        if len(shape) == 5:
+            spec = P(None, BATCH_AXES, None, heads, None)
+        elif len(shape) >= 1:
+            spec = batch_spec(len(shape))
+        else:
+            spec = P()
+        fitted, why = fit_spec(spec, shape, mesh, where=f"cache {path_str(path)}")
+        reasons.extend(why)
+        return fitted
+
+    specs = jax.tree_util.tree_map_with_path(one, cache)
+    _log_reasons(reasons)
+    return specs
+
+
+def describe(params: Any, specs: Any) -> str:
+    """One line per parameter: path, shape and spec (for logs and docs)."""
+    rows = []
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), spec in zip(flat, jax.tree.leaves(specs, is_leaf=_is_spec), strict=True):
+        rows.append(f"{path_str(path):60s} {str(tuple(np.shape(leaf))):24s} {spec}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The data-parallel train step: jit form and pmap-style shard_map form
+# --------------------------------------------------------------------------------------------
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, Any]]]
+
+
+def _update(optimizer, params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _metrics(loss_sum, count, metric_sums) -> dict[str, jax.Array]:
+    count = jnp.asarray(count, jnp.float32)
+    out = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count}
+    out.update(metric_sums if isinstance(metric_sums, Mapping) else {})
+    return out
+
+
+def make_data_parallel_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    mode: str = "jit",
+    param_specs_tree: Any = None,
+    opt_specs: Any = None,
+    donate: bool = True,
+) -> Callable[[Any, Any, Any], tuple[Any, Any, dict[str, jax.Array]]]:
+    """A compiled ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+    The gradient is that of ``sum(loss_sum) / sum(count)`` over the whole global batch, whatever
+    the mesh, so both forms equal the one-device step.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (loss_sum, (count, metric_sums))`` on a (local) batch,
+        as in :func:`rlhf_jax.optim.accumulate`; ``metric_sums`` a dict of sums (summed over
+        devices).
+      optimizer: the optax transformation.
+      mesh: the device mesh; the batch's leading axis is split over ``('data', 'fsdp')``.
+      mode: ``'jit'``: one ``jax.jit`` over sharded arrays, parameters laid out by
+        ``param_specs_tree`` (XLA inserts the collectives). ``'shard_map'``: the per-device form;
+        each device computes the gradient *sum* of its rows, then ``lax.pmean`` over
+        ``('data', 'fsdp')`` of gradient sums, loss sums, counts and metric sums, and divides once
+        (the 1/N of each mean cancels). Parameters are replicated in this form.
+      param_specs_tree: parameter specs (``param_specs(params, rules, mesh)``); default
+        replicated.
+      opt_specs: optimizer-state specs (default: follow ``param_specs_tree``, see
+        :func:`opt_state_specs`).
+      donate: donate ``params`` and ``opt_state`` (updated in place).
+
+    Returns:
+      the jitted step. ``metrics``: ``loss`` (global token mean), ``count``, and the metric sums.
+    """
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {STEP_MODES}")
+    donate_argnums = (0, 1) if donate else ()
+    if mode == "jit":
+        return _jit_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums)
+    return _shard_map_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums)
+
+
+def _shardings_for(optimizer, mesh, params, param_specs_tree, opt_specs):
+    pspecs = param_specs_tree
+    if pspecs is None:
+        pspecs = jax.tree.map(lambda _: P(), params)
+    ospecs = opt_specs if opt_specs is not None else opt_state_specs(optimizer, params, pspecs)
+    return named(mesh, pspecs), named(mesh, ospecs)
+
+
+def _jit_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums):
+    from rlhf_jax.optim import accumulate
+
+    def step(params, opt_state, batch):
+        grads, count, metric_sums = accumulate(_with_loss(loss_fn), params, batch, 1)
+        loss_sum = metric_sums.pop("__loss_sum")
+        params, opt_state = _update(optimizer, params, opt_state, grads)
+        return params, opt_state, _metrics(loss_sum, count, metric_sums)
+
+    return _lazy_jit(step, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums)
+
+
+def _with_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` whose metric sums also carry the loss sum (under ``'__loss_sum'``)."""
+
+    def wrapped(params, batch):
+        loss_sum, (count, metric_sums) = loss_fn(params, batch)
+        metric_sums = dict(metric_sums or {})
+        metric_sums["__loss_sum"] = jax.lax.stop_gradient(loss_sum)
+        return loss_sum, (count, metric_sums)
+
+    return wrapped
+
+
+def _shard_map_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums):
+    if param_specs_tree is not None and any(
+        tuple(s) for s in jax.tree.leaves(param_specs_tree, is_leaf=_is_spec)
+    ):
+        raise ValueError("mode='shard_map' replicates the parameters: use the 'dp' rules")
+    wrapped = _with_loss(loss_fn)
+
+    def per_device(params, batch):
+        grad_sums, (count, metric_sums) = jax.grad(wrapped, has_aux=True)(params, batch)
+        count = jnp.asarray(count, jnp.float32)
+        # pmap-style: average over the replicas; the 1/N cancels in the ratio below.
+        grad_sums, count, metric_sums = jax.lax.pmean((grad_sums, count, metric_sums), BATCH_AXES)
+        return grad_sums, count, metric_sums
+
+    def step(params, opt_state, batch):
+        in_specs = (P(), jax.tree.map(lambda x: batch_spec(np.ndim(x)), batch))
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=P())
+        grad_means, count_mean, metric_means = sharded(params, batch)
+        denom = jnp.maximum(count_mean, jnp.finfo(jnp.float32).tiny)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_means)
+        n = _mesh_axis_size(mesh, BATCH_AXES)
+        loss_sum = metric_means.pop("__loss_sum") * n
+        metric_sums = {k: v * n for k, v in metric_means.items()}
+        params, opt_state = _update(optimizer, params, opt_state, grads)
+        return params, opt_state, _metrics(loss_sum, count_mean * n, metric_sums)
+
+    return _lazy_jit(step, optimizer, mesh, None, opt_specs, donate_argnums)
+
+
+def _lazy_jit(step, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums):
+    """Jit ``step`` with shardings built from the first call's ``params`` (cached per structure)."""
+    cache: dict[Any, Callable] = {}
+
+    def compiled_for(params, batch):
+        key = (jax.tree.structure(params), jax.tree.structure(batch))
+        if key not in cache:
+            pshard, oshard = _shardings_for(optimizer, mesh, params, param_specs_tree, opt_specs)
+            bshard = batch_shardings(batch, mesh)
+            cache[key] = jax.jit(
+                step,
+                in_shardings=(pshard, oshard, bshard),
+                out_shardings=(pshard, oshard, NamedSharding(mesh, P())),
+                donate_argnums=donate_argnums,
+            )
+        return cache[key]
+
+    def run(params, opt_state, batch):
+        return compiled_for(params, batch)(params, opt_state, batch)
+
+    run.jitted = compiled_for  # type: ignore[attr-defined]  # (params, batch) -> the jitted step
+    return run
