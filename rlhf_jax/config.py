@@ -247,6 +247,8 @@ def _unknown_key(cls: type, key: str, path: str, sources: Mapping[str, str]) -> 
     if close:
         prefix = f"{path}." if path else ""
         msg += f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?"
+    else:
+        msg += "."
     msg += f" The keys of {section} ({cls.__name__}) are: {', '.join(names)}"
     return ConfigError(msg)
 
