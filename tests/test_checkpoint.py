@@ -293,3 +293,17 @@ def test_sigterm_sets_preempted_and_close_restores_handler(tmp_path):
     ck.close()
     assert signal.getsignal(signal.SIGTERM) == before
     json.dumps(repr(ck))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog):
+    import shutil
+
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
+        ck.save(1, _state(), {"cursor": 1})
+        ck.save(2, _state(2.0), {"cursor": 2})
+    shutil.rmtree(tmp_path / "c" / "2" / "state")  # files lost after the commit (disk trouble)
+    with Checkpointer(tmp_path / "c", save_every=1) as ck:
+        step, state, meta = ck.restore_latest(abstract_like(_state()))
+    assert step == 1 and meta == {"cursor": 1}
+    np.testing.assert_array_equal(state.params["w"], _state().params["w"])
+    assert "cannot be restored" in caplog.text
