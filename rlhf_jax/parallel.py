@@ -247,7 +247,15 @@ def make_mesh(
     from jax.experimental import mesh_utils
 
     ici = tuple(s // d for s, d in zip(sizes, cfg.dcn_sizes, strict=True))
-    by_slice = getattr(devices[0], "slice_index", None) is not None
+    granules = math.prod(cfg.dcn_sizes)
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    processes = {d.process_index for d in devices}
+    by_slice = None not in slices and len(slices) == granules
+    if not by_slice and len(processes) != granules:
+        raise ValueError(
+            f"mesh dcn sizes {_named(cfg.dcn_sizes)} ask for {granules} hosts/slices, but the "
+            f"devices span {len(slices)} slice(s) and {len(processes)} process(es)"
+        )
     grid = mesh_utils.create_hybrid_device_mesh(
         ici, cfg.dcn_sizes, devices, process_is_granule=not by_slice
     )
@@ -323,8 +331,17 @@ def rules_for(preset: str, layout=PARAM_LAYOUT) -> Rules:
         raise ValueError(f"unknown sharding preset {preset!r}: choose one of {PRESETS}")
     axes = PRESET_AXES[preset]
     return tuple(
-        (pattern, P(*(axes.get(a) if a else None for a in names))) for pattern, names in layout
+        (pattern, _trim(P(*(axes.get(a) if a else None for a in names))))
+        for pattern, names in layout
     )
+
+
+def _trim(spec: P) -> P:
+    """Drop trailing ``None`` entries (``P(None, None) -> P()``), which mean the same."""
+    parts = list(spec)
+    while parts and parts[-1] is None:
+        parts.pop()
+    return P(*parts)
 
 
 RULES: dict[str, Rules] = {preset: rules_for(preset) for preset in PRESETS}
