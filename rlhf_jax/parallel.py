@@ -687,3 +687,134 @@ def _lazy_jit(step, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums
 
     run.jitted = compiled_for  # type: ignore[attr-defined]  # (params, batch) -> the jitted step
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run: compiled per-device memory from abstract shapes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device memory of one compiled step, in bytes (``compiled.memory_analysis()``)."""
+
+    name: str  # what was compiled (model, mesh, preset)
+    arguments: int  # inputs resident on the device: parameter, optimizer-state and batch shards
+    outputs: int  # outputs (updated state, metrics)
+    aliased: int  # outputs written over donated inputs (counted once, in arguments)
+    temps: int  # XLA temporaries: activations kept for the backward pass, gradients, buffers
+    generated_code: int  # the compiled program itself
+    num_params: int  # parameters of the model (all devices together)
+
+    @property
+    def total(self) -> int:
+        """Estimated peak per device: arguments + outputs - aliased + temps + code."""
+        return self.arguments + self.outputs - self.aliased + self.temps + self.generated_code
+
+    @classmethod
+    def from_compiled(cls, compiled, name: str = "", num_params: int = 0) -> MemoryReport:
+        """Read ``compiled.memory_analysis()`` (a ``jax.stages.Compiled``)."""
+        m = compiled.memory_analysis()
+        if m is None:
+            raise RuntimeError(f"{name}: this backend gives no memory analysis")
+        return cls(
+            name=name,
+            arguments=int(m.argument_size_in_bytes),
+            outputs=int(m.output_size_in_bytes),
+            aliased=int(m.alias_size_in_bytes),
+            temps=int(m.temp_size_in_bytes),
+            generated_code=int(m.generated_code_size_in_bytes),
+            num_params=num_params,
+        )
+
+    def row(self) -> str:
+        """A Markdown table row in GiB (see :func:`format_memory_table`)."""
+        gib = lambda b: f"{b / 2**30:.2f}"
+        return (
+            f"| {self.name} | {self.num_params / 1e9:.2f}B | {gib(self.arguments)} | "
+            f"{gib(self.outputs)} | {gib(self.aliased)} | {gib(self.temps)} | "
+            f"{gib(self.generated_code)} | {gib(self.total)} |"
+        )
+
+
+def format_memory_table(reports: Sequence[MemoryReport]) -> str:
+    """A Markdown table of per-device memory (GiB) for several dry runs."""
+    head = (
+        "| step | params | arguments | outputs | aliased | temps | code | total |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([head, *(r.row() for r in reports)])
+
+
+def abstract_model(model_config, **heads) -> tuple[Any, Any]:
+    """``(graphdef, abstract params)`` of ``rlhf_jax.models.Transformer``: no weight allocated.
+
+    ``heads`` are the Transformer's head switches (``value_head=True``, ``score_head=True``).
+    """
+    from flax import nnx
+
+    from rlhf_jax import models
+
+    module = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0), **heads))
+    return nnx.split(module, nnx.Param)
+
+
+def sft_token_loss(graphdef) -> LossFn:
+    """The next-token loss of SFT as ``(sum, (count, {}))`` on ``{'tokens', 'mask'}`` batches."""
+    from rlhf_jax import models
+
+    def loss_fn(params, batch):
+        logp = models.token_logprobs(graphdef, params, batch["tokens"], batch["mask"])
+        mask = batch["mask"][:, 1:].astype(jnp.float32)
+        return -(logp * mask).sum(), (mask.sum(), {})
+
+    return loss_fn
+
+
+def dry_run(
+    model_config,
+    cfg: ParallelConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim=None,
+    devices: Sequence[jax.Device] | None = None,
+    name: str | None = None,
+) -> MemoryReport:
+    """Compile one SFT train step (token loss, gradient, AdamW update) and report its memory.
+
+    Nothing is allocated: the parameters come from ``jax.eval_shape`` of the model init, the
+    optimizer state from ``jax.eval_shape`` of ``optimizer.init``, the batch is a
+    ``ShapeDtypeStruct``; the step is ``jit(...).lower(...).compile()``d for the mesh and rules of
+    ``cfg``. An 8B model's step compiles on a laptop's fake CPU devices.
+
+    Args:
+      model_config: a ``rlhf_jax.models.ModelConfig``.
+      cfg: the mesh, the rule preset and the step form.
+      batch_size: global rows per step (divisible by data x fsdp).
+      seq_len: tokens per row.
+      optim: an ``OptimConfig`` (default AdamW).
+      devices: the devices of the mesh (default all).
+      name: the row's label (default from the model and the mesh).
+    """
+    from rlhf_jax.optim import OptimConfig, make_optimizer
+
+    mesh = make_mesh(cfg.mesh, devices)
+    graphdef, params = abstract_model(model_config)
+    optimizer = make_optimizer(optim or OptimConfig(name="adamw"))
+    specs = param_specs(params, cfg.preset, mesh)
+    step = make_data_parallel_step(
+        sft_token_loss(graphdef), optimizer, mesh, mode=cfg.step, param_specs_tree=specs
+    )
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+    }
+    jitted = step.jitted(params, batch)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    compiled = jitted.lower(params, opt_state, batch).compile()
+    num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if name is None:
+        sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+        name = f"{getattr(model_config, 'arch', 'model')} ({sizes}) {cfg.preset}"
+    return MemoryReport.from_compiled(compiled, name=name, num_params=num)
