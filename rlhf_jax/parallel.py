@@ -508,6 +508,18 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(one, batch)
 
 
+def constrain_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Inside a jitted step: hint that every leaf of ``batch`` stays split over ``BATCH_AXES``.
+
+    ``jax.lax.with_sharding_constraint`` with :func:`batch_spec`; use it on arrays a step creates
+    (rollout tokens, advantages) so XLA keeps them with the batch instead of replicating them.
+    """
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim))),
+        batch,
+    )
+
+
 def cache_specs(cache: Any, mesh: jax.sharding.Mesh | None, preset: str) -> Any:
     """Specs of a KV cache ``dict(k=[L, B, S, Hkv, Dh], v=...)``: batch over ``('data','fsdp')``,
     KV heads over ``tensor`` in the tensor-parallel presets (replicated when they do not divide,
