@@ -1,0 +1,375 @@
+"""The run loop every trainer shares, and the guarded optimizer update its steps use.
+
+A trainer (SFT, reward model, PPO, ...) provides a **compiled step**
+``step(state, batch, key) -> (state, metrics)`` (``jax.jit`` with the state donated; ``metrics`` a
+flat dict of scalars) and :func:`run_loop` does the slow host-side things around it:
+
+- fetch the batch of step ``s`` (``batches(s)`` for a callable, else the next item of an
+  iterable) and derive the step's key as ``fold_in(key, s)``, so a resumed run sees the same
+  batches and the same randomness as an uninterrupted one;
+- call the step, check the metrics named in :attr:`LoopConfig.check_finite`, evaluate every
+  ``eval_every`` steps, log, checkpoint;
+- stop at ``max_steps``, when an evaluation metric crosses a threshold, on preemption (SIGTERM
+  seen by the checkpointer: save and return), or on a non-finite loss (``on_nonfinite="stop"``).
+
+**Non-finite values never reach the parameters.** A step builds its update with
+:func:`apply_update`, which keeps the old parameters and optimizer state (``jnp.where`` inside the
+compiled step, so nothing is ever written with a NaN) when the loss or the gradient is not finite,
+and reports ``skipped = 1``. The loop then either stops with a message naming the step and the
+metric (``"stop"``, the default) or carries on with the next batch (``"skip"``), up to
+``max_consecutive_skips`` in a row.
+
+The logger and checkpointer are duck-typed (:class:`rlhf_jax.logging.RunLogger`,
+:class:`rlhf_jax.checkpoint.Checkpointer`, or anything with the same methods) and optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.optim import current_learning_rate
+
+__all__ = [
+    "LoopConfig",
+    "LoopResult",
+    "NonFiniteError",
+    "TrainState",
+    "apply_update",
+    "run_loop",
+]
+
+_NONFINITE = ("stop", "skip")
+_DIRECTIONS = ("above", "below")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """When a run stops, evaluates, logs and checkpoints, and what a non-finite loss does."""
+
+    max_steps: int = 1000  # stop after this many steps (batches) in total, resumed ones included
+    eval_every: int = 0  # evaluate every N steps (and at the last step); 0 = never
+    log_every: int = 1  # send the step metrics to the logger every N steps
+    stop_metric: str | None = None  # stop early when this eval metric crosses stop_value
+    stop_direction: str = "above"  # "above": stop when metric >= stop_value; "below": <=
+    stop_value: float = 0.0  # the threshold of stop_metric
+    on_nonfinite: str = "stop"  # "stop": raise NonFiniteError | "skip": keep going, update dropped
+    check_finite: tuple[str, ...] = ("loss",)  # step metrics that must be finite (when present)
+    max_consecutive_skips: int = 10  # with on_nonfinite="skip": stop after this many in a row
+    resume: bool = True  # restore the checkpointer's latest state (and step) before starting
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"loop.max_steps={self.max_steps}: must be >= 1")
+        if self.eval_every < 0 or self.log_every < 1:
+            raise ValueError("loop.eval_every must be >= 0 and loop.log_every >= 1")
+        if self.stop_direction not in _DIRECTIONS:
+            raise ValueError(
+                f"loop.stop_direction={self.stop_direction!r}: choose one of {_DIRECTIONS}"
+            )
+        if self.stop_metric is not None and self.eval_every == 0:
+            raise ValueError(
+                f"loop.stop_metric={self.stop_metric!r} needs evaluations: set loop.eval_every > 0"
+            )
+        if self.on_nonfinite not in _NONFINITE:
+            raise ValueError(f"loop.on_nonfinite={self.on_nonfinite!r}: choose one of {_NONFINITE}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError("loop.max_consecutive_skips must be >= 1")
+        if isinstance(self.check_finite, str):
+            raise ValueError("loop.check_finite is a list of metric names, e.g. ['loss']")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The state of a gradient trainer (SFT, reward model): an immutable pytree.
+
+    ``params`` are the trainable parameters (an ``nnx.State`` or any pytree), ``opt_state`` the
+    optax state (the peak learning rate lives in it, see :mod:`rlhf_jax.optim`), ``step`` an int32
+    scalar counting the steps taken (skipped updates included: a batch was consumed).
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or metric and the loop was told to stop.
+
+    ``state`` is the state after that step, whose parameters are those of the step before
+    (:func:`apply_update` dropped the update); ``step`` is the 1-based step that failed and
+    ``metric`` the metric's name.
+    """
+
+    def __init__(self, message: str, *, step: int, metric: str, state: Any = None):
+        super().__init__(message)
+        self.step = step
+        self.metric = metric
+        self.state = state
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What :func:`run_loop` returns.
+
+    ``history`` holds one record per logged step (``{"step": s, **metrics}``) and ``evals`` one per
+    evaluation (``{"step": s, **eval_metrics}``), as Python floats. ``timings`` sums the seconds of
+    each phase (``data``, ``step``, ``eval``, ``checkpoint``, ``log``); ``first_step_s`` is the
+    first call of the step (compilation included).
+    """
+
+    state: Any
+    step: int
+    stop_reason: str  # "max_steps" | "threshold" | "preempted" | "skips" (see run_loop)
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    timings: dict[str, float]
+    first_step_s: float | None
+    skipped: int
+    start_step: int
+
+
+# ------------------------------------------------------------------------------------------
+# The guarded update (inside a compiled step)
+# ------------------------------------------------------------------------------------------
+
+
+def apply_update(
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    optim_cfg: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update of ``state``, dropped when ``loss`` or ``grads`` are not finite.
+
+    Call it inside the compiled step. When ``loss`` or the global gradient norm is NaN/inf the
+    returned state keeps the old ``params`` and ``opt_state`` (selected with ``jnp.where``, so the
+    bad values never touch the parameters or the Adam moments) and only ``step`` advances.
+
+    Args:
+      optimizer: the optax transformation (from :func:`rlhf_jax.optim.make_optimizer`).
+      state: the current state.
+      grads: gradients with the structure of ``state.params``.
+      loss: scalar loss of this step.
+      optim_cfg: the :class:`rlhf_jax.optim.OptimConfig`, to report the scheduled learning rate
+        (``lr``); None reports the peak learning rate held in the optimizer state.
+
+    Returns:
+      ``(new_state, metrics)`` with metrics ``grad_norm`` (before clipping), ``lr`` (the rate this
+      update used) and ``skipped`` (1.0 when the update was dropped).
+    """
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if optim_cfg is not None:
+        lr = current_learning_rate(optim_cfg, state.opt_state)
+    else:
+        lr = jnp.asarray(state.opt_state.hyperparams["learning_rate"])
+    # Zero the gradients first so the update itself is computed on finite numbers.
+    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    new_state = state.replace(
+        params=jax.tree.map(keep, new_params, state.params),
+        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+        step=state.step + 1,
+    )
+    metrics = {
+        "grad_norm": grad_norm,
+        "lr": jnp.asarray(lr, jnp.float32),
+        "skipped": 1.0 - ok.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+# ------------------------------------------------------------------------------------------
+# The host loop
+# ------------------------------------------------------------------------------------------
+
+
+def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    host = jax.device_get(dict(metrics))
+    return {str(k): float(jnp.asarray(v).reshape(())) for k, v in host.items()}
+
+
+def _crossed(value: float, cfg: LoopConfig) -> bool:
+    if not math.isfinite(value):
+        return False
+    if cfg.stop_direction == "above":
+        return value >= cfg.stop_value
+    return value <= cfg.stop_value
+
+
+def _batch_source(batches: Callable[[int], Any] | Iterable[Any], start: int):
+    """``get(step)`` for a callable source; for an iterable, skip the ``start`` consumed items."""
+    if callable(batches) and not hasattr(batches, "__next__"):
+        return batches
+    it = iter(batches)
+    for _ in range(start):
+        next(it)
+    return lambda _step: next(it)
+
+
+def run_loop(
+    step: Callable[[Any, Any, jax.Array], tuple[Any, Mapping[str, jax.Array]]],
+    state: Any,
+    batches: Callable[[int], Any] | Iterable[Any],
+    *,
+    loop: LoopConfig,
+    key: jax.Array | None = None,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    logger: Any = None,
+    checkpointer: Any = None,
+    meta: Mapping[str, Any] | None = None,
+) -> LoopResult:
+    """Run ``step`` until ``loop.max_steps``, a threshold, preemption or a non-finite loss.
+
+    Args:
+      step: the compiled step ``step(state, batch, key) -> (state, metrics)``; it may donate
+        ``state``. Metrics are scalars; ``skipped`` (from :func:`apply_update`) is counted.
+      state: the initial state (ignored in favour of the checkpointer's latest when resuming).
+      batches: ``batches(s) -> batch`` for the 0-based step index ``s`` (deterministic, so resume
+        is exact), or an iterable of batches (on resume its first ``s`` items are skipped).
+      loop: the :class:`LoopConfig`.
+      key: base PRNG key; step ``s`` gets ``jax.random.fold_in(key, s)``. Default ``PRNGKey(0)``.
+      eval_fn: ``eval_fn(state) -> metrics`` (scalars), run every ``loop.eval_every`` steps and
+        after the last step; its metrics are logged with an ``eval/`` prefix.
+      logger: a :class:`rlhf_jax.logging.RunLogger` (``log(step, metrics, timings)``,
+        ``write(message)``) or None.
+      checkpointer: a :class:`rlhf_jax.checkpoint.Checkpointer` (``save``, ``restore_latest``,
+        ``preempted``, ``wait``) or None. Saved as ``save(step, state, meta)`` after each step (it
+        decides by its ``save_every``) and forced at the end.
+      meta: extra JSON-able values saved with every checkpoint (e.g. the config).
+
+    Returns:
+      A :class:`LoopResult`. ``stop_reason`` is ``"max_steps"``, ``"threshold"`` (the eval metric
+      crossed ``loop.stop_value``), ``"preempted"`` (SIGTERM: saved, and returned) or ``"skips"``
+      (``loop.max_consecutive_skips`` non-finite steps in a row with ``on_nonfinite="skip"``).
+
+    Raises:
+      NonFiniteError: with ``on_nonfinite="stop"``, at the first step whose metric named in
+        ``loop.check_finite`` is NaN or infinite; the message names the step and the metric.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    timings = {"data": 0.0, "step": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
+    start = 0
+    if checkpointer is not None and loop.resume:
+        from rlhf_jax.checkpoint import abstract_like
+
+        restored = checkpointer.restore_latest(abstract_like(state))
+        if restored is not None:
+            start, state, _ = restored
+            start = int(start)
+            _write(logger, f"resumed from the checkpoint of step {start}")
+    get_batch = _batch_source(batches, start)
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
+    first_step_s = None
+    skipped = consecutive = 0
+    stop_reason = "max_steps"
+    s = start
+    while s < loop.max_steps:
+        phase = {k: 0.0 for k in timings}
+        t0 = time.perf_counter()
+        batch = get_batch(s)
+        t1 = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.fold_in(key, s))
+        values = _to_floats(metrics)  # blocks until the step is done
+        t2 = time.perf_counter()
+        phase["data"], phase["step"] = t1 - t0, t2 - t1
+        if first_step_s is None:
+            first_step_s = t2 - t1
+        s += 1
+
+        bad = [m for m in loop.check_finite if m in values and not math.isfinite(values[m])]
+        was_skipped = values.get("skipped", 0.0) > 0 or bool(bad)
+        if was_skipped:
+            skipped += 1
+            consecutive += 1
+        else:
+            consecutive = 0
+        if bad and loop.on_nonfinite == "stop":
+            message = (
+                f"non-finite {bad[0]}={values[bad[0]]} at step {s}: stopping "
+                f"(loop.on_nonfinite='stop'; the update of step {s} was not applied). Lower the "
+                "learning rate, check the data of this step, or set loop.on_nonfinite='skip'."
+            )
+            _write(logger, message)
+            raise NonFiniteError(message, step=s, metric=bad[0], state=state)
+
+        eval_values: dict[str, float] = {}
+        if (
+            eval_fn is not None
+            and loop.eval_every
+            and (s % loop.eval_every == 0 or s == loop.max_steps)
+        ):
+            t3 = time.perf_counter()
+            eval_values = _to_floats(eval_fn(state))
+            phase["eval"] = time.perf_counter() - t3
+            evals.append({"step": float(s), **eval_values})
+
+        if loop.log_every and (s % loop.log_every == 0 or s == loop.max_steps or eval_values):
+            history.append({"step": float(s), **values})
+            if logger is not None:
+                t4 = time.perf_counter()
+                record = dict(values)
+                record.update({f"eval/{k}": v for k, v in eval_values.items()})
+                logger.log(s, record, timings={k: v for k, v in phase.items() if v})
+                phase["log"] = time.perf_counter() - t4
+        for k, v in phase.items():
+            timings[k] += v
+
+        if loop.stop_metric is not None and loop.stop_metric in eval_values:
+            if _crossed(eval_values[loop.stop_metric], loop):
+                stop_reason = "threshold"
+                _write(
+                    logger,
+                    f"eval {loop.stop_metric}={eval_values[loop.stop_metric]:.6g} crossed "
+                    f"{loop.stop_direction} {loop.stop_value} at step {s}: stopping",
+                )
+        if loop.on_nonfinite == "skip" and consecutive >= loop.max_consecutive_skips:
+            stop_reason = "skips"
+            _write(
+                logger,
+                f"{consecutive} non-finite steps in a row (the last at step {s}): stopping "
+                "(loop.max_consecutive_skips)",
+            )
+        preempted = checkpointer is not None and bool(getattr(checkpointer, "preempted", False))
+        if preempted:
+            stop_reason = "preempted"
+        if checkpointer is not None:
+            t5 = time.perf_counter()
+            done = stop_reason != "max_steps" or s >= loop.max_steps
+            checkpointer.save(s, state, {"step": s, **(meta or {})}, force=done)
+            timings["checkpoint"] += time.perf_counter() - t5
+        if stop_reason != "max_steps":
+            break
+    if checkpointer is not None:
+        checkpointer.wait()
+    return LoopResult(
+        state=state,
+        step=s,
+        stop_reason=stop_reason,
+        history=history,
+        evals=evals,
+        timings=timings,
+        first_step_s=first_step_s,
+        skipped=skipped,
+        start_step=start,
+    )
+
+
+def _write(logger: Any, message: str) -> None:
+    if logger is not None and hasattr(logger, "write"):
+        logger.write(message)
+    else:
+        print(message)
