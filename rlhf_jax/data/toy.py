@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -230,7 +231,9 @@ _COMPLETION_WORDS = frozenset([STOP_TOKEN, *_ARTICLES, *_NOUN_FIT, *_ADJECTIVES,
 
 # Gold weights. A malformed response scores at most -3.73; a well-formed one at least about -3.25.
 _W_NOUN, _W_ADJ, _W_SENT = 1.0, 1.0, 0.8
-_W_TOKEN, _W_CHAR = 0.03, 0.004
+_W_TOKEN, _W_WORD = 0.03, 0.004
+_WORD_COST = {w: _W_WORD * math.log(2 + i) for i, w in enumerate(VOCAB)}
+_UNKNOWN_WORD_COST = _W_WORD * math.log(2 + len(VOCAB))
 _MALFORMED_BASE = -4.0
 GOOD_THRESHOLD = 2.0  # gold >= this: a fitting, positive, short noun phrase (see is_good)
 
@@ -286,14 +289,13 @@ def prompt_subject(prompt: str) -> str:
 class Parse:
     """A well-formed response: its head noun (None for an adjective phrase) and its modifiers.
 
-    ``modifiers`` holds ``(adverb or None, adjective)`` pairs in order; ``num_tokens`` counts the
-    words of the response, the stop token included.
+    ``modifiers`` holds ``(adverb or None, adjective)`` pairs in order; ``words`` are the words of
+    the response, the stop token included.
     """
 
     noun: str | None
     modifiers: tuple[tuple[str | None, str], ...]
-    num_tokens: int
-    num_chars: int
+    words: tuple[str, ...]
 
 
 def _parse_mods(words: Sequence[str]) -> list[tuple[str | None, str]] | None:
@@ -337,11 +339,11 @@ def parse_response(response: str) -> Parse | None:
         mods = _parse_mods(body[1:-1]) if len(body) > 2 else []
         if mods is None:
             return None
-        return Parse(body[-1], tuple(mods), len(words), len(response.strip()))
+        return Parse(body[-1], tuple(mods), tuple(words))
     mods = _parse_mods(body)
     if mods is None or (len(mods) == 2 and _AND not in body):  # "big furry ." is not a sentence
         return None
-    return Parse(None, tuple(mods), len(words), len(response.strip()))
+    return Parse(None, tuple(mods), tuple(words))
 
 
 def is_well_formed(response: str) -> bool:
@@ -355,20 +357,23 @@ def gold_score(prompt: str, response: str) -> float:
     Well-formed::
 
         gold = 1.0 * fit(noun) + 1.0 * mean fit(adjectives) + 0.8 * clip(mean sentiment, -1, 1)
-               - 0.03 * tokens - 0.004 * characters
+               - 0.03 * tokens - 0.004 * sum(ln(2 + vocabulary id of each word))
 
     where an adverb multiplies its adjective's sentiment (very 1.4, really 1.3, quite 1.1), an
     adjective phrase has no noun (fit 0) and a bare noun phrase no adjective (fit and sentiment 0).
-    Malformed: ``-4 + 0.3 * (share of words in the completion vocabulary) - 0.03 * tokens``, below
-    every well-formed response. Fits and sentiments are graded reals, so ties are rare (reorderings
-    of the same words tie).
+    The last term is a per-word cost of at most 0.017 that makes the score continuous: two
+    responses with different words almost never tie (reorderings of the same words do).
+    Malformed: ``-4 + 0.3 * (share of words in the completion vocabulary) - 0.03 * tokens - (the
+    same word cost)``, below every well-formed response.
     """
     subject = prompt_subject(prompt)
     parse = parse_response(response)
     if parse is None:
         words = response.split()
         known = sum(w in _COMPLETION_WORDS for w in words) / max(len(words), 1)
-        return _MALFORMED_BASE + 0.3 * known - _W_TOKEN * min(len(words), 30)
+        return (
+            _MALFORMED_BASE + 0.3 * known - _W_TOKEN * min(len(words), 30) - _word_cost(words[:30])
+        )
     noun_fit = _fit(_NOUN_FIT[parse.noun], subject) if parse.noun is not None else 0.0
     if parse.modifiers:
         adj_fit = sum(_fit(_ADJECTIVES[a][1], subject) for _, a in parse.modifiers)
@@ -383,9 +388,13 @@ def gold_score(prompt: str, response: str) -> float:
         _W_NOUN * noun_fit
         + _W_ADJ * adj_fit
         + _W_SENT * sentiment
-        - _W_TOKEN * parse.num_tokens
-        - _W_CHAR * parse.num_chars
+        - _W_TOKEN * len(parse.words)
+        - _word_cost(parse.words)
     )
+
+
+def _word_cost(words: Sequence[str]) -> float:
+    return sum(_WORD_COST.get(w, _UNKNOWN_WORD_COST) for w in words)
 
 
 def gold_scores(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
