@@ -1,0 +1,815 @@
+"""PPO for language models with a KL penalty to a frozen reference: one compiled iteration.
+
+The loop the seed documents call *sample -> feedback -> learn* (Ziegler et al. 2019,
+"Fine-Tuning Language Models from Human Preferences"; Ouyang et al. 2022, InstructGPT). One
+**iteration** is one ``jax.jit`` function, with no host round trip inside (control flow of
+``vwxyzjn/lm-human-preference-details`` ``train_policy_jax.py`` and ``purejaxrl`` ``ppo.py``)::
+
+    rollout      rollout.sample(policy, prompts)            tokens, mask, old log-probs  [N, R]
+    scoring      token_logprobs(reference)                  ref log-probs                [N, R]
+                 values(critic) / value head                old values                   [N, R]
+                 scores(reward model)  or a reward function scores                       [N]
+                 rewards.kl_estimate, rewards.shape_rewards per-token rewards            [N, R]
+                 returns.gae (+ returns.whiten)             advantages, returns          [N, R]
+    update       E epochs x M minibatches (lax.scan over permuted indices) of
+                 loss = ppo_policy_loss + c_vf * value_loss      (sums / counts, exact accumulation)
+    KL control   adaptive_kl_update(beta, KL per response)  (Ziegler et al.; "fixed" keeps beta)
+
+``N = B * n`` (``n = PPOConfig.num_samples`` responses per prompt, contiguous), ``P`` the static
+prompt length (left-padded), ``R = PPOConfig.response_length`` (right-padded, 1 on real tokens
+through the stop token). The formulas and the conventions each source uses are in
+``shared/reference/rlhf-formulas.md``; the convention options come from :mod:`rlhf_jax.presets`
+(``PPOConfig.preset``), and the math lives in :mod:`rlhf_jax.rewards`, :mod:`rlhf_jax.returns` and
+:mod:`rlhf_jax.losses` — this module only composes them.
+
+**What is static, what is an array.** :class:`PPOConfig` holds what changes the program (shapes,
+epochs, minibatches, critic mode, conventions, the KL-controller kind). :class:`PPOHParams` holds
+every number a sweep may vary — beta, learning rate, clip epsilon, value clip, gamma, lambda,
+temperature, c_vf, seed — as scalar arrays inside the state, so
+``jax.vmap(iteration, in_axes=(0, None, None, None, None))`` over a stacked state runs N
+experiments in one program (:func:`stack_states`).
+
+**Critic.** ``critic="shared"``: a value head on the policy trunk, one trunk pass gives log-probs
+and values (lm-human-preferences). ``critic="separate"``: a second model initialised from the
+reward model (InstructGPT, TRL, DeepSpeed-Chat); its score head is the value head. In both modes
+policy and critic are updated together by one optimizer on ``policy_loss + c_vf * value_loss``
+(as TRL's ``PolicyAndValueWrapper``), so the gradient-norm clip is over both.
+
+**Frozen models.** The reference *is* the SFT parameter pytree and the reward model's parameters
+are its own pytree; both are passed to the iteration as :class:`FrozenParams`, a separate argument
+that is never donated. The trainable policy and critic start as *copies* (the state is donated).
+
+**Randomness.** The iteration's key is ``fold_in(PRNGKey(seed), step)``; the rollout folds in each
+prompt's global index and sample index (:func:`rlhf_jax.rollout.sample`), the minibatch
+permutation of epoch ``e`` uses ``fold_in(perm_key, e)``. A run therefore repeats exactly, and is
+independent of how the prompts were batched.
+
+**Non-finite values** (``on_nonfinite="skip"``, the default): when a score, a reward, an
+advantage, a loss or a gradient is NaN/inf, the update that would use it is dropped inside the step
+(the old parameters and optimizer state are kept, :func:`rlhf_jax.train.apply_update`), the KL
+controller is left alone, and ``skipped = 1`` is reported; :func:`rlhf_jax.train.run_loop` then
+stops with a message or carries on, by ``LoopConfig.on_nonfinite``.
+
+**A Python reward function** (``PPOConfig.reward_fn = "module:function"``) replaces the reward
+model: the responses are decoded with the tokenizer and scored on the host through one
+``jax.pure_callback`` per iteration (:mod:`rlhf_jax.reward_fn`). That is the only host round trip,
+and only on that path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from rlhf_jax import losses, models, presets, returns, rewards, rollout
+from rlhf_jax.optim import (
+    OptimConfig,
+    accumulate,
+    current_learning_rate,
+    make_optimizer,
+    set_learning_rate,
+)
+from rlhf_jax.reward_fn import RewardFunction, callback_scores
+from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+
+__all__ = [
+    "PPOConfig",
+    "PPOHParams",
+    "PPOState",
+    "PPOModels",
+    "FrozenParams",
+    "Experience",
+    "make_models",
+    "init_state",
+    "stack_states",
+    "generate",
+    "score",
+    "update",
+    "make_iteration",
+    "make_step",
+    "run",
+]
+
+_CRITICS = ("shared", "separate")
+_KL_CONTROLLERS = ("fixed", "adaptive")
+_NONFINITE = ("skip", "apply")
+_OLD_LOGPROBS = ("rollout", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a KL penalty. Static fields change the program; the numbers a sweep varies are
+    the defaults of :class:`PPOHParams` (the last group), carried as arrays at run time."""
+
+    response_length: int = 48  # R: new tokens sampled per response (static; responses right-padded)
+    num_samples: int = 1  # n: responses per prompt (contiguous rows), so N = B * n
+    num_epochs: int = 4  # E: passes over the rollout batch per iteration
+    num_minibatches: int = 1  # M: minibatches per epoch; N must be divisible by M
+    critic: str = "separate"  # "separate": critic from the reward model | "shared": value head
+    preset: str = "rlhf-jax"  # convention preset (rlhf_jax.presets): score slot, KL, whitening
+    kl_controller: str = "fixed"  # "fixed" beta | "adaptive" (Ziegler et al. 2019, LMHP)
+    kl_target: float = 6.0  # adaptive: target KL per response, nats (LMHP default 6)
+    kl_horizon: float = 10000.0  # adaptive: horizon in samples (LMHP default 10000)
+    stop_tokens: tuple[int, ...] = ()  # token ids that end a response; () = always R tokens
+    pad_token_id: int = 0  # written after the stop token in the response
+    top_k: int = 0  # sampling top-k (static); 0 = off
+    top_p: float = 1.0  # sampling nucleus mass; 1 = off (filtering changes the sampled policy)
+    old_logprobs: str = "rollout"  # "rollout": sampler's learner log-probs | "recompute": forward
+    on_nonfinite: str = (
+        "skip"  # "skip": drop updates with NaN/inf, flag skipped | "apply": no check
+    )
+    reward_fn: str | None = None  # "module:function" rule-based reward instead of the reward model
+    optim: OptimConfig = OptimConfig(learning_rate=1e-5, eps=1e-5)  # AdamW (LMHP eps 1e-5)
+    loop: LoopConfig = LoopConfig(max_steps=100)  # iterations, evaluation, stopping
+    # --- PPOHParams defaults (arrays at run time; the learning rate is optim.learning_rate) ---
+    kl_coef: float = 0.05  # beta: initial KL coefficient (the adaptive controller moves it)
+    clip_eps: float = 0.2  # epsilon of the clipped policy ratio
+    value_clip: float = 0.2  # value clip range around the old values (all sources: 0.2)
+    gamma: float = 1.0  # discount (LMHP, TRL: 1)
+    lam: float = 0.95  # GAE lambda (LMHP, TRL: 0.95)
+    temperature: float = 0.7  # sampling temperature, also applied to the learner's log-probs
+    vf_coef: float = 0.1  # c_vf: weight of the value loss (LMHP, TRL: 0.1)
+    seed: int = 0  # run seed: rollouts and minibatch permutations
+
+    def __post_init__(self):
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"ppo.{message}")
+
+        need(self.response_length >= 1, f"response_length={self.response_length}: must be >= 1")
+        need(self.num_samples >= 1, f"num_samples={self.num_samples}: must be >= 1")
+        need(self.num_epochs >= 1, f"num_epochs={self.num_epochs}: must be >= 1")
+        need(self.num_minibatches >= 1, f"num_minibatches={self.num_minibatches}: must be >= 1")
+        need(self.critic in _CRITICS, f"critic={self.critic!r}: choose one of {_CRITICS}")
+        need(
+            self.preset in presets.PRESETS,
+            f"preset={self.preset!r}: choose one of {tuple(presets.PRESETS)}",
+        )
+        need(
+            self.kl_controller in _KL_CONTROLLERS,
+            f"kl_controller={self.kl_controller!r}: choose one of {_KL_CONTROLLERS}",
+        )
+        need(self.kl_target > 0, f"kl_target={self.kl_target}: must be > 0")
+        need(self.kl_horizon > 0, f"kl_horizon={self.kl_horizon}: must be > 0")
+        need(
+            self.old_logprobs in _OLD_LOGPROBS,
+            f"old_logprobs={self.old_logprobs!r}: choose one of {_OLD_LOGPROBS}",
+        )
+        need(
+            self.on_nonfinite in _NONFINITE,
+            f"on_nonfinite={self.on_nonfinite!r}: choose one of {_NONFINITE}",
+        )
+        need(self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        need(0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]")
+        need(self.kl_coef >= 0, f"kl_coef={self.kl_coef}: must be >= 0")
+        need(self.clip_eps > 0, f"clip_eps={self.clip_eps}: must be > 0")
+        need(self.value_clip > 0, f"value_clip={self.value_clip}: must be > 0")
+        need(0 <= self.gamma <= 1, f"gamma={self.gamma}: must be in [0, 1]")
+        need(0 <= self.lam <= 1, f"lam={self.lam}: must be in [0, 1]")
+        need(self.temperature > 0, f"temperature={self.temperature}: must be > 0")
+        need(self.vf_coef >= 0, f"vf_coef={self.vf_coef}: must be >= 0")
+        if self.reward_fn is not None and self.critic == "separate":
+            raise ValueError(
+                "ppo.critic='separate' initialises the critic from the reward model, but "
+                "ppo.reward_fn replaces the reward model: use ppo.critic='shared'"
+            )
+
+    @property
+    def conventions(self) -> Any:
+        """The :mod:`rlhf_jax.presets` convention bundle named by ``preset``."""
+        return presets.get(self.preset)
+
+
+@flax.struct.dataclass
+class PPOHParams:
+    """The numbers a sweep may vary, as scalar arrays (stack them to ``jax.vmap`` over runs).
+
+    All float32 except ``seed`` (int32). Built from a config by :meth:`from_config`.
+    """
+
+    kl_coef: jax.Array  # initial beta (the state's ``kl_coef`` is the controller's current value)
+    learning_rate: jax.Array  # peak learning rate (written into the optimizer state at init)
+    clip_eps: jax.Array  # policy ratio clip
+    value_clip: jax.Array  # value clip
+    gamma: jax.Array  # discount
+    lam: jax.Array  # GAE lambda
+    temperature: jax.Array  # sampling and learner temperature
+    vf_coef: jax.Array  # value-loss weight
+    seed: jax.Array  # int32 run seed
+
+    @classmethod
+    def from_config(cls, cfg: PPOConfig, **overrides: Any) -> PPOHParams:
+        """Scalar arrays from ``cfg`` (``overrides`` replace single fields, e.g. ``seed=3``)."""
+        values = {
+            "kl_coef": cfg.kl_coef,
+            "learning_rate": cfg.optim.learning_rate,
+            "clip_eps": cfg.clip_eps,
+            "value_clip": cfg.value_clip,
+            "gamma": cfg.gamma,
+            "lam": cfg.lam,
+            "temperature": cfg.temperature,
+            "vf_coef": cfg.vf_coef,
+            "seed": cfg.seed,
+        }
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise ValueError(
+                f"unknown PPO hyperparameters {sorted(unknown)}; known: {sorted(values)}"
+            )
+        values.update(overrides)
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
+        return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything an iteration updates (donated to the compiled iteration).
+
+    ``params`` is ``{"policy": ..., "critic": ...}``: the policy's parameters (with its value head
+    when ``critic="shared"``) and the separate critic's (``None`` when shared). One optimizer state
+    covers both. ``step`` counts iterations (int32), ``key`` is the run's base PRNG key (from the
+    seed), ``kl_coef`` the KL controller's current beta (float32).
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    kl_coef: jax.Array
+    hparams: PPOHParams
+
+
+@flax.struct.dataclass
+class FrozenParams:
+    """Models PPO reads but never trains; a separate, non-donated argument of the iteration."""
+
+    reference: Any  # the SFT parameters (the KL anchor), never copied or mutated
+    reward: Any = None  # reward-model parameters; None when a reward function scores responses
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PPOModels:
+    """The static half of the models (graph definitions) and the reward function, if any."""
+
+    policy: Any  # policy graphdef (with a value head when critic="shared")
+    reference: Any  # reference (SFT) graphdef
+    reward: Any = None  # reward-model graphdef (score head); None with a reward function
+    critic: Any = None  # critic graphdef (critic="separate"); None when shared
+    reward_fn: RewardFunction | None = None  # host reward function (one pure_callback), or None
+
+
+@flax.struct.dataclass
+class Experience:
+    """One rollout batch, scored and with advantages: what the PPO epochs train on.
+
+    Attributes:
+      tokens: [N, P+R] int32 prompt + response.
+      mask: [N, P+R] int32 attention mask (prompt mask, then the response mask).
+      response_mask: [N, R] int32, 1 on real response tokens through the stop token.
+      old_logprobs: [N, R] float32 log-probs of the sampled tokens when sampled (temperature T).
+      old_values: [N, R] float32 critic values before each response token.
+      advantages: [N, R] float32 (whitened per the preset), 0 where ``response_mask == 0``.
+      returns: [N, R] float32 value targets (advantages before whitening + old values).
+      ref_logprobs: [N, R] float32 reference log-probs (for metrics).
+      scores: [N] float32 reward-model (or reward-function) scores.
+      rewards: [N, R] float32 shaped per-token rewards.
+      kl: [N, R] float32 per-token KL estimate (the preset's estimator), 0 on padding.
+      truncated: [N] bool, no stop token within R tokens.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    old_values: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    ref_logprobs: jax.Array
+    scores: jax.Array
+    rewards: jax.Array
+    kl: jax.Array
+    truncated: jax.Array
+
+
+# ------------------------------------------------------------------------------------------
+# Construction
+# ------------------------------------------------------------------------------------------
+
+
+def make_models(
+    cfg: PPOConfig,
+    sft: Any,
+    reward_model: Any = None,
+    *,
+    reward_fn: RewardFunction | None = None,
+    key: jax.Array | None = None,
+) -> tuple[PPOModels, Any, FrozenParams]:
+    """The static models, the initial trainable parameters and the frozen parameters.
+
+    Args:
+      cfg: the config.
+      sft: the SFT model record (:class:`rlhf_jax.models.Model`: ``graphdef``, ``params``,
+        ``config``); it becomes both the reference (its params, as they are) and the policy's start.
+      reward_model: the reward-model record (score head); required unless ``reward_fn`` is given.
+        With ``critic="separate"`` the critic starts as a copy of it.
+      reward_fn: a loaded :class:`rlhf_jax.reward_fn.RewardFunction` replacing the reward model.
+      key: initialises the shared value head (zero-initialised by the models module, so the key
+        only matters if that changes). Default ``PRNGKey(0)``.
+
+    Returns:
+      ``(models, params, frozen)``: ``params = {"policy", "critic"}`` is what :func:`init_state`
+      copies into a state; ``frozen`` holds the reference and reward parameters by reference.
+    """
+    if (reward_model is None) == (reward_fn is None):
+        raise ValueError("give exactly one of reward_model and reward_fn")
+    if cfg.critic == "separate" and reward_model is None:
+        raise ValueError("critic='separate' initialises the critic from the reward model")
+    key = jax.random.PRNGKey(0) if key is None else key
+    if cfg.critic == "shared":
+        policy_graphdef, policy_params = models.with_value_head(sft, key)
+        critic_graphdef, critic_params = None, None
+    else:
+        policy_graphdef, policy_params = sft.graphdef, sft.params
+        critic_graphdef, critic_params = reward_model.graphdef, reward_model.params
+    static = PPOModels(
+        policy=policy_graphdef,
+        reference=sft.graphdef,
+        reward=None if reward_model is None else reward_model.graphdef,
+        critic=critic_graphdef,
+        reward_fn=reward_fn,
+    )
+    frozen = FrozenParams(
+        reference=sft.params, reward=None if reward_model is None else reward_model.params
+    )
+    return static, {"policy": policy_params, "critic": critic_params}, frozen
+
+
+def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -> PPOState:
+    """A fresh state: *copies* of ``params``, a new optimizer state with ``hparams.learning_rate``.
+
+    Traceable, so ``jax.vmap(lambda hp: init_state(cfg, params, hp))(stacked_hparams)`` builds N
+    runs' states at once (or use :func:`stack_states`).
+    """
+    hparams = PPOHParams.from_config(cfg) if hparams is None else hparams
+    params = jax.tree.map(jnp.array, params)  # the state is donated: never alias the SFT/RM params
+    opt_state = make_optimizer(cfg.optim).init(params)
+    opt_state = set_learning_rate(opt_state, hparams.learning_rate)
+    return PPOState(
+        params=params,
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.PRNGKey(hparams.seed),
+        kl_coef=jnp.asarray(hparams.kl_coef, jnp.float32),
+        hparams=hparams,
+    )
+
+
+def stack_states(states: Sequence[PPOState]) -> PPOState:
+    """Stack run states on a new leading axis, for ``jax.vmap`` of the iteration over runs."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+# ------------------------------------------------------------------------------------------
+# The phases (pure; each is jittable alone, the iteration composes them)
+# ------------------------------------------------------------------------------------------
+
+
+def sampling_config(cfg: PPOConfig, hparams: PPOHParams) -> rollout.SamplingConfig:
+    """The rollout's sampling config: the (array) temperature, static top-k, top-p."""
+    return rollout.SamplingConfig(temperature=hparams.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+
+def iteration_keys(state: PPOState) -> tuple[jax.Array, jax.Array]:
+    """``(sample_key, permutation_key)`` of this iteration: ``fold_in(base key, step)`` split."""
+    key = jax.random.fold_in(state.key, state.step)
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
+def generate(
+    cfg: PPOConfig,
+    static: PPOModels,
+    state: PPOState,
+    prompts: jax.Array,
+    prompt_mask: jax.Array,
+    prompt_index: jax.Array | None = None,
+) -> rollout.Rollout:
+    """Phase 1, rollout: ``n`` responses per prompt from the current policy.
+
+    Args:
+      prompts: [B, P] int32 left-padded; prompt_mask: [B, P]; prompt_index: [B] global indices
+        (default ``arange(B)``), which fix each response's key.
+
+    Returns:
+      :class:`rlhf_jax.rollout.Rollout` with ``N = B * n`` rows.
+    """
+    sample_key, _ = iteration_keys(state)
+    return rollout.sample(
+        static.policy,
+        state.params["policy"],
+        prompts,
+        prompt_mask,
+        sample_key,
+        max_new_tokens=cfg.response_length,
+        sampling=sampling_config(cfg, state.hparams),
+        stop_tokens=cfg.stop_tokens,
+        n=cfg.num_samples,
+        prompt_index=prompt_index,
+        pad_token_id=cfg.pad_token_id,
+    )
+
+
+def _policy_forward(cfg, static, params, tokens, mask, prompt_len, temperature):
+    """Policy log-probs [N, R] and values [N, R] (value head or separate critic)."""
+    if cfg.critic == "shared":
+        return models.logprobs_and_values(
+            static.policy, params["policy"], tokens, mask, start=prompt_len, temperature=temperature
+        )
+    logprobs = models.token_logprobs(
+        static.policy, params["policy"], tokens, mask, start=prompt_len, temperature=temperature
+    )
+    values = models.values(static.critic, params["critic"], tokens, mask, start=prompt_len)
+    return logprobs, values
+
+
+def score(
+    cfg: PPOConfig,
+    static: PPOModels,
+    state: PPOState,
+    frozen: FrozenParams,
+    prompts: jax.Array,
+    prompt_mask: jax.Array,
+    sampled: rollout.Rollout,
+) -> Experience:
+    """Phase 2, feedback: reference log-probs, values, scores, shaped rewards and GAE.
+
+    Per-token reward (``shared/reference/rlhf-formulas.md`` §1):
+    ``r_t = -beta * KL_t + score * [t = t*]``, the estimator, the slot ``t*`` and the masking by
+    the preset (:func:`rlhf_jax.rewards.shape_rewards`); then :func:`rlhf_jax.returns.gae` with
+    the state's gamma and lambda, and advantage whitening when the preset says so.
+    """
+    conv = cfg.conventions
+    hp = state.hparams
+    prompt_len = prompts.shape[1]
+    tokens, mask = rollout.full_sequences(prompts, prompt_mask, sampled)  # [N, P+R]
+    response_mask = sampled.mask
+    if cfg.old_logprobs == "recompute" or cfg.critic == "shared":
+        logprobs, old_values = _policy_forward(
+            cfg, static, state.params, tokens, mask, prompt_len, hp.temperature
+        )
+        if cfg.old_logprobs == "rollout":
+            logprobs = sampled.learner_logprobs
+    else:
+        logprobs = sampled.learner_logprobs
+        old_values = models.values(
+            static.critic, state.params["critic"], tokens, mask, start=prompt_len
+        )
+    ref_logprobs = models.token_logprobs(
+        static.reference,
+        frozen.reference,
+        tokens,
+        mask,
+        start=prompt_len,
+        temperature=hp.temperature,
+    )
+    if static.reward_fn is not None:
+        n = cfg.num_samples
+        scores = callback_scores(
+            static.reward_fn,
+            jnp.repeat(prompts, n, 0),
+            jnp.repeat(prompt_mask, n, 0),
+            sampled.tokens,
+            response_mask,
+        )
+    else:
+        scores = models.scores(static.reward, frozen.reward, tokens, mask, read=conv.score_read)
+    logprobs, ref_logprobs, old_values, scores = jax.tree.map(
+        lax.stop_gradient, (logprobs, ref_logprobs, old_values, scores)
+    )
+    kl = rewards.kl_estimate(logprobs, ref_logprobs, response_mask, conv.reward)
+    shaped = rewards.shape_rewards(
+        scores, kl, response_mask, state.kl_coef, conv.reward, truncated=sampled.truncated
+    )
+    advantages, value_targets = returns.gae(
+        shaped, old_values, response_mask, hp.gamma, hp.lam, conv.gae
+    )
+    if conv.whiten_advantages:
+        advantages = returns.whiten(advantages, response_mask, shift_mean=True)
+    advantages = advantages * response_mask
+    return Experience(
+        tokens=tokens,
+        mask=mask,
+        response_mask=response_mask,
+        old_logprobs=logprobs,
+        old_values=old_values,
+        advantages=advantages,
+        returns=value_targets,
+        ref_logprobs=ref_logprobs,
+        scores=scores,
+        rewards=shaped,
+        kl=kl,
+        truncated=sampled.truncated,
+    )
+
+
+def ppo_loss(
+    cfg: PPOConfig,
+    static: PPOModels,
+    params: Any,
+    batch: Experience,
+    hparams: PPOHParams,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """``(policy_sum + c_vf * value_sum, (count, metric_sums))`` on a minibatch of experience.
+
+    The policy loss is :func:`rlhf_jax.losses.ppo_policy_loss` (clipped ratio, epsilon
+    ``hparams.clip_eps``) and the value loss :func:`rlhf_jax.losses.value_loss` (clipped around the
+    old values by ``hparams.value_clip``), both aggregated the preset's way over the response mask;
+    both have the same denominator ``count``, so ``sum / count`` is
+    ``policy_loss + c_vf * value_loss`` and :func:`rlhf_jax.optim.accumulate` keeps it exact across
+    microbatches. ``metric_sums`` are sums over the minibatch (divide by the summed counts).
+    """
+    conv = cfg.conventions
+    prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
+    logprobs, values = _policy_forward(
+        cfg, static, params, batch.tokens, batch.mask, prompt_len, hparams.temperature
+    )
+    pg_sum, pg_count, pg_metrics = losses.ppo_policy_loss(
+        logprobs,
+        batch.old_logprobs,
+        batch.advantages,
+        batch.response_mask,
+        clip_eps=hparams.clip_eps,
+        aggregation=conv.loss_aggregation,
+    )
+    vf_sum, _, vf_metrics = losses.value_loss(
+        values,
+        batch.old_values,
+        batch.returns,
+        batch.response_mask,
+        clip=hparams.value_clip,
+        aggregation=conv.loss_aggregation,
+    )
+    total = pg_sum + hparams.vf_coef * vf_sum
+    metric_sums = {
+        "policy_loss": pg_sum,
+        "value_loss": vf_sum,
+        **{f"policy/{k}": v for k, v in pg_metrics.items()},
+        **{f"value/{k}": v for k, v in vf_metrics.items()},
+    }
+    return total, (pg_count, metric_sums)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def update(
+    cfg: PPOConfig,
+    static: PPOModels,
+    state: PPOState,
+    exp: Experience,
+) -> tuple[PPOState, dict[str, jax.Array]]:
+    """Phase 3, learn: E epochs x M minibatches of the PPO loss (``lax.scan`` over both).
+
+    Epoch ``e`` permutes the ``N`` rows with ``fold_in(permutation_key, e)`` and cuts them into
+    ``M`` equal minibatches; each minibatch is one optimizer update, its gradient accumulated over
+    ``optim.grad_accum_steps`` microbatches exactly (:func:`rlhf_jax.optim.accumulate`). With
+    ``on_nonfinite="skip"`` an update whose experience, loss or gradient is not finite is dropped
+    (:func:`rlhf_jax.train.apply_update`). Returns the new state (``step`` unchanged) and metrics
+    averaged over all updates (token means over the summed counts).
+    """
+    n_rows = exp.tokens.shape[0]
+    m = cfg.num_minibatches
+    if n_rows % m:
+        raise ValueError(
+            f"rollout batch N = B * n = {n_rows} is not divisible by ppo.num_minibatches={m}"
+        )
+    mb_size = n_rows // m
+    if mb_size % cfg.optim.grad_accum_steps:
+        raise ValueError(
+            f"minibatch of {mb_size} rows is not divisible by "
+            f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}"
+        )
+    optimizer = make_optimizer(cfg.optim)
+    hparams = state.hparams
+    exp_ok = _all_finite((exp.advantages, exp.returns, exp.old_logprobs, exp.old_values))
+    loss_fn = lambda p, mb: ppo_loss(cfg, static, p, mb, hparams)  # noqa: E731
+    _, perm_key = iteration_keys(state)
+
+    def one_update(carry, minibatch):
+        train, sums = carry
+        grads, count, metric_sums = accumulate(
+            loss_fn, train.params, minibatch, cfg.optim.grad_accum_steps
+        )
+        denom = jnp.maximum(count, 1.0)
+        loss = (metric_sums["policy_loss"] + hparams.vf_coef * metric_sums["value_loss"]) / denom
+        if cfg.on_nonfinite == "skip":
+            guarded = jnp.where(exp_ok, loss, jnp.nan)
+            train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
+        else:
+            updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
+            train = train.replace(
+                params=optax.apply_updates(train.params, updates), opt_state=opt_state
+            )
+            upd = {"grad_norm": optax.tree.norm(grads), "skipped": jnp.float32(0.0)}
+        sums = dict(sums)
+        for k, v in metric_sums.items():
+            sums[k] = sums[k] + v
+        sums["count"] = sums["count"] + count
+        sums["grad_norm"] = sums["grad_norm"] + upd["grad_norm"]
+        sums["skipped"] = jnp.maximum(sums["skipped"], upd["skipped"])
+        return (train, sums), None
+
+    def one_epoch(carry, epoch):
+        if m == 1:  # one minibatch: the order of rows does not change the (summed) loss
+            minibatches = jax.tree.map(lambda x: x[None], exp)
+        else:
+            perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
+            idx = perm.reshape(m, mb_size)
+            minibatches = jax.tree.map(lambda x: x[idx], exp)
+        carry, _ = lax.scan(one_update, carry, minibatches)
+        return carry, None
+
+    train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
+    shapes = jax.eval_shape(loss_fn, state.params, jax.tree.map(lambda x: x[:mb_size], exp))
+    zero = jnp.zeros((), jnp.float32)
+    sums0 = {k: zero for k in shapes[1][1]}
+    sums0.update(count=zero, grad_norm=zero, skipped=zero)
+    (train, sums), _ = lax.scan(one_epoch, (train, sums0), jnp.arange(cfg.num_epochs))
+    denom = jnp.maximum(sums.pop("count"), 1.0)
+    n_updates = cfg.num_epochs * m
+    metrics = {k: v / denom for k, v in sums.items() if k not in ("grad_norm", "skipped")}
+    metrics["loss"] = metrics["policy_loss"] + hparams.vf_coef * metrics["value_loss"]
+    metrics["grad_norm"] = sums["grad_norm"] / n_updates
+    metrics["skipped"] = jnp.maximum(sums["skipped"], 1.0 - exp_ok.astype(jnp.float32))
+    metrics["lr"] = current_learning_rate(cfg.optim, train.opt_state)
+    return state.replace(params=train.params, opt_state=train.opt_state), metrics
+
+
+def kl_control(cfg: PPOConfig, state: PPOState, exp: Experience, ok: jax.Array) -> jax.Array:
+    """The next beta: unchanged (``fixed``) or Ziegler et al.'s proportional controller.
+
+    ``adaptive``: :func:`rlhf_jax.rewards.adaptive_kl_update` with the batch's mean KL per response
+    (sum over response tokens of the rollout's KL estimate), ``n_steps = N`` samples, the config's
+    target and horizon (LMHP ``train_policy.py:AdaptiveKLController``). Left alone when ``ok`` is
+    false (a non-finite batch).
+    """
+    if cfg.kl_controller == "fixed":
+        return state.kl_coef
+    kl_per_response = jnp.mean(jnp.sum(exp.kl * exp.response_mask, -1))
+    new = rewards.adaptive_kl_update(
+        state.kl_coef,
+        kl_per_response,
+        n_steps=exp.tokens.shape[0],
+        target=cfg.kl_target,
+        horizon=cfg.kl_horizon,
+    )
+    return jnp.where(ok & jnp.isfinite(new), new, state.kl_coef)
+
+
+def rollout_metrics(exp: Experience, kl_coef: jax.Array) -> dict[str, jax.Array]:
+    """Scalar statistics of a scored rollout batch (before the update)."""
+    rmask = exp.response_mask.astype(jnp.float32)
+    n_tokens = jnp.maximum(jnp.sum(rmask), 1.0)
+    lengths = jnp.sum(rmask, -1)
+    adv_mean = jnp.sum(exp.advantages * rmask) / n_tokens
+    adv_var = jnp.sum(jnp.square(exp.advantages - adv_mean) * rmask) / n_tokens
+    return {
+        "score/mean": jnp.mean(exp.scores),
+        "score/std": jnp.std(exp.scores),
+        "kl/response": jnp.mean(jnp.sum(exp.kl * rmask, -1)),
+        "kl/token": jnp.sum(exp.kl * rmask) / n_tokens,
+        "reward/response": jnp.mean(jnp.sum(exp.rewards * rmask, -1)),
+        "response/length": jnp.mean(lengths),
+        "response/truncated": jnp.mean(exp.truncated.astype(jnp.float32)),
+        "entropy/sampled": -jnp.sum(exp.old_logprobs * rmask) / n_tokens,
+        "advantages/mean": adv_mean,
+        "advantages/std": jnp.sqrt(adv_var),
+        "returns/mean": jnp.sum(exp.returns * rmask) / n_tokens,
+        "values/mean": jnp.sum(exp.old_values * rmask) / n_tokens,
+        "beta": kl_coef,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# The iteration
+# ------------------------------------------------------------------------------------------
+
+
+def iteration_fn(
+    cfg: PPOConfig, static: PPOModels
+) -> Callable[..., tuple[PPOState, dict[str, jax.Array]]]:
+    """The pure (un-jitted) iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
+
+    Use it to ``jax.vmap`` over runs before jitting; :func:`make_iteration` is the jitted one.
+    """
+
+    def iteration(state, frozen, prompts, prompt_mask, prompt_index=None):
+        sampled = generate(cfg, static, state, prompts, prompt_mask, prompt_index)
+        exp = score(cfg, static, state, frozen, prompts, prompt_mask, sampled)
+        metrics = rollout_metrics(exp, state.kl_coef)
+        new_state, update_metrics = update(cfg, static, state, exp)
+        ok = update_metrics["skipped"] == 0
+        new_state = new_state.replace(step=state.step + 1, kl_coef=kl_control(cfg, state, exp, ok))
+        metrics.update(update_metrics)
+        return new_state, metrics
+
+    return iteration
+
+
+def make_iteration(cfg: PPOConfig, static: PPOModels) -> Callable:
+    """The compiled iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
+
+    ``-> (state, metrics)``; the state is donated, ``frozen`` (reference and reward-model params)
+    is not. Metrics are scalars: ``score/mean``, ``kl/response``, ``policy/clipfrac``,
+    ``value/clipfrac``, ``value_loss``, ``policy/approxkl``, ``entropy/sampled``,
+    ``response/length``, ``advantages/mean``, ``advantages/std``, ``lr``, ``beta``, ``loss``,
+    ``skipped`` and more (see :func:`rollout_metrics` and :func:`update`).
+    """
+    return jax.jit(iteration_fn(cfg, static), donate_argnums=0)
+
+
+def make_step(cfg: PPOConfig, static: PPOModels, frozen: FrozenParams) -> Callable:
+    """``step(state, batch, key) -> (state, metrics)`` for :func:`rlhf_jax.train.run_loop`.
+
+    ``batch`` is a dict with ``prompt_tokens`` [B, P], ``prompt_mask`` [B, P] and optionally
+    ``prompt_index`` [B]. ``key`` is unused: PPO's randomness comes from the state's seed and step
+    (module docstring), which is what makes runs vmappable over seeds and exactly resumable.
+    """
+    iterate = make_iteration(cfg, static)
+
+    def step(state, batch, key):
+        del key
+        return iterate(
+            state, frozen, batch["prompt_tokens"], batch["prompt_mask"], batch.get("prompt_index")
+        )
+
+    return step
+
+
+def run(
+    cfg: PPOConfig,
+    sft: Any,
+    reward_model: Any,
+    batches: Callable[[int], Any] | Iterable[Any],
+    *,
+    tokenizer: Any = None,
+    hparams: PPOHParams | None = None,
+    eval_fn: Callable[[PPOState], Any] | None = None,
+    logger: Any = None,
+    checkpointer: Any = None,
+) -> tuple[Any, LoopResult]:
+    """Train a policy from ``sft`` with PPO against ``reward_model`` (or ``cfg.reward_fn``).
+
+    Args:
+      cfg: the :class:`PPOConfig` (``cfg.loop`` says when to stop).
+      sft: the SFT model record; the reference and the policy's start. Not modified.
+      reward_model: the reward-model record, or None when ``cfg.reward_fn`` is set.
+      batches: ``batches(s)`` or an iterable of prompt batches (see :func:`make_step`).
+      tokenizer: decodes responses for ``cfg.reward_fn``.
+      hparams: the run's :class:`PPOHParams` (default from ``cfg``).
+      eval_fn, logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+
+    Returns:
+      ``(policy model record, LoopResult)``; with a shared critic the record's params include the
+      value head.
+    """
+    reward = None
+    if cfg.reward_fn is not None:
+        if tokenizer is None:
+            raise ValueError("ppo.reward_fn needs the tokenizer to decode responses")
+        reward = RewardFunction.load(cfg.reward_fn, tokenizer)
+        reward_model = None
+    static, params, frozen = make_models(cfg, sft, reward_model, reward_fn=reward)
+    result = run_loop(
+        make_step(cfg, static, frozen),
+        init_state(cfg, params, hparams),
+        batches,
+        loop=cfg.loop,
+        eval_fn=eval_fn,
+        logger=logger,
+        checkpointer=checkpointer,
+        meta={"stage": "ppo"},
+    )
+    policy = _with_params(sft, static.policy, result.state.params["policy"])
+    return policy, result
+
+
+def _with_params(model: Any, graphdef: Any, params: Any) -> Any:
+    """``model`` (a :mod:`rlhf_jax.models` record) with a new graphdef and parameters."""
+    if hasattr(model, "_replace"):
+        return model._replace(graphdef=graphdef, params=params)
+    if dataclasses.is_dataclass(model):
+        return dataclasses.replace(model, graphdef=graphdef, params=params)
+    return model.replace(graphdef=graphdef, params=params)
