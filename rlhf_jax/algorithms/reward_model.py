@@ -1,0 +1,391 @@
+"""Reward model: an LM trunk with a scalar score head, trained from human comparisons.
+
+The trunk starts from the SFT model (InstructGPT, lm-human-preferences, TRL, DeepSpeed-Chat all
+initialise the reward model from the supervised policy) and a fresh scalar head reads the score at
+one position of prompt + response (:func:`rlhf_jax.models.scores`, ``read="last_nonpad"`` by
+default; ``"last"`` is lm-human-preferences' fixed last position, see ``rlhf-formulas.md`` §5).
+
+Two losses, both from :mod:`rlhf_jax.losses` (this module does not re-derive them):
+
+- ``"pairwise"`` — Bradley-Terry on (chosen, rejected) pairs, ``-log sigmoid(r_c - r_r - margin)``
+  with an optional per-example margin and optional reward centering ``c * (r_c + r_r)^2`` (TRL
+  ``RewardTrainer``): :func:`rlhf_jax.losses.pairwise_rm_loss`.
+- ``"ranking"`` — K-wise rankings of one prompt: all C(K, 2) pairs of the group in one batch
+  element, averaged within the group (InstructGPT Eq. 1): :func:`rlhf_jax.losses.ranking_rm_loss`.
+  For K = 2 it equals the pairwise loss.
+
+A batch is the dict :func:`rlhf_jax.data.toy.ranking_batch` (and the general data path) builds::
+
+    prompt_tokens, prompt_mask      [N, P]     left-padded
+    response_tokens, response_mask  [N, K, R]  right-padded, ranked best -> worst along K
+
+or, for pairs, ``chosen_tokens/chosen_mask`` and ``rejected_tokens/rejected_mask`` ``[N, R]``
+(:func:`rlhf_jax.data.toy.pairwise_batch`), optionally with ``margin [N]``; a pair batch is read
+as a ranking with K = 2.
+
+**Accuracy** is the share of the batch's ranked pairs (all C(K, 2) per group) whose better-ranked
+response scores strictly higher; on held-out comparisons it is the number to report.
+
+**Normalisation** (lm-human-preferences ``train_reward.py``, "normalize before/after"): after
+training, the score head's gain and bias are set so the scores of responses *sampled from the SFT
+policy* have mean ``target_mean`` (0) and standard deviation ``target_std`` (1), so a KL coefficient
+β means the same thing whatever the reward model's scale: :func:`normalize_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import losses, models
+from rlhf_jax.optim import OptimConfig, accumulate, make_optimizer
+from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+
+__all__ = [
+    "RewardModelConfig",
+    "as_ranking",
+    "group_scores",
+    "init_reward_model",
+    "init_state",
+    "make_eval",
+    "make_step",
+    "normalize_params",
+    "pair_accuracy",
+    "rm_loss",
+    "run",
+    "score_stats",
+]
+
+_LOSSES = ("pairwise", "ranking")
+_READS = ("last_nonpad", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+    """A scalar reward model trained from pairwise or K-wise comparisons."""
+
+    loss: str = "ranking"  # "pairwise" (Bradley-Terry, K = 2) | "ranking" (all C(K,2), InstructGPT)
+    center_coef: float = 0.0  # reward centering c * mean((r_c + r_r)^2); TRL recommends 0.01
+    use_margin: bool = True  # subtract the batch's per-pair "margin" when the batch has one
+    read: str = "last_nonpad"  # score position: "last_nonpad" (TRL, SAFE) | "last" (LMHP)
+    optim: OptimConfig = OptimConfig(name="adamw", learning_rate=5e-5)  # optimizer and schedule
+    loop: LoopConfig = LoopConfig(max_steps=1000)  # steps, evaluation, stopping, non-finite policy
+    batch_size: int = 32  # comparison groups (prompts) per optimizer step
+    normalize: bool = True  # after training, set gain/bias so SFT samples score mean 0, std 1
+    target_mean: float = 0.0  # mean of the normalised scores of SFT samples
+    target_std: float = 1.0  # standard deviation of the normalised scores of SFT samples
+
+    def __post_init__(self):
+        if self.loss not in _LOSSES:
+            raise ValueError(f"reward_model.loss={self.loss!r}: choose one of {_LOSSES}")
+        if self.read not in _READS:
+            raise ValueError(f"reward_model.read={self.read!r}: choose one of {_READS}")
+        if self.center_coef < 0:
+            raise ValueError(f"reward_model.center_coef={self.center_coef}: must be >= 0")
+        if not self.target_std > 0:
+            raise ValueError(f"reward_model.target_std={self.target_std}: must be > 0")
+        if self.batch_size < 1 or self.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"reward_model.batch_size={self.batch_size} must be >= 1 and divisible by "
+                f"optim.grad_accum_steps={self.optim.grad_accum_steps}"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+
+def init_reward_model(sft_model: Any, key: jax.Array) -> Any:
+    """A reward model whose trunk is a copy of ``sft_model``'s and whose score head is fresh.
+
+    Args:
+      sft_model: the :class:`rlhf_jax.models.Model` record of the SFT policy.
+      key: PRNG key of the score head's initialisation.
+
+    Returns:
+      A Model record with ``lm_head=False, score_head=True``: every trunk parameter (embeddings,
+      blocks, final norm) is the SFT value; the head is initialised by the models module.
+    """
+    fresh = models.init_model(sft_model.config, key, lm_head=False, score_head=True)
+    sft_flat = dict(nnx.to_flat_state(sft_model.params))
+    flat = nnx.to_flat_state(fresh.params)
+    copied = []
+    for path, var in flat:
+        if path in sft_flat:
+            source = sft_flat[path]
+            if source.value.shape != var.value.shape:
+                raise ValueError(
+                    f"SFT parameter {path} has shape {source.value.shape}, "
+                    f"the reward model's {var.value.shape}"
+                )
+            copied.append((path, var.replace(jnp.array(source.value))))
+        else:
+            copied.append((path, var))
+    params = nnx.from_flat_state(copied)
+    return _with_params(fresh, params)
+
+
+def _with_params(model: Any, params: Any) -> Any:
+    if hasattr(model, "_replace"):
+        return model._replace(params=params)
+    if dataclasses.is_dataclass(model):
+        return dataclasses.replace(model, params=params)
+    return model.replace(params=params)
+
+
+# ------------------------------------------------------------------------------------------
+# Batches, scores, accuracy
+# ------------------------------------------------------------------------------------------
+
+
+def as_ranking(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair batch (``chosen_*``/``rejected_*``) as a ranking batch with K = 2; others as is."""
+    if "response_tokens" in batch:
+        return dict(batch)
+    xp = jnp if isinstance(batch["chosen_tokens"], jax.Array) else np
+    out = {
+        "prompt_tokens": batch["prompt_tokens"],
+        "prompt_mask": batch["prompt_mask"],
+        "response_tokens": xp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1),
+        "response_mask": xp.stack([batch["chosen_mask"], batch["rejected_mask"]], axis=1),
+    }
+    if "margin" in batch:
+        out["margin"] = batch["margin"]
+    return out
+
+
+def group_scores(
+    graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array], *, read: str
+) -> jax.Array:
+    """Scores ``[N, K]`` of every response of a ranking batch, in one trunk pass of ``N*K`` rows."""
+    prompt, pmask = batch["prompt_tokens"], batch["prompt_mask"]  # [N, P]
+    resp, rmask = batch["response_tokens"], batch["response_mask"]  # [N, K, R]
+    n, k, r = resp.shape
+    p = prompt.shape[1]
+    tokens = jnp.concatenate([jnp.broadcast_to(prompt[:, None], (n, k, p)), resp], axis=-1)
+    mask = jnp.concatenate([jnp.broadcast_to(pmask[:, None], (n, k, p)), rmask], axis=-1)
+    flat = models.scores(
+        graphdef, params, tokens.reshape(n * k, p + r), mask.reshape(n * k, p + r), read=read
+    )
+    return flat.reshape(n, k).astype(jnp.float32)
+
+
+def pair_accuracy(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(correct, pairs)``: ranked pairs (i < j, i better) with ``scores[i] > scores[j]``.
+
+    Args:
+      scores: ``[N, K]``, ranked best -> worst along K.
+    """
+    k = scores.shape[-1]
+    upper = jnp.triu(jnp.ones((k, k), bool), 1)  # i < j
+    wins = (scores[:, :, None] > scores[:, None, :]) & upper  # [N, K, K]
+    return jnp.sum(wins).astype(jnp.float32), jnp.float32(scores.shape[0] * k * (k - 1) // 2)
+
+
+def rm_loss(
+    graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array], cfg: RewardModelConfig
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """The configured comparison loss, as ``(sum, (count, metric_sums))`` for ``accumulate``.
+
+    ``metric_sums`` holds ``loss`` (the sum again), ``correct``/``pairs`` (for the accuracy) and
+    ``score_sum``/``score_sq_sum``/``scores`` (count of scores) for the mean and spread.
+    """
+    batch = as_ranking(batch)
+    scores = group_scores(graphdef, params, batch, read=cfg.read)  # [N, K]
+    if cfg.loss == "pairwise":
+        if scores.shape[1] != 2:
+            raise ValueError(
+                f"reward_model.loss='pairwise' needs pairs (K = 2), got K = {scores.shape[1]}; "
+                "use loss='ranking' for K-wise data"
+            )
+        margin = batch.get("margin") if cfg.use_margin else None
+        total, count, _ = losses.pairwise_rm_loss(
+            scores[:, 0], scores[:, 1], margin=margin, center_coef=cfg.center_coef
+        )
+    else:
+        total, count, _ = losses.ranking_rm_loss(scores, center_coef=cfg.center_coef)
+    correct, pairs = pair_accuracy(scores)
+    sums = {
+        "loss": total,
+        "correct": correct,
+        "pairs": pairs,
+        "score_sum": jnp.sum(scores),
+        "score_sq_sum": jnp.sum(scores**2),
+        "scores": jnp.float32(scores.size),
+    }
+    return total, (jnp.asarray(count, jnp.float32), sums)
+
+
+def _summary(count: jax.Array, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    mean = sums["score_sum"] / jnp.maximum(sums["scores"], 1.0)
+    var = sums["score_sq_sum"] / jnp.maximum(sums["scores"], 1.0) - mean**2
+    return {
+        "loss": sums["loss"] / jnp.maximum(count, 1.0),
+        "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
+        "score_mean": mean,
+        "score_std": jnp.sqrt(jnp.maximum(var, 0.0)),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# State, step, eval
+# ------------------------------------------------------------------------------------------
+
+
+def init_state(params: Any, cfg: RewardModelConfig) -> TrainState:
+    """The reward-model state: a copy of ``params`` and a fresh optimizer state."""
+    params = jax.tree.map(jnp.array, params)
+    return TrainState(
+        params=params, opt_state=make_optimizer(cfg.optim).init(params), step=jnp.int32(0)
+    )
+
+
+def make_step(graphdef: nnx.GraphDef, cfg: RewardModelConfig) -> Callable:
+    """The compiled step ``step(state, batch, key) -> (state, metrics)`` (state donated).
+
+    Metrics: ``loss``, ``accuracy`` (ranked pairs ordered right), ``score_mean``, ``score_std``,
+    ``grad_norm``, ``lr``, ``skipped``. ``key`` is unused (no dropout).
+    """
+    optimizer = make_optimizer(cfg.optim)
+    loss_fn = lambda params, batch: rm_loss(graphdef, params, batch, cfg)  # noqa: E731
+
+    def step(state: TrainState, batch, key):
+        del key
+        grads, count, sums = accumulate(loss_fn, state.params, batch, cfg.optim.grad_accum_steps)
+        metrics = _summary(count, sums)
+        state, update_metrics = apply_update(optimizer, state, grads, metrics["loss"], cfg.optim)
+        return state, {**metrics, **update_metrics}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval(graphdef: nnx.GraphDef, cfg: RewardModelConfig) -> Callable:
+    """Compiled ``eval(params, batch) -> {loss, accuracy, score_mean, score_std}`` (held out)."""
+
+    @jax.jit
+    def evaluate(params, batch):
+        _, (count, sums) = rm_loss(graphdef, params, batch, cfg)
+        return _summary(count, sums)
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------
+
+
+def score_stats(scores: Any) -> tuple[float, float]:
+    """``(mean, std)`` (population std, as lm-human-preferences) of a set of scores."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    if s.size < 2:
+        raise ValueError(f"normalisation needs at least 2 scores, got {s.size}")
+    return float(s.mean()), float(s.std())
+
+
+def normalize_params(
+    params: Any,
+    scores: Any,
+    *,
+    target_mean: float = 0.0,
+    target_std: float = 1.0,
+) -> Any:
+    """Set the score head's gain and bias: ``scores`` get mean ``target_mean``, std ``target_std``.
+
+    The head computes ``score = gain * h + bias``; with the measured mean ``mu`` and std ``sigma``
+    of ``scores`` (computed with the current gain and bias) the new values are
+
+        gain' = gain * target_std / sigma,   bias' = (bias - mu) * target_std / sigma + target_mean,
+
+    so ``score' = (score - mu) * target_std / sigma + target_mean`` exactly (lm-human-preferences
+    ``train_reward.py`` ``normalize``). The rest of ``params`` is unchanged.
+
+    Args:
+      params: reward-model parameters with a score head (:mod:`rlhf_jax.models`).
+      scores: the scores of SFT-policy samples under ``params``, any shape.
+    """
+    mu, sigma = score_stats(scores)
+    if not sigma > 0:
+        raise ValueError("the scores to normalise are all equal (std 0): sample more responses")
+    scale = target_std / sigma
+    gain, bias = models.score_gain_bias(params)
+    new_gain = gain * scale
+    new_bias = (bias - mu) * scale + target_mean
+    return models.set_score_gain_bias(params, new_gain, new_bias)
+
+
+# ------------------------------------------------------------------------------------------
+# High-level entry
+# ------------------------------------------------------------------------------------------
+
+
+def run(
+    cfg: RewardModelConfig,
+    sft_model: Any,
+    batches: Callable[[int], Any] | Iterable[Any],
+    *,
+    key: jax.Array | None = None,
+    eval_batch: Mapping[str, Any] | None = None,
+    normalize_on: Mapping[str, Any] | None = None,
+    logger: Any = None,
+    checkpointer: Any = None,
+) -> tuple[Any, LoopResult, dict[str, float]]:
+    """Train a reward model initialised from ``sft_model`` on comparison ``batches``.
+
+    Args:
+      cfg: the :class:`RewardModelConfig`.
+      sft_model: the SFT policy's Model record (its trunk initialises the reward model).
+      batches: ``batches(s) -> batch`` or an iterable of ranking/pair batches.
+      key: PRNG key (score-head initialisation; the loop's key is derived from it).
+      eval_batch: held-out comparisons, evaluated every ``cfg.loop.eval_every`` steps
+        (``eval/accuracy`` is the held-out accuracy).
+      normalize_on: ``{"tokens", "attention_mask"}`` ``[B, T]``: prompts + responses *sampled from
+        the SFT policy*; with ``cfg.normalize`` the head is normalised on their scores.
+      logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+
+    Returns:
+      ``(reward model record, LoopResult, info)``; ``info`` holds the held-out ``eval_*`` metrics
+      of the final model and the normalisation's ``norm_mean_before``/``norm_std_before``.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    init_key, loop_key = jax.random.split(key)
+    rm = init_reward_model(sft_model, init_key)
+    step = make_step(rm.graphdef, cfg)
+    evaluate = make_eval(rm.graphdef, cfg)
+    eval_fn = None
+    if eval_batch is not None:
+        eval_batch = jax.tree.map(jnp.asarray, as_ranking(eval_batch))
+        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
+    result = run_loop(
+        step,
+        init_state(rm.params, cfg),
+        batches,
+        loop=cfg.loop,
+        key=loop_key,
+        eval_fn=eval_fn,
+        logger=logger,
+        checkpointer=checkpointer,
+        meta={"stage": "rm"},
+    )
+    params = result.state.params
+    info: dict[str, float] = {}
+    if eval_batch is not None:
+        final = jax.device_get(evaluate(params, eval_batch))
+        info.update({f"eval_{k}": float(v) for k, v in final.items()})
+    if cfg.normalize and normalize_on is not None:
+        raw = jax.jit(lambda p, t, m: models.scores(rm.graphdef, p, t, m, read=cfg.read))(
+            params, jnp.asarray(normalize_on["tokens"]), jnp.asarray(normalize_on["attention_mask"])
+        )
+        mu, sigma = score_stats(raw)
+        info.update({"norm_mean_before": mu, "norm_std_before": sigma})
+        params = normalize_params(
+            params, raw, target_mean=cfg.target_mean, target_std=cfg.target_std
+        )
+    return _with_params(rm, params), result, info

@@ -1,0 +1,284 @@
+"""Supervised fine-tuning (and pretraining) of a causal LM: token negative log-likelihood.
+
+The loss is the summed negative log-likelihood of the *target* tokens over their count,
+
+    L = - sum_{b, t} w[b, t] * log p(tokens[b, t] | tokens[b, :t]) / sum_{b, t} w[b, t],
+
+with ``w = loss_mask * attention_mask`` on the positions ``t >= 1`` (the first token is never a
+target). For SFT on prompt/completion data ``loss_mask`` is 1 on completion tokens only (TRL
+``SFTTrainer`` with ``completion_only_loss``, InstructGPT's SFT); for pretraining on a corpus it is
+the attention mask (every real token after the first). The loss returns the sum and the count and
+:func:`rlhf_jax.optim.accumulate` divides once, so the token mean is exact across microbatches.
+
+A batch is a dict of ``[B, T]`` int32 arrays::
+
+    tokens          the sequence (prompt left-padded, completion right-padded: see
+                    :func:`completion_batch`)
+    attention_mask  1 on real tokens
+    loss_mask       1 on the tokens that are targets
+
+The step is one compiled function ``step(state, batch, key) -> (state, metrics)`` with the state
+donated; metrics are ``loss`` (mean token NLL), ``token_accuracy`` (argmax = target),
+``tokens`` (target count), ``grad_norm``, ``lr`` and ``skipped`` (a non-finite update dropped, see
+:func:`rlhf_jax.train.apply_update`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import models
+from rlhf_jax.optim import OptimConfig, accumulate, make_optimizer
+from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+
+__all__ = [
+    "SFTConfig",
+    "as_sequences",
+    "completion_batch",
+    "corpus_batch",
+    "init_state",
+    "make_eval",
+    "make_step",
+    "run",
+    "sft_loss",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning / pretraining of a causal LM on token NLL."""
+
+    optim: OptimConfig = OptimConfig(name="adamw", learning_rate=1e-4)  # optimizer and schedule
+    loop: LoopConfig = LoopConfig(max_steps=1000)  # steps, evaluation, stopping, non-finite policy
+    batch_size: int = 32  # sequences per optimizer step (split into optim.grad_accum_steps)
+    completion_only: bool = True  # loss on completion tokens only; False: every token (pretrain)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"sft.batch_size={self.batch_size}: must be >= 1")
+        if self.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"sft.batch_size={self.batch_size} is not divisible by "
+                f"optim.grad_accum_steps={self.optim.grad_accum_steps}"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------
+
+
+def completion_batch(
+    prompt_tokens: Any,
+    prompt_mask: Any,
+    completion_tokens: Any,
+    completion_mask: Any,
+    *,
+    completion_only: bool = True,
+) -> dict[str, np.ndarray]:
+    """A training batch from left-padded prompts ``[B, P]`` and right-padded completions ``[B, R]``.
+
+    Returns ``tokens``, ``attention_mask`` and ``loss_mask``, all ``[B, P+R]`` int32. ``loss_mask``
+    is the completion mask (``completion_only``) or the whole attention mask.
+    """
+    pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    ct, cm = np.asarray(completion_tokens), np.asarray(completion_mask)
+    if pt.shape != pm.shape or ct.shape != cm.shape or pt.shape[0] != ct.shape[0]:
+        raise ValueError(
+            f"prompt {pt.shape}/{pm.shape} and completion {ct.shape}/{cm.shape} tokens/masks "
+            "must be [B, P] and [B, R] with the same B"
+        )
+    tokens = np.concatenate([pt, ct], axis=1).astype(np.int32)
+    mask = np.concatenate([pm, cm], axis=1).astype(np.int32)
+    if completion_only:
+        loss_mask = np.concatenate([np.zeros_like(pm), cm], axis=1).astype(np.int32)
+    else:
+        loss_mask = mask
+    return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def corpus_batch(tokens: Any, attention_mask: Any) -> dict[str, np.ndarray]:
+    """A pretraining batch ``[B, T]``: every real token after the first is a target."""
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.asarray(attention_mask, np.int32)
+    return {"tokens": tokens, "attention_mask": mask, "loss_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------
+# Loss and step
+# ------------------------------------------------------------------------------------------
+
+
+def as_sequences(batch: Mapping[str, Any], *, completion_only: bool = True) -> dict[str, Any]:
+    """``{tokens, attention_mask, loss_mask}`` ``[B, T]`` from either batch layout (traceable).
+
+    A prompt/completion batch (``prompt_tokens``/``prompt_mask`` ``[B, P]``,
+    ``completion_tokens``/``completion_mask`` ``[B, R]``, as :mod:`rlhf_jax.data.formats` yields)
+    is concatenated; a sequence batch is returned as is. With ``completion_only=False`` the loss
+    mask is the attention mask (every real token after the first is a target).
+    """
+    if "tokens" in batch:
+        out = {k: batch[k] for k in ("tokens", "attention_mask")}
+        out["loss_mask"] = batch.get("loss_mask", batch["attention_mask"])
+    else:
+        pm, cm = batch["prompt_mask"], batch["completion_mask"]
+        out = {
+            "tokens": jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], 1),
+            "attention_mask": jnp.concatenate([pm, cm], 1),
+            "loss_mask": jnp.concatenate([jnp.zeros_like(pm), cm], 1),
+        }
+    if not completion_only:
+        out["loss_mask"] = out["attention_mask"]
+    return out
+
+
+def sft_loss(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    completion_only: bool = True,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """Summed token NLL of the targets, for :func:`rlhf_jax.optim.accumulate`.
+
+    Args:
+      graphdef, params: the LM (``nnx.split``).
+      batch: ``tokens``, ``attention_mask``, ``loss_mask``, each ``[B, T]``, or a
+        prompt/completion batch (see :func:`as_sequences`).
+      completion_only: False trains on every real token (pretraining), whatever ``loss_mask``.
+
+    Returns:
+      ``(nll_sum, (count, {"nll": nll_sum, "correct": correct_sum}))``: ``count`` is the number of
+      target tokens ``sum(w[:, 1:])`` and ``correct`` the targets whose logit is the argmax.
+    """
+    batch = as_sequences(batch, completion_only=completion_only)
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    logits = models.logits(graphdef, params, tokens, mask)[:, :-1]  # [B, T-1, V], predicts t+1
+    targets = tokens[:, 1:]  # [B, T-1]
+    weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
+    nll = -jnp.sum(target_logp * weight)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weight)
+    count = jnp.sum(weight)
+    return nll, (count, {"nll": nll, "correct": correct})
+
+
+def init_state(params: Any, cfg: SFTConfig) -> TrainState:
+    """The SFT state: a copy of ``params`` (never donated) and a fresh optimizer state."""
+    params = jax.tree.map(jnp.array, params)
+    return TrainState(
+        params=params, opt_state=make_optimizer(cfg.optim).init(params), step=jnp.int32(0)
+    )
+
+
+def make_step(graphdef: nnx.GraphDef, cfg: SFTConfig) -> Callable:
+    """The compiled SFT step ``step(state, batch, key) -> (state, metrics)`` (state donated).
+
+    ``key`` is unused (the models have no dropout); it is there so every trainer's step has the
+    signature :func:`rlhf_jax.train.run_loop` calls.
+    """
+    optimizer = make_optimizer(cfg.optim)
+    loss_fn = lambda params, batch: sft_loss(  # noqa: E731
+        graphdef, params, batch, completion_only=cfg.completion_only
+    )
+
+    def step(state: TrainState, batch, key):
+        del key
+        grads, count, sums = accumulate(loss_fn, state.params, batch, cfg.optim.grad_accum_steps)
+        denom = jnp.maximum(count, 1.0)
+        loss = sums["nll"] / denom
+        state, update_metrics = apply_update(optimizer, state, grads, loss, cfg.optim)
+        metrics = {
+            "loss": loss,
+            "token_accuracy": sums["correct"] / denom,
+            "tokens": count,
+            **update_metrics,
+        }
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval(
+    graphdef: nnx.GraphDef, *, completion_only: bool = True
+) -> Callable[[Any, Mapping[str, Any]], dict[str, jax.Array]]:
+    """Compiled ``eval(params, batch) -> {"loss", "token_accuracy", "perplexity"}`` on one batch."""
+
+    @jax.jit
+    def evaluate(params, batch):
+        nll, (count, sums) = sft_loss(graphdef, params, batch, completion_only=completion_only)
+        denom = jnp.maximum(count, 1.0)
+        loss = nll / denom
+        return {
+            "loss": loss,
+            "token_accuracy": sums["correct"] / denom,
+            "perplexity": jnp.exp(loss),
+        }
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------------
+# High-level entry
+# ------------------------------------------------------------------------------------------
+
+
+def _with_params(model: Any, params: Any) -> Any:
+    """``model`` (the frozen record of :mod:`rlhf_jax.models`) with new parameters."""
+    if hasattr(model, "_replace"):
+        return model._replace(params=params)
+    if dataclasses.is_dataclass(model):
+        return dataclasses.replace(model, params=params)
+    return model.replace(params=params)
+
+
+def run(
+    cfg: SFTConfig,
+    model: Any,
+    batches: Callable[[int], Any] | Iterable[Any],
+    *,
+    key: jax.Array | None = None,
+    eval_batch: Mapping[str, Any] | None = None,
+    logger: Any = None,
+    checkpointer: Any = None,
+) -> tuple[Any, LoopResult]:
+    """Fine-tune ``model`` (a :class:`rlhf_jax.models.Model` record) on ``batches``.
+
+    Args:
+      cfg: the :class:`SFTConfig`.
+      model: the record with ``graphdef``, ``params``, ``config``; it is not modified.
+      batches: ``batches(s) -> batch`` or an iterable of batches (see :func:`completion_batch`).
+      key: base PRNG key of the loop.
+      eval_batch: a held-out batch evaluated every ``cfg.loop.eval_every`` steps
+        (``eval/loss``, ``eval/token_accuracy``, ``eval/perplexity``).
+      logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+
+    Returns:
+      ``(trained model record, LoopResult)``.
+    """
+    step = make_step(model.graphdef, cfg)
+    eval_fn = None
+    if eval_batch is not None:
+        evaluate = make_eval(model.graphdef, completion_only=cfg.completion_only)
+        eval_batch = jax.tree.map(jnp.asarray, dict(eval_batch))
+        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
+    result = run_loop(
+        step,
+        init_state(model.params, cfg),
+        batches,
+        loop=cfg.loop,
+        key=key,
+        eval_fn=eval_fn,
+        logger=logger,
+        checkpointer=checkpointer,
+        meta={"stage": "sft"},
+    )
+    return _with_params(model, result.state.params), result
