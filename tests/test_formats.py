@@ -165,6 +165,10 @@ def test_overlong_filter_truncate_and_skip_counts(tok):
         1,
     )
     assert "3/4 rows kept" in ds.stats.summary()
+    unk = F.load_dataset(
+        [{"prompt": "a zebra is"}, {"prompt": "a dog is"}], tok, F.DataConfig("prompt", 4)
+    )
+    assert (unk.stats.rows_kept, unk.stats.rows_with_unknown_tokens) == (2, 1)
     # Prompts keep their last tokens, completions their first.
     ids = tok("a dog is a dog is")["input_ids"]
     np.testing.assert_array_equal(ds.arrays["prompt_tokens"][1], ids[-4:])
@@ -333,6 +337,20 @@ BAD_INPUTS = [
         r"d\.parquet: cannot read as Parquet",
     ),
     ("missing file", None, None, _C, r"nope\.jsonl: no such file"),
+    (
+        "unknown word",
+        "d.jsonl",
+        [_OK, {"prompt": "a zebra is", "completion": "cute ."}],
+        dict(_C, unknown_tokens="error"),
+        r"line 2, field 'prompt': 'a zebra is' has text the tokenizer does not know \(\['zebra'\] encode to '<unk>'\)",
+    ),
+    (
+        "JSON array element",
+        "d.json",
+        json.dumps([_OK, {"prompt": "a dog is", "completion": 5}]).encode(),
+        _C,
+        r"d\.json, row 2, field 'completion': must be a string or a list of messages, got int",
+    ),
     (
         "every row skipped",
         "d.jsonl",

@@ -27,7 +27,9 @@ load time with a :class:`DataError` naming the source, the row (the line number 
 the field -- or, with ``on_error="skip"``, is skipped and counted -- never inside a compiled step.
 Prompts longer than ``max_prompt_length`` or completions longer than ``max_completion_length`` are
 rejected, filtered out (counted) or truncated (counted; prompts keep their last tokens, completions
-their first), by ``overlong``. :class:`DataLoader` yields batches of numpy int32 arrays::
+their first), by ``overlong``. Text that encodes to the tokenizer's unknown token is counted
+(``rows_with_unknown_tokens``) or, with ``unknown_tokens="error"``, is a row error.
+:class:`DataLoader` yields batches of numpy int32 arrays::
 
     index            [B]         the example's row in the tokenized dataset
     prompt_tokens    [B, P]      left-padded with the tokenizer's pad id; prompt_mask alike
@@ -47,7 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -76,19 +78,21 @@ class DataError(ValueError):
     """A dataset problem located by ``source``, ``row`` (1-based, or None), ``field`` (or None)."""
 
     def __init__(
-        self, source: str, message: str, *, row: int | None = None, field: str | None = None
+        self,
+        source: str,
+        message: str,
+        *,
+        row: int | None = None,
+        field: str | None = None,
+        unit: str = "row",
     ):
         self.source, self.row, self.field, self.problem = source, row, field, message
         where = source
         if row is not None:
-            where += f", line {row}" if _is_line_numbered(source) else f", row {row}"
+            where += f", {unit} {row}"  # "line" in a JSON Lines file, else "row"
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
-
-
-def _is_line_numbered(source: str) -> bool:
-    return source.endswith((".jsonl", ".json"))
 
 
 class _RowError(Exception):
@@ -111,6 +115,7 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"  # a malformed row: stop, or skip and count it
     append_eos: bool = True  # end each completion with the tokenizer's EOS if it does not already
     vocab_size: int | None = None  # the model's vocabulary size: checked against the tokenizer
+    unknown_tokens: Literal["allow", "error"] = "allow"  # text that encodes to the unk token
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -134,6 +139,10 @@ class DataConfig:
                 "DataConfig.overlong must be 'error', 'filter' or 'truncate', "
                 f"got {self.overlong!r}"
             )
+        if self.unknown_tokens not in ("allow", "error"):
+            raise ValueError(
+                f"DataConfig.unknown_tokens must be 'allow' or 'error', got {self.unknown_tokens!r}"
+            )
         if self.on_error not in ("raise", "skip"):
             raise ValueError(
                 f"DataConfig.on_error must be 'raise' or 'skip', got {self.on_error!r}"
@@ -150,6 +159,7 @@ class LoadStats:
     filtered_overlong: int = 0
     truncated_prompts: int = 0
     truncated_completions: int = 0
+    rows_with_unknown_tokens: int = 0  # kept rows whose text encodes to the tokenizer's unk token
     errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
 
     def as_dict(self) -> dict[str, Any]:
@@ -159,7 +169,8 @@ class LoadStats:
         return (
             f"{self.rows_kept}/{self.rows_read} rows kept; {self.skipped_malformed} malformed "
             f"skipped, {self.filtered_overlong} overlong filtered, {self.truncated_prompts} "
-            f"prompts and {self.truncated_completions} completions truncated"
+            f"prompts and {self.truncated_completions} completions truncated, "
+            f"{self.rows_with_unknown_tokens} with unknown tokens"
         )
 
 
@@ -176,12 +187,13 @@ def _source_name(source: Any) -> str:
     return f"<{type(source).__module__}.{type(source).__name__}>"
 
 
-def read_rows(source: Any, format: str | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row number, row)`` from a file, a ``datasets.Dataset`` or a list of dicts.
+def read_rows(source: Any, format: str | None = None) -> Iterator[tuple[str, int, Any]]:
+    """Yield ``(unit, number, row)`` from a file, a ``datasets.Dataset`` or a list of dicts.
 
-    Row numbers are 1-based; for JSON Lines they are line numbers (blank lines are skipped but
-    counted). Raises :class:`DataError` for an unknown format, a missing or empty file, invalid
-    JSON or a non-UTF-8 line; a row that is not a JSON object is yielded as is (the caller checks).
+    Numbers are 1-based; in JSON Lines they are line numbers (unit ``"line"``; blank lines are
+    skipped but counted), elsewhere row numbers (unit ``"row"``). Raises :class:`DataError` for an
+    unknown format, a missing or empty file, invalid JSON or a non-UTF-8 line; a row that is not a
+    JSON object is yielded as is (the caller checks).
     """
     name = _source_name(source)
     if isinstance(source, (str, os.PathLike)):
@@ -204,7 +216,7 @@ def read_rows(source: Any, format: str | None = None) -> Iterator[tuple[int, Any
     if hasattr(source, "keys") and hasattr(source, "column_names"):  # datasets.DatasetDict
         raise DataError(name, f"a DatasetDict; pick a split, e.g. ds[{next(iter(source))!r}]")
     if isinstance(source, (list, tuple)) or hasattr(source, "column_names"):
-        yield from ((i, row) for i, row in enumerate(source, start=1))
+        yield from (("row", i, row) for i, row in enumerate(source, start=1))
         return
     raise DataError(
         name, "unsupported source; pass a file path, a datasets.Dataset or a list of dicts"
@@ -222,8 +234,8 @@ def _read_json(path: str) -> Iterator[tuple[int, Any]]:
         except UnicodeDecodeError as e:
             raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg}", row=e.lineno) from None
-        yield from ((i, row) for i, row in enumerate(rows, start=1))
+            raise DataError(path, f"invalid JSON: {e.msg}", row=e.lineno, unit="line") from None
+        yield from (("row", i, row) for i, row in enumerate(rows, start=1))
         return
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -235,14 +247,16 @@ def _read_json(path: str) -> Iterator[tuple[int, Any]]:
                 path,
                 f"not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8",
                 row=lineno,
+                unit="line",
             ) from None
         try:
-            yield lineno, json.loads(text)
+            yield "line", lineno, json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
                 path,
                 f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object",
                 row=lineno,
+                unit="line",
             ) from None
 
 
@@ -255,7 +269,7 @@ def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
         raise DataError(path, f"cannot read as Parquet: {e}") from None
     if table.num_rows == 0:
         raise DataError(path, "the file has no rows")
-    yield from ((i, row) for i, row in enumerate(table.to_pylist(), start=1))
+    yield from (("row", i, row) for i, row in enumerate(table.to_pylist(), start=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +400,8 @@ class _Encoder:
                 "out of range; use the tokenizer saved with the model checkpoint",
             )
         self.eos = tokenizer.eos_token_id
+        self.unk = tokenizer.unk_token_id
+        self.saw_unknown = False  # set when a row's text encodes to the unk token
 
     def _template(self, messages: list, field: str, **kwargs) -> str:
         if not getattr(self.tok, "chat_template", None):
@@ -401,6 +417,19 @@ class _Encoder:
         limit = self.config.vocab_size
         if limit is not None and any(i >= limit or i < 0 for i in ids):
             raise _RowError(None, f"token id out of the model's vocabulary (size {limit})")
+        if self.unk is not None and self.unk in ids:
+            if self.config.unknown_tokens == "error":
+                words = [
+                    w
+                    for w in text.split()
+                    if self.unk in self.tok(w, add_special_tokens=False)["input_ids"]
+                ]
+                raise _RowError(
+                    None,
+                    f"{text!r} has text the tokenizer does not know ({words[:5]} encode to "
+                    f"{self.tok.unk_token!r}); fix the text or set unknown_tokens='allow'",
+                )
+            self.saw_unknown = True
         return ids
 
     def prompt(self, prompt: Text) -> tuple[list[int], str | None]:
@@ -478,8 +507,9 @@ def load_dataset(
     prompts: list[list[int]] = []
     completions: list[list[list[int]]] = []
     margins: list[float | None] = []
-    for rownum, row in read_rows(source, format):
+    for unit, rownum, row in read_rows(source, format):
         stats.rows_read += 1
+        enc.saw_unknown = False
         try:
             prompt, texts, margin = parse_row(row, config)
             try:
@@ -521,13 +551,14 @@ def load_dataset(
             if margin is not None and margins and margins[0] is None:
                 raise _RowError("margin", "is set but earlier rows have none; give every row one")
         except _RowError as e:
-            err = DataError(name, e.message, row=rownum, field=e.field)
+            err = DataError(name, e.message, row=rownum, field=e.field, unit=unit)
             if config.on_error == "raise":
                 raise err from None
             stats.skipped_malformed += 1
             if len(stats.errors) < _MAX_ERRORS_KEPT:
                 stats.errors.append(str(err))
             continue
+        stats.rows_with_unknown_tokens += enc.saw_unknown
         prompts.append(p_ids)
         completions.append(c_ids)
         margins.append(margin)
@@ -646,9 +677,3 @@ class DataLoader:
         idx = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return self.dataset.take(idx)
-
-
-def iter_batches(loader: DataLoader, num_batches: int) -> Iterable[dict[str, np.ndarray]]:
-    """The next ``num_batches`` batches of ``loader``."""
-    for _ in range(num_batches):
-        yield next(loader)
