@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 from jax import lax
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import models
@@ -316,7 +317,12 @@ def filtered_logprobs(logits: Array, sampling: SamplingConfig) -> Array:
 
 
 def _constrain_batch(x: Array, axis: int = 0) -> Array:
-    """Shard ``x``'s batch axis over ('data', 'fsdp') when a mesh with those axes is set."""
+    """Shard ``x``'s batch axis over ('data', 'fsdp') when a mesh with those axes is set.
+
+    ``jax.set_mesh(mesh)`` makes the mesh visible here; without one (or when the batch does not
+    divide over the devices) ``x`` is returned as is and the partitioner decides. Meshes with
+    ``AxisType.Auto`` axes (``rlhf_jax.parallel.make_mesh``) are the supported kind.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not all(a in mesh.axis_names for a in _BATCH_AXES):
         return x
@@ -325,6 +331,9 @@ def _constrain_batch(x: Array, axis: int = 0) -> Array:
         return x
     spec = [None] * x.ndim
     spec[axis] = _BATCH_AXES
+    types = {mesh.axis_types[mesh.axis_names.index(a)] for a in _BATCH_AXES}
+    if types != {AxisType.Auto}:  # Explicit axes: the shardings are the inputs' (types)
+        return x
     return lax.with_sharding_constraint(x, P(*spec))
 
 
@@ -427,7 +436,7 @@ def _sample(
     s = p + r - 1
     cache = models.init_cache(config, b, s)
     cache = jax.tree.map(lambda c: _constrain_batch(c, axis=1), cache)
-    kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, r - 1), jnp.int32)], 1)  # [B, S]
+    kv_mask = jnp.concatenate([prompt_mask, _constrain_batch(jnp.ones((b, r - 1), jnp.int32))], 1)
     logits, cache = models.decode(
         graphdef, params, prompt_tokens, positions, kv_mask, cache, 0, last_only=True
     )  # [B, V]
