@@ -327,7 +327,7 @@ BAD_INPUTS = [
         "d.parquet",
         [_OKP, dict(_OKP, rejected=None)],
         _P,
-        r"d\.parquet, row 2, field 'rejected': missing field",
+        r"d\.parquet, row 2, field 'rejected': is null; every row needs a value here",
     ),
     (
         "corrupt parquet",

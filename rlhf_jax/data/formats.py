@@ -280,8 +280,10 @@ Text = str | list  # plain text, or a list of messages
 
 
 def _field(row: Mapping, name: str) -> Any:
-    if name not in row or row[name] is None:
+    if name not in row:
         raise _RowError(name, f"missing field {name!r} (the row has {sorted(row)})")
+    if row[name] is None:
+        raise _RowError(name, "is null; every row needs a value here")
     return row[name]
 
 
