@@ -25,8 +25,7 @@ def tok_no_template(tmp_path_factory):
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return toy.write_jsonl(path, rows)
 
 
 def write_parquet(path, rows):

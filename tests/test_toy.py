@@ -274,3 +274,13 @@ def test_gold_scoring_is_fast(corpus):
     # Not a timing assertion (that belongs in benchmarks): thousands of scores in one call work.
     prompts, responses, _ = corpus
     assert toy.gold_scores(prompts, responses).shape == (4000,)
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    records = toy.sft_records(5, seed=0)
+    assert toy.write_jsonl(path, records) == str(path)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+    with pytest.raises(TypeError):
+        toy.write_jsonl(tmp_path / "bad.jsonl", [*records, {"prompt": object()}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]  # nothing half-written

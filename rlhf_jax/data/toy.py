@@ -71,6 +71,7 @@ Public API (all deterministic given a seed)::
         -> list[{"prompt", "completions"}]
     preference_records(n, *, seed, temperature=0.3) -> list[{"prompt", "chosen", "rejected"}]
     ranking_records(n, k, *, seed, temperature=0.3) -> list[{"prompt", "completions"}]
+    write_jsonl(path, records) -> str       # atomic; reads back through formats.load_dataset
     pairwise_batch(tokenizer, records) -> dict of int32 arrays:
         prompt_tokens/prompt_mask [N, P] (left-padded), chosen_tokens/chosen_mask,
         rejected_tokens/rejected_mask [N, R] (right-padded)
@@ -126,6 +127,7 @@ __all__ = [
     "stop_token_ids",
     "toy_tokenizer",
     "well_formed_share",
+    "write_jsonl",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -637,6 +639,27 @@ def ranking_records(n: int, k: int, *, seed: int, temperature: float = 0.3) -> l
             raise ValueError(f"could not draw {k} distinct responses for {p!r}")
         groups.append(group)
     return rank_responses(prompts, groups, temperature=temperature, seed=int(rng.integers(2**31)))
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> str:
+    """Write ``records`` as JSON Lines, atomically (a temporary file renamed into place).
+
+    The files read back through :func:`rlhf_jax.data.formats.load_dataset`, so the toy data can
+    feed the same path as a user's dataset (``rlhf-jax sft --train_file ...``).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
