@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rlhf_jax.data import toy
@@ -112,6 +114,26 @@ def test_malformed(response):
     assert toy.gold_score("a dog is", response) < -3.7
 
 
+_WORDS = sorted(toy._COMPLETION_WORDS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subject=st.sampled_from(toy.SUBJECTS),
+    words=st.lists(st.sampled_from(_WORDS), min_size=0, max_size=9),
+)
+def test_gold_separates_malformed_from_well_formed(tok, subject, words):
+    response = " ".join(words)
+    g = toy.gold_score(f"the {subject} is", response)
+    if toy.is_well_formed(response):
+        assert -3.18 <= g <= 2.7
+        assert len(words) <= 8
+        tokens, mask = toy.encode_responses(tok, [response])
+        assert toy.decode_responses(tok, tokens, mask) == [response]
+    else:
+        assert g <= -3.73
+
+
 def test_gold_hand_computed_value():
     def cost(response):
         return sum(0.004 * math.log(2 + toy.VOCAB.index(w)) for w in response.split())
@@ -167,6 +189,8 @@ def test_sft_corpus_is_mediocre_and_improvable(corpus):
     assert gold.max() > 2.4  # ... far below the best
     assert 0.92 <= toy.well_formed_share(responses) <= 0.98  # a few malformed
     assert max(len(r.split()) for r in responses) <= toy.RESPONSE_LENGTH - 1
+    wf = np.array([toy.is_well_formed(r) for r in responses])
+    assert gold[wf].min() >= -3.18 and gold[~wf].max() <= -3.73
     assert len(set(prompts)) == len(toy.all_prompts()) == 99
     # Good responses are fitting, positive noun phrases.
     for p, r in zip(np.array(prompts)[good], np.array(responses)[good], strict=True):

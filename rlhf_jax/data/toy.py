@@ -17,7 +17,7 @@ spirit of the seed example ("A dog is" -> "a furry animal ."):
   e.g. ``"a furry animal ."``, ``"a very friendly pet ."``, ``"shiny and useful ."``. Head nouns
   and adjectives *fit* a subject to a graded degree in [-1, 1] (``"a furry animal"`` fits a dog,
   ``"a metal tool"`` does not) and adjectives carry a sentiment in [-1, 1]; adverbs intensify it.
-  Responses are at most 8 words.
+  A well-formed response has at most 8 tokens, ``"."`` included.
 * **The tokenizer** is a word-level Hugging Face tokenizer (``tokenizers`` ``WordLevel`` model,
   whitespace pre-tokenizer) with special tokens ``<pad>`` (0), ``<bos>`` (1), ``<eos>`` (2),
   ``<unk>`` (3); ``"."`` is id 4. **The full stop "." is the EOS / stop token**: the saved
@@ -29,7 +29,8 @@ spirit of the seed example ("A dog is" -> "a furry animal ."):
   encoded without it. Because ``"."`` is a special token, ``tokenizer.decode(...,
   skip_special_tokens=True)`` drops it: use :func:`decode_responses`. The saved chat template joins
   the message contents with spaces (roles are not rendered), so a conversational prompt
-  ``[{"role": "user", "content": "a dog is"}]`` renders as ``"<bos> a dog is"``.
+  ``[{"role": "user", "content": "a dog is"}]`` renders as ``"<bos>a dog is"``, the same tokens as
+  the text prompt.
 * **The gold preference** (the simulated human) :func:`gold_score` is a continuous function of a
   prompt and a response: malformed responses score below -3.7, well-formed ones above -3.3, and
   among those the score adds the fit of the head noun, the mean fit of the adjectives, their
@@ -38,9 +39,8 @@ spirit of the seed example ("A dog is" -> "a furry animal ."):
   well-formed noun phrase whose noun and adjectives fit the subject and whose sentiment is positive.
 * **The SFT corpus** (:func:`sample_response`, :func:`sft_records`) mixes fitting and unfitting,
   positive, neutral and negative, short and long, and about 5% malformed responses, so that a policy
-  fitted to it has a mediocre gold score (mean about 0.7, about 12% good responses, best about 2.5)
-  that PPO can
-  clearly improve on.
+  fitted to it has a mediocre gold score (mean 0.72, 12% good responses, best 2.59 on 20,000
+  samples) that PPO can clearly improve on.
 * **Simulated labelers** compare two responses (:func:`label_pairs`) or rank K
   (:func:`rank_responses`) with Bradley-Terry / Plackett-Luce noise: ``P(a > b) =
   sigmoid((gold(a) - gold(b)) / temperature)``; temperature 0 gives the noiseless gold order.
@@ -139,7 +139,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 
 PROMPT_LENGTH = 4  # <bos> DET SUBJECT VERB
-RESPONSE_LENGTH = 10  # the longest well-formed response has 9 tokens, "." included
+RESPONSE_LENGTH = 10  # well-formed responses have <= 8 tokens ("." included), corrupted ones <= 9
 
 _CATEGORY = {
     "dog": "animal",
@@ -231,7 +231,7 @@ VOCAB: tuple[str, ...] = (
 assert len(set(VOCAB)) == len(VOCAB) and len(VOCAB) < 256
 _COMPLETION_WORDS = frozenset([STOP_TOKEN, *_ARTICLES, *_NOUN_FIT, *_ADJECTIVES, *_ADVERBS, _AND])
 
-# Gold weights. A malformed response scores at most -3.73; a well-formed one at least about -3.25.
+# Gold weights. A malformed response scores at most -3.73; a well-formed one at least -3.18.
 _W_NOUN, _W_ADJ, _W_SENT = 1.0, 1.0, 0.8
 _W_TOKEN, _W_WORD = 0.03, 0.004
 _WORD_COST = {w: _W_WORD * math.log(2 + i) for i, w in enumerate(VOCAB)}
