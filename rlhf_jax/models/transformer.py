@@ -1,0 +1,479 @@
+"""A decoder-only transformer LM in ``flax.nnx``: the GPT-2 and Llama families, with a KV cache.
+
+One module covers the architectures RLHF researchers use most:
+
+============  ==========  =========  ============  =========  ==========  ==============
+arch          positions   norm       MLP           q/k/v bias  o bias      extra
+============  ==========  =========  ============  =========  ==========  ==============
+``gpt2``      learned     LayerNorm  GELU (tanh)   yes        yes         tied embeddings
+``llama``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  GQA, rope_scaling
+``qwen2``     RoPE        RMSNorm    SwiGLU        yes        no          GQA
+``qwen3``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  per-head q/k RMSNorm
+============  ==========  =========  ============  =========  ==========  ==============
+
+The formulas follow the Hugging Face ``transformers`` implementations (``modeling_gpt2.py``,
+``modeling_llama.py``, ``modeling_qwen2.py``, ``modeling_qwen3.py``); the golden tests check the
+logits against them to 1e-4.
+
+Parameter names (the sharding rules of :mod:`rlhf_jax.parallel` match on these paths; the
+``layers`` subtree carries a leading layer axis ``L`` that :func:`jax.lax.scan` runs over)::
+
+    embed/embedding                    [V, D]        token embeddings (GPT-2 ``wte``)
+    pos_embed/embedding                [Pmax, D]     learned positions (GPT-2 only, ``wpe``)
+    layers/attn_norm/{scale,bias}      [L, D]        pre-attention norm (bias: LayerNorm only)
+    layers/attn/q_proj/{kernel,bias}   [L, D, H*Dh]  kernels are [in, out]
+    layers/attn/k_proj/{kernel,bias}   [L, D, Hkv*Dh]
+    layers/attn/v_proj/{kernel,bias}   [L, D, Hkv*Dh]
+    layers/attn/o_proj/{kernel,bias}   [L, H*Dh, D]
+    layers/attn/q_norm/scale           [L, Dh]       Qwen3 only
+    layers/attn/k_norm/scale           [L, Dh]       Qwen3 only
+    layers/mlp_norm/{scale,bias}       [L, D]
+    layers/mlp/gate_proj/kernel        [L, D, F]     SwiGLU only
+    layers/mlp/up_proj/{kernel,bias}   [L, D, F]     GPT-2 ``c_fc``
+    layers/mlp/down_proj/{kernel,bias} [L, F, D]     GPT-2 ``mlp.c_proj``
+    final_norm/{scale,bias}            [D]
+    lm_head/kernel                     [D, V]        absent when tied (logits = h @ embed.T)
+    value_head/{kernel,bias}           [D, 1], [1]   see heads.py
+    score_head/{kernel,bias,reward_gain,reward_bias}  see heads.py
+
+Tensors are ``[B, T, ...]``; ``H`` query heads, ``Hkv`` key/value heads, ``Dh`` head size. The
+KV cache is ``dict(k=[L, B, S, Hkv, Dh], v=[L, B, S, Hkv, Dh])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.heads import ScoreHead, ValueHead
+
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a (nested) mapping/sequence: dicts become sorted tuples of pairs."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The static shape and convention choices of a :class:`Transformer` (frozen, hashable).
+
+    Fields left ``None`` take the family default of ``arch`` in ``__post_init__``.
+    """
+
+    arch: str = "llama"  # 'gpt2' | 'llama' | 'qwen2' | 'qwen3'
+    vocab_size: int = 256  # V
+    hidden_size: int = 64  # D
+    num_layers: int = 2  # L
+    num_heads: int = 4  # H, query heads
+    num_kv_heads: int | None = None  # Hkv (grouped-query attention); default H
+    head_dim: int | None = None  # Dh; default D // H
+    intermediate_size: int | None = None  # F, the MLP width; default 4 D (gpt2) or 8/3 D
+    max_position_embeddings: int = 2048  # learned positions (gpt2) / rope_scaling reference
+    norm_eps: float | None = None  # 1e-5 (gpt2 LayerNorm), 1e-6 (RMSNorm families)
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: Any = None  # None or a mapping {'rope_type': 'linear'|'llama3', ...}
+    tie_word_embeddings: bool | None = None  # default True for gpt2, False otherwise
+    attention_bias: bool | None = None  # q/k/v bias: True for gpt2/qwen2, False for llama/qwen3
+    qk_norm: bool | None = None  # per-head RMSNorm of q and k: True for qwen3
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
+    param_dtype: str = "float32"  # parameter dtype: 'float32' | 'bfloat16'
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch={self.arch!r}: use one of {ARCHS}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be positive")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            value = jnp.dtype(value).name if not isinstance(value, str) else value
+            if value not in DTYPES:
+                raise ValueError(f"ModelConfig.{name}={value!r}: use one of {tuple(DTYPES)}")
+            put(name, value)
+        gpt2 = self.arch == "gpt2"
+        if self.num_kv_heads is None:
+            put("num_kv_heads", self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if gpt2 and self.num_kv_heads != self.num_heads:
+            raise ValueError("ModelConfig: gpt2 has no grouped-query attention (num_kv_heads=H)")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig.hidden_size={self.hidden_size} is not a multiple of "
+                    f"num_heads={self.num_heads}: set head_dim"
+                )
+            put("head_dim", self.hidden_size // self.num_heads)
+        if gpt2 and self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError("ModelConfig: gpt2 needs head_dim * num_heads == hidden_size")
+        if not gpt2 and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.intermediate_size is None:
+            put("intermediate_size", 4 * self.hidden_size if gpt2 else 8 * self.hidden_size // 3)
+        if self.norm_eps is None:
+            put("norm_eps", 1e-5 if gpt2 else 1e-6)
+        if self.tie_word_embeddings is None:
+            put("tie_word_embeddings", gpt2)
+        if self.attention_bias is None:
+            put("attention_bias", self.arch in ("gpt2", "qwen2"))
+        if self.qk_norm is None:
+            put("qk_norm", self.arch == "qwen3")
+        if gpt2 and (self.qk_norm or not self.attention_bias):
+            raise ValueError("ModelConfig: gpt2 has q/k/v biases and no qk_norm")
+        scaling = self.rope_scaling
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling type {kind!r} is not supported: use one of "
+                    f"{ROPE_TYPES}"
+                )
+            scaling["rope_type"] = kind
+            scaling.pop("type", None)
+            scaling.pop("rope_theta", None)
+            put("rope_scaling", None if kind == "default" else _freeze(scaling))
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether ``o_proj`` has a bias: gpt2 yes, qwen2 no, llama/qwen3 = ``attention_bias``."""
+        return {"gpt2": True, "qwen2": False}.get(self.arch, bool(self.attention_bias))
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[Dh/2]`` float32, with the ``rope_scaling`` of the config.
+
+    ``inv_freq_i = theta^(-2i/Dh)`` (Su et al. 2021). ``linear``: divided by ``factor``.
+    ``llama3`` (transformers ``_compute_llama3_parameters``): wavelengths ``2 pi / inv_freq``
+    longer than ``orig / low_freq_factor`` are divided by ``factor``, shorter than
+    ``orig / high_freq_factor`` kept, and those between interpolated with
+    ``s = (orig / wavelen - low) / (high - low)``: ``(1 - s) inv_freq / factor + s inv_freq``.
+    """
+    dh = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if config.rope_scaling is None:
+        return inv
+    s = dict(config.rope_scaling)
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv / factor
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    orig = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x: [B, T, N, Dh]`` by angles ``positions [B, T] x inv_freq [Dh/2]``.
+
+    The non-interleaved ("rotate_half") layout of transformers Llama:
+    ``x * cos + rotate_half(x) * sin`` with ``cos = concat(cos(a), cos(a))``. Computed in float32.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]  # [B, T, 1, Dh]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Layers
+
+
+class Norm(nnx.Module):
+    """LayerNorm (``bias=True``, GPT-2) or RMSNorm (Llama): statistics in float32.
+
+    RMSNorm: ``scale * (x / sqrt(mean(x^2) + eps))`` (transformers ``LlamaRMSNorm``, which casts
+    the normalised value back to the input dtype before the scale).
+    """
+
+    def __init__(self, size: int, eps: float, *, layer_norm: bool, param_dtype, dtype):
+        self.eps = eps
+        self.layer_norm = layer_norm
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((size,), param_dtype)) if layer_norm else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.layer_norm:
+            xf = xf - jnp.mean(xf, -1, keepdims=True)
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            return y.astype(self.dtype)
+        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)).astype(x.dtype)
+        return (self.scale[...].astype(self.dtype) * y).astype(self.dtype)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, std=0.02):
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+    )
+
+
+def _norm(cfg: ModelConfig, size: int) -> Norm:
+    return Norm(
+        size,
+        cfg.norm_eps,
+        layer_norm=cfg.arch == "gpt2",
+        param_dtype=cfg.weight_dtype,
+        dtype=cfg.compute_dtype,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query causal self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # GPT-2 scales the residual projections' init by 1/sqrt(2L) (Radford et al. 2019).
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        self.q_proj = _linear(cfg, d, h * dh, cfg.attention_bias, rngs)
+        self.k_proj = _linear(cfg, d, hkv * dh, cfg.attention_bias, rngs)
+        self.v_proj = _linear(cfg, d, hkv * dh, cfg.attention_bias, rngs)
+        self.o_proj = _linear(cfg, h * dh, d, cfg.o_bias, rngs, out_std)
+        if cfg.qk_norm:
+            self.q_norm = _norm(cfg, dh)
+            self.k_norm = _norm(cfg, dh)
+
+    def __call__(self, x, positions, kv_mask, inv_freq, cache_k, cache_v, index):
+        """``x: [B, t, D]``; cache ``[B, S, Hkv, Dh]`` (or None: S = t, no cache).
+
+        Query ``i`` attends to slots ``j <= index + i`` with ``kv_mask[:, j] == 1``.
+        Returns ``(out [B, t, D], new cache_k, new cache_v)``.
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self.q_proj(x).reshape(b, t, h, dh)
+        k = self.k_proj(x).reshape(b, t, hkv, dh)
+        v = self.v_proj(x).reshape(b, t, hkv, dh)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.arch != "gpt2":
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if cache_k is None:
+            keys, vals = k, v
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            vals = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            cache_k, cache_v = keys, vals
+        s = keys.shape[1]
+        qpos = index + jnp.arange(t)  # [t] slot of each query
+        allowed = (jnp.arange(s)[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
+        # [B, t, S]
+        g = h // hkv
+        qg = q.reshape(b, t, hkv, g, dh)
+        att = jnp.einsum(
+            "btkgd,bskd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
+        att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, vals.astype(q.dtype))
+        return self.o_proj(out.reshape(b, t, h * dh)), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+    """GPT-2: ``down(gelu_tanh(up x))``; Llama family: ``down(silu(gate x) * up x)`` (SwiGLU)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.gpt2 = cfg.arch == "gpt2"
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        if not self.gpt2:
+            self.gate_proj = _linear(cfg, d, f, False, rngs)
+        self.up_proj = _linear(cfg, d, f, self.gpt2, rngs)
+        self.down_proj = _linear(cfg, f, d, self.gpt2, rngs, out_std)
+
+    def __call__(self, x):
+        if self.gpt2:
+            return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg, cfg.hidden_size)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = _norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, kv_mask, inv_freq, cache_k, cache_v, index):
+        a, cache_k, cache_v = self.attn(
+            self.attn_norm(x), positions, kv_mask, inv_freq, cache_k, cache_v, index
+        )
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache_k, cache_v
+
+
+def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """``num_layers`` independently initialised blocks as one Block with ``[L, ...]`` params."""
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return nnx.merge(graphdef, stacked)
+
+
+class Transformer(nnx.Module):
+    """Decoder LM trunk with optional heads; see the module docstring for the parameter names.
+
+    Args:
+      config: the :class:`ModelConfig`.
+      rngs: initialisation randomness.
+      lm_head: build the LM head (an ``lm_head`` kernel unless the embeddings are tied).
+      value_head: a zero-initialised scalar value head (PPO critic sharing the trunk).
+      score_head: a scalar reward/cost head with gain/bias normalisation (see heads.py).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        lm_head: bool = True,
+        value_head: bool = False,
+        score_head: bool = False,
+    ):
+        cfg = config
+        self.config = cfg
+        self.has_lm_head = lm_head
+        self.has_value_head = value_head
+        self.has_score_head = score_head
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        if cfg.arch == "gpt2":
+            self.pos_embed = nnx.Embed(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype,
+                embedding_init=nnx.initializers.normal(0.01),
+                rngs=rngs,
+            )
+        self.layers = _stack_layers(cfg, rngs)
+        self.final_norm = _norm(cfg, cfg.hidden_size)
+        if lm_head and not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
+        if value_head:
+            self.value_head = ValueHead(cfg.hidden_size, param_dtype=cfg.weight_dtype)
+        if score_head:
+            self.score_head = ScoreHead(cfg.hidden_size, param_dtype=cfg.weight_dtype, rngs=rngs)
+
+    def __call__(self, tokens, positions, kv_mask, cache=None, index=0):
+        """Hidden states after the final norm.
+
+        Args:
+          tokens: ``[B, t]`` int32.
+          positions: ``[B, t]`` int32 position ids (RoPE angle / learned position).
+          kv_mask: ``[B, S]`` 0/1 over the key slots (``S = t`` without a cache).
+          cache: None, or ``dict(k, v)`` of ``[L, B, S, Hkv, Dh]``; the t new keys/values are
+            written at slots ``[index, index + t)``.
+          index: int or scalar int32 array, the first slot written (0 without a cache).
+
+        Returns:
+          ``(hidden [B, t, D] in the compute dtype, new cache or None)``.
+        """
+        cfg = self.config
+        chex.assert_rank([tokens, positions, kv_mask], 2)
+        x = self.embed(tokens)
+        if cfg.arch == "gpt2":
+            x = x + self.pos_embed(positions)
+        x = x.astype(cfg.compute_dtype)
+        inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(h, xs):
+            state, ck, cv = xs
+            layer = nnx.merge(layer_def, state)
+            h, ck, cv = layer(h, positions, kv_mask, inv_freq, ck, cv, index)
+            return h, (ck, cv)
+
+        if cache is None:
+            xs = (layer_state, None, None)
+        else:
+            xs = (layer_state, cache["k"], cache["v"])
+        x, (ks, vs) = jax.lax.scan(body, x, xs)
+        new_cache = None if cache is None else {"k": ks, "v": vs}
+        return self.final_norm(x), new_cache
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., D] -> [..., V]`` float32 logits (``h @ embed.T`` when tied)."""
+        if not self.has_lm_head:
+            raise ValueError("this model was built with lm_head=False (a reward/critic model)")
+        if self.config.tie_word_embeddings:
+            w = self.embed.embedding[...].astype(hidden.dtype)
+            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...].astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+    """An empty KV cache ``dict(k=[L, B, S, Hkv, Dh], v=...)`` (zeros, the compute dtype)."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

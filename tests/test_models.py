@@ -1,0 +1,229 @@
+"""rlhf_jax.models: alignment of the pure functions, padding, KV cache, heads, config errors.
+
+Logit parity with Hugging Face transformers lives in tests/test_hf.py (golden fixtures); here the
+references are the model's own full forward (for the cache and padding invariances) and plain
+numpy re-derivations (log-softmax gathers, read positions).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+
+V = 32
+ARCH_KW = {
+    "gpt2": dict(num_kv_heads=4),
+    "llama": dict(
+        num_kv_heads=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
+    "qwen2": dict(num_kv_heads=2),
+    "qwen3": dict(num_kv_heads=1, head_dim=8),
+}
+
+
+def make_config(arch, **kw):
+    base = dict(
+        arch=arch,
+        vocab_size=V,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    base.update(ARCH_KW[arch])
+    base.update(kw)
+    return models.ModelConfig(**base)
+
+
+@pytest.fixture(scope="module", params=list(ARCH_KW))
+def model(request):
+    return models.init_model(
+        make_config(request.param), jax.random.key(1), value_head=True, score_head=True
+    )
+
+
+TOKENS = np.array([[0, 0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8], [0, 3, 9, 4, 2, 0, 0, 0]])
+MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def full_logits(model):
+    return np.asarray(
+        jax.jit(models.logits, static_argnums=0)(model.graphdef, model.params, TOKENS, MASK)
+    )
+
+
+def test_logits_shape_dtype(model, full_logits):
+    assert full_logits.shape == (3, 8, V)
+    assert full_logits.dtype == np.float32
+    assert np.all(np.isfinite(full_logits))
+
+
+def test_token_logprobs_alignment_and_temperature(model, full_logits):
+    start = 3
+    for temp in (1.0, 0.7):
+        lp = models.token_logprobs(
+            model.graphdef, model.params, TOKENS, MASK, start=start, temperature=temp
+        )
+        z = full_logits.astype(np.float64) / temp
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # [B, T, V]
+        ref = np.stack(
+            [
+                [logp[b, start - 1 + i, TOKENS[b, start + i]] for i in range(8 - start)]
+                for b in range(3)
+            ]
+        )
+        np.testing.assert_allclose(lp, ref, atol=1e-5)
+
+
+def test_left_padding_invariance(model, full_logits):
+    """A left-padded row gives, at its real positions, the logits of the unpadded sequence."""
+    alone = models.logits(model.graphdef, model.params, TOKENS[:1, 3:], MASK[:1, 3:])
+    np.testing.assert_allclose(full_logits[0, 3:], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_right_padding_does_not_change_real_positions(model, full_logits):
+    alone = models.logits(model.graphdef, model.params, TOKENS[2:, 1:5], MASK[2:, 1:5])
+    np.testing.assert_allclose(full_logits[2, 1:5], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_prefill_then_decode_matches_full_forward(model, full_logits):
+    p, t_total, extra = 4, 8, 2  # prefill 4 slots, decode 4 tokens one by one, 2 spare slots
+    positions = np.asarray(models.positions_from_mask(MASK))
+    kv_mask = np.concatenate([MASK, np.zeros((3, extra), np.int32)], 1)  # [B, S]
+    cache = models.init_cache(model.config, 3, t_total + extra)
+    assert cache["k"].shape == (
+        2,
+        3,
+        t_total + extra,
+        model.config.num_kv_heads,
+        model.config.head_dim,
+    )
+    dec = jax.jit(models.decode, static_argnums=0, static_argnames="last_only")
+    out, cache = dec(
+        model.graphdef, model.params, TOKENS[:, :p], positions[:, :p], kv_mask, cache, 0
+    )
+    got = [np.asarray(out)]
+    for t in range(p, t_total):
+        out, cache = dec(
+            model.graphdef,
+            model.params,
+            TOKENS[:, t : t + 1],
+            positions[:, t : t + 1],
+            kv_mask,
+            cache,
+            jnp.int32(t),
+            last_only=True,
+        )
+        assert out.shape == (3, V)
+        got.append(np.asarray(out)[:, None])
+    got = np.concatenate(got, 1)
+    real = MASK > 0
+    np.testing.assert_allclose(got[real], full_logits[real], atol=1e-5)
+
+
+def test_values_alignment(model):
+    start = 2
+    vals = models.values(model.graphdef, model.params, TOKENS, MASK, start=start)
+    assert vals.shape == (3, 8 - start)
+    # zero-initialised value head
+    np.testing.assert_array_equal(np.asarray(vals), 0.0)
+    lp, v2 = models.logprobs_and_values(model.graphdef, model.params, TOKENS, MASK, start=start)
+    lp_ref = models.token_logprobs(model.graphdef, model.params, TOKENS, MASK, start=start)
+    np.testing.assert_allclose(lp, lp_ref, atol=1e-6)
+    np.testing.assert_array_equal(v2, vals)
+
+
+def test_scores_read_positions_and_gain_bias(model):
+    g, p = model.graphdef, model.params
+    idx = models.read_index(jnp.asarray(MASK))
+    np.testing.assert_array_equal(idx, [7, 7, 4])
+    np.testing.assert_array_equal(models.read_index(jnp.asarray(MASK), "last"), [7, 7, 7])
+    s = np.asarray(models.scores(g, p, TOKENS, MASK))
+    # the score equals the row's own score on the trimmed sequence (last_nonpad ignores padding)
+    s2 = models.scores(g, p, TOKENS[2:, 1:5], MASK[2:, 1:5])
+    np.testing.assert_allclose(s[2], np.asarray(s2)[0], atol=1e-5)
+    gain, bias = models.score_gain_bias(p)
+    assert float(gain) == 1.0 and float(bias) == 0.0
+    p2 = models.set_score_gain_bias(p, 2.5, -1.0)
+    np.testing.assert_allclose(models.scores(g, p2, TOKENS, MASK), 2.5 * s - 1.0, atol=1e-5)
+
+    # normalisation parameters get no gradient
+    def loss(params):
+        return models.scores(g, params, TOKENS, MASK).sum()
+
+    grads = dict(jax.tree_util.tree_flatten_with_path(jax.grad(loss)(p))[0])
+    flat = {jax.tree_util.keystr(k): v for k, v in grads.items()}
+    gain_grad = [v for k, v in flat.items() if "reward_gain" in k]
+    assert gain_grad and float(gain_grad[0]) == 0.0
+    with pytest.raises(ValueError, match="read="):
+        models.scores(g, p, TOKENS, MASK, read="first")
+
+
+def test_critic_from_score_head_and_with_value_head():
+    cfg = make_config("llama")
+    rm = models.init_model(cfg, jax.random.key(2), lm_head=False, score_head=True)
+    vals = models.values(rm.graphdef, rm.params, TOKENS, MASK, start=1)
+    # values[:, -1] is the head at position T-2: the score of the sequence without its last token
+    s = models.scores(rm.graphdef, rm.params, TOKENS[:, :-1], MASK[:, :-1], read="last")
+    np.testing.assert_allclose(vals[:, -1], s, atol=1e-5)
+    policy = models.init_model(cfg, jax.random.key(3))
+    gd, params = models.with_value_head(policy)
+    np.testing.assert_allclose(
+        models.token_logprobs(gd, params, TOKENS, MASK),
+        models.token_logprobs(policy.graphdef, policy.params, TOKENS, MASK),
+        atol=0,
+    )
+    np.testing.assert_array_equal(models.values(gd, params, TOKENS, MASK), 0.0)
+    with pytest.raises(ValueError, match="lm_head=False"):
+        models.logits(rm.graphdef, rm.params, TOKENS, MASK)
+
+
+def test_bfloat16_smoke():
+    cfg = make_config("llama", dtype="bfloat16", param_dtype="bfloat16")
+    m = models.init_model(cfg, jax.random.key(0))
+    leaves = jax.tree.leaves(m.params)
+    assert all(x.dtype == jnp.bfloat16 for x in leaves)
+    lp = models.token_logprobs(m.graphdef, m.params, TOKENS, MASK)
+    assert lp.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(lp)))
+    f32 = models.Model(
+        graphdef=models.init_model(make_config("llama"), jax.random.key(0)).graphdef,
+        params=jax.tree.map(lambda x: x.astype(jnp.float32), m.params),
+        config=make_config("llama"),
+    )
+    ref = models.token_logprobs(f32.graphdef, f32.params, TOKENS, MASK)
+    np.testing.assert_allclose(lp, ref, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(arch="gpt3"), "arch"),
+        (dict(num_heads=3, num_kv_heads=2), "multiple of"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+        (dict(hidden_size=15, num_heads=4), "head_dim"),
+    ],
+)
+def test_config_errors(kw, match):
+    base = dict(arch="llama", vocab_size=V, hidden_size=16, num_heads=4)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        models.ModelConfig(**base)
+
+
+def test_config_is_hashable_with_rope_scaling():
+    cfg = make_config("llama")
+    assert hash(cfg) == hash(make_config("llama"))
+    assert dict(cfg.rope_scaling)["rope_type"] == "llama3"
