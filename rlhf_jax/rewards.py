@@ -31,6 +31,7 @@ __all__ = [
     "value_mask",
     "policy_mask",
     "shape_rewards",
+    "shape_costs",
     "sequence_kl_reward",
     "reward_norm_params",
     "normalize_scores",
@@ -232,6 +233,33 @@ def shape_rewards(
     kl_sum = jnp.sum(kl, axis=1)
     metrics = {"kl": kl, "kl_sum": kl_sum, "scores": s, "non_score_reward": -beta * kl_sum}
     return rewards, metrics
+
+
+def shape_costs(
+    costs, logprobs, ref_logprobs, mask, kl_coef, *, options: Conventions = DEFAULT
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token costs for Safe RLHF's cost critic: ``c_t = +beta * KL_t + c * [t = t*]``.
+
+    SAFE ``ppo_lag/trainer.py:add_kl_divergence_regularization`` (l.258-287; rlhf-formulas.md
+    §1, §8) adds the KL penalty to the cost with the opposite sign of the reward's, at the same
+    slot, with the same ±``reward_clip`` clamp. This is ``-shape_rewards(-costs, ...)``; the
+    missing-stop penalty is not applied to costs.
+
+    Args and returns as :func:`shape_rewards` (``costs`` [B] in place of ``scores``); the metric
+    ``'scores'`` holds the costs as added.
+    """
+    neg, metrics = shape_rewards(
+        -_float(costs),
+        logprobs,
+        ref_logprobs,
+        mask,
+        kl_coef,
+        options=options.replace(missing_stop_penalty=None),
+    )
+    metrics = dict(
+        metrics, scores=-metrics["scores"], non_score_reward=-metrics["non_score_reward"]
+    )
+    return -neg, metrics
 
 
 def reward_norm_params(
