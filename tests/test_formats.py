@@ -105,6 +105,8 @@ def test_preference_parquet_with_margin_and_conversational(tmp_path, tok):
     margin = ds.arrays.pop("margin")
     assert_arrays_equal(ds.arrays, expected)
     np.testing.assert_array_equal(margin, np.arange(12, dtype=np.float32) / 4)
+    rows = [dict(r, margin=np.float32(1.5)) for r in PREFS]  # numpy scalars are numbers too
+    assert F.load_dataset(rows, tok, cfg).arrays["margin"].tolist() == [1.5] * 12
     conv = [
         {
             "prompt": user(r["prompt"]),
@@ -285,6 +287,20 @@ BAD_INPUTS = [
         [dict(_OKP, chosen=assistant("cute ."))],
         _P,
         r"field 'chosen': is a list of messages but the prompt is plain text",
+    ),
+    (
+        "prompt messages all empty",
+        "d.jsonl",
+        [{"prompt": user(" "), "completion": assistant("cute .")}],
+        _C,
+        r"line 1, field 'prompt': has only empty message contents",
+    ),
+    (
+        "messages without a prompt turn",
+        "d.jsonl",
+        [{"messages": assistant("cute .")}],
+        dict(_C, kind="prompt"),
+        r"line 1, field 'messages': has no prompt turn before the assistant's message",
     ),
     (
         "row not an object",

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -311,6 +312,8 @@ def _check_text(value: Any, name: str, *, conversational: bool | None) -> Text:
                 raise _RowError(
                     f"{name}[{i}].content", f"must be a string, got {type(content).__name__}"
                 )
+        if not any(m["content"].strip() for m in value):
+            raise _RowError(name, "has only empty message contents")
         return value
     raise _RowError(name, f"must be a string or a list of messages, got {type(value).__name__}")
 
@@ -319,7 +322,10 @@ def _split_messages(row: Mapping, kind: str) -> tuple[Text, list[Text]]:
     msgs = _check_text(_field(row, "messages"), "messages", conversational=True)
     last = msgs[-1]["role"]
     if kind == "prompt":
-        return (msgs[:-1] if last == "assistant" else msgs), []
+        prompt = msgs[:-1] if last == "assistant" else msgs
+        if not prompt:
+            raise _RowError("messages", "has no prompt turn before the assistant's message")
+        return prompt, []
     if last != "assistant":
         raise _RowError(
             f"messages[{len(msgs) - 1}].role",
@@ -352,7 +358,7 @@ def parse_row(row: Any, config: DataConfig) -> tuple[Text, list[Text], float | N
         ]
         if row.get("margin") is not None:
             margin = row["margin"]
-            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
                 raise _RowError("margin", f"must be a number, got {type(margin).__name__}")
             if not math.isfinite(margin):
                 raise _RowError("margin", f"must be finite, got {margin}")
