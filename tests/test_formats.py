@@ -142,6 +142,12 @@ def test_real_hf_dataset(tok):
     hf = datasets.Dataset.from_list(PREFS)
     cfg = F.DataConfig("preference", 4, 10)
     assert_arrays_equal(F.load_dataset(hf, tok, cfg).arrays, toy.pairwise_batch(tok, PREFS))
+    with pytest.raises(
+        F.DataError, match=r"DatasetDict>: a DatasetDict; pick a split, e.g. ds\['train'\]"
+    ):
+        F.load_dataset(datasets.DatasetDict({"train": hf}), tok, cfg)
+    with pytest.raises(F.DataError, match="streaming .* without streaming=True"):
+        F.load_dataset(hf.to_iterable_dataset(), tok, cfg)
 
 
 # --- lengths and skipping -------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def read_rows(source: Any, format: str | None = None) -> Iterator[tuple[str, int
     if format is not None:
         raise DataError(name, f"format={format!r} is only for files")
     if hasattr(source, "column_names") and not hasattr(source, "__len__"):
-        raise DataError(name, "streaming (iterable) datasets are not supported; load a split")
+        raise DataError(name, "a streaming (iterable) dataset; load it without streaming=True")
     if hasattr(source, "keys") and hasattr(source, "column_names"):  # datasets.DatasetDict
         raise DataError(name, f"a DatasetDict; pick a split, e.g. ds[{next(iter(source))!r}]")
     if isinstance(source, (list, tuple)) or hasattr(source, "column_names"):
