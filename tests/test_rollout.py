@@ -39,6 +39,10 @@ def ref_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     return q / q.sum()
 
 
+# One compiled program per configuration: far faster than op-by-op dispatch.
+sample_next = jax.jit(rollout.sample_next, static_argnames="block")
+filtered_logprobs = jax.jit(rollout.filtered_logprobs)
+
 CASES = [
     dict(),
     dict(temperature=0.7),
@@ -57,7 +61,7 @@ def _config(case):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_filtered_logprobs_matches_definition(case):
-    got = rollout.filtered_logprobs(jnp.asarray(LOGITS)[None], _config(case))[0]
+    got = filtered_logprobs(jnp.asarray(LOGITS)[None], _config(case))[0]
     want = ref_probs(LOGITS, **case)
     np.testing.assert_allclose(np.exp(np.asarray(got)), want, atol=1e-6)
     assert np.all(np.isneginf(np.asarray(got)[want == 0]))
@@ -71,7 +75,7 @@ def test_inverse_cdf_on_a_grid_is_exact(case):
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, LOGITS.size))
     want = ref_probs(LOGITS, **case)
     for block in (4, 256):  # several blocks (the last one padded) and a single one
-        tokens, lp, llp = rollout.sample_next(logits, u, _config(case), block=block)
+        tokens, lp, llp = sample_next(logits, u, _config(case), block=block)
         freq = np.bincount(np.asarray(tokens), minlength=LOGITS.size) / n
         np.testing.assert_allclose(freq, want, atol=1.0 / n + 1e-6)
         np.testing.assert_allclose(np.asarray(lp), np.log(want[np.asarray(tokens)]), atol=1e-5)
@@ -87,7 +91,7 @@ def test_sampling_frequencies_with_keys(case):
     keys = rollout.sample_keys(jax.random.key(0), jnp.arange(n // 4), 4)
     u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)))(keys)
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, LOGITS.size))
-    tokens, _, _ = rollout.sample_next(logits, u, _config(case))
+    tokens, _, _ = sample_next(logits, u, _config(case))
     freq = np.bincount(np.asarray(tokens), minlength=LOGITS.size) / n
     want = ref_probs(LOGITS, **case)
     stderr = np.sqrt(want * (1 - want) / n)
@@ -108,10 +112,10 @@ def test_top_p_bisection_on_a_large_vocabulary():
             assert np.min(np.abs(np.cumsum(p / p.sum()) - p / p.sum() - top_p)) > 1e-5
         cfg = SamplingConfig(top_p=top_p)
         want = np.stack([ref_probs(row, top_p=top_p) for row in np.asarray(logits)])
-        got = np.exp(np.asarray(rollout.filtered_logprobs(logits, cfg)))
+        got = np.exp(np.asarray(filtered_logprobs(logits, cfg)))
         np.testing.assert_allclose(got, want, atol=1e-6)
         u = jnp.linspace(0.0, 0.999999, 4)
-        tokens, lp, _ = rollout.sample_next(logits, u, cfg)
+        tokens, lp, _ = sample_next(logits, u, cfg)
         assert np.all(want[np.arange(4), np.asarray(tokens)] > 0)
         np.testing.assert_allclose(
             np.asarray(lp), np.log(want[np.arange(4), np.asarray(tokens)]), atol=1e-5
@@ -122,7 +126,7 @@ def test_greedy_is_argmax_and_filters_do_not_change_it():
     logits = jax.random.normal(jax.random.key(2), (8, 50))
     u = jnp.full((8,), 0.5)
     for kw in (dict(), dict(top_k=4, top_p=0.5), dict(min_p=0.5, top_p=0.3)):
-        tokens, _, _ = rollout.sample_next(logits, u, SamplingConfig(greedy=True, **kw))
+        tokens, _, _ = sample_next(logits, u, SamplingConfig(greedy=True, **kw))
         np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), -1))
 
 
@@ -133,7 +137,7 @@ def test_sampling_parameters_are_traceable():
     @jax.vmap
     def lp(temperature, top_p):
         cfg = SamplingConfig(temperature=temperature, top_p=top_p)
-        return rollout.filtered_logprobs(jnp.asarray(LOGITS)[None], cfg)[0]
+        return filtered_logprobs(jnp.asarray(LOGITS)[None], cfg)[0]
 
     temps, tops = jnp.array([0.5, 1.0, 2.0]), jnp.array([1.0, 0.8, 0.5])
     got = np.exp(np.asarray(lp(temps, tops)))
@@ -160,3 +164,153 @@ def test_keys_are_positional():
     np.testing.assert_array_equal(data(some[3:]), data(all_keys[3:6]))
     want = jax.random.fold_in(jax.random.fold_in(key, 4), 2)
     np.testing.assert_array_equal(data(some[2]), data(want))
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout with a tiny GPT-2, against the learner's full forward
+# ---------------------------------------------------------------------------------------------
+
+VOCAB, P, R = 64, 6, 8
+STOPS = (3, 5, 11)  # with a near-uniform random model, ~5% per step: some rows stop, some not
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from rlhf_jax import models
+
+    config = models.ModelConfig(
+        arch="gpt2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = models.init_model(config, jax.random.key(0))
+    return model.graphdef, model.params
+
+
+def prompts(b, seed=1):
+    """[b, P] left-padded prompts with 1..P real tokens (never a stop token): tokens, mask."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, P + 1, b)
+    mask = (np.arange(P)[None, :] >= P - lengths[:, None]).astype(np.int32)
+    tokens = rng.integers(12, VOCAB, (b, P)) * mask
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)
+
+
+def learner_logprobs(lm, tokens, mask, ro, temperature):
+    from rlhf_jax import models
+
+    full, full_mask = rollout.full_sequences(tokens, mask, ro)
+    return models.token_logprobs(*lm, full, full_mask, start=P, temperature=temperature)
+
+
+def run(lm, tokens, mask, key=0, **kw):
+    kw = dict(max_new_tokens=R, stop_tokens=STOPS, n=2) | kw
+    return rollout.sample(*lm, tokens, mask, key, **kw)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_equal_the_learners(lm, temperature):
+    tokens, mask = prompts(4)
+    cfg = SamplingConfig(temperature=temperature)
+    ro = run(lm, tokens, mask, sampling=cfg)
+    want = np.asarray(learner_logprobs(lm, tokens, mask, ro, temperature))
+    m = np.asarray(ro.mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(ro.learner_logprobs)[m], want[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ro.logprobs)[m], want[m], atol=1e-5)  # no filter
+    assert np.all(np.asarray(ro.logprobs)[~m] == 0)
+
+
+def test_filtered_logprobs_and_learner_logprobs(lm):
+    """With top-k, ``learner_logprobs`` is still the learner's; ``logprobs`` the renormalised."""
+    tokens, mask = prompts(4)
+    cfg = SamplingConfig(temperature=0.8, top_k=5)
+    ro = run(lm, tokens, mask, sampling=cfg)
+    want = np.asarray(learner_logprobs(lm, tokens, mask, ro, 0.8))
+    m = np.asarray(ro.mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(ro.learner_logprobs)[m], want[m], atol=1e-5)
+    assert np.all(np.asarray(ro.logprobs)[m] > want[m])  # mass of 5 of 64 tokens renormalised
+
+
+def test_greedy_equals_full_forward_argmax(lm):
+    from rlhf_jax import models
+
+    tokens, mask = prompts(4)
+    ro = run(lm, tokens, mask, sampling=SamplingConfig(greedy=True), stop_tokens=(), n=1)
+    full, full_mask = rollout.full_sequences(tokens, mask, ro)
+    logits = np.asarray(models.logits(*lm, full, full_mask))  # [B, P+R, V]
+    # position P-1+t predicts response token t: the same argmax, step by step
+    np.testing.assert_array_equal(np.asarray(ro.tokens), logits[:, P - 1 : P + R - 1].argmax(-1))
+
+
+def test_stop_tokens_mask_and_truncation(lm):
+    tokens, mask = prompts(4)
+    ro = run(lm, tokens, mask, key=3)
+    toks, m = np.asarray(ro.tokens), np.asarray(ro.mask)
+    is_stop = np.isin(toks, STOPS) & (m == 1)
+    assert 0 < is_stop.any(-1).sum() < len(toks)  # both kinds of rows occur
+    for row in range(len(toks)):
+        stops = np.flatnonzero(np.isin(toks[row], STOPS))
+        length = stops[0] + 1 if stops.size else R
+        np.testing.assert_array_equal(m[row], np.arange(R) < length)
+        assert bool(ro.truncated[row]) == (stops.size == 0)
+        assert np.all(toks[row, length:] == 0)  # pad_token_id
+    np.testing.assert_array_equal(np.asarray(ro.lengths), m.sum(-1))
+    np.testing.assert_array_equal(np.asarray(ro.prompt_index), np.repeat(np.arange(4), 2))
+
+
+def test_early_exit_and_no_stop(lm):
+    tokens, mask = prompts(4)
+    everything = tuple(range(VOCAB))  # every token stops: one token each, the loop exits at once
+    ro = run(lm, tokens, mask, stop_tokens=everything)
+    np.testing.assert_array_equal(np.asarray(ro.lengths), 1)
+    assert not np.asarray(ro.truncated).any()
+    ro = run(lm, tokens, mask, stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(ro.lengths), R)
+    assert np.asarray(ro.truncated).all()
+
+
+def test_same_responses_for_any_batch_split_order_and_n(lm):
+    """Batch 16 at once == batches of 4 (shuffled order) by global index; n=1 == first of n=2."""
+    tokens, mask = prompts(16)
+    whole = run(lm, tokens, mask, key=5)
+    order = np.random.default_rng(0).permutation(16)
+    for chunk in order.reshape(4, 4):
+        part = run(lm, tokens[chunk], mask[chunk], key=5, prompt_index=jnp.asarray(chunk))
+        rows = (2 * chunk[:, None] + np.arange(2)).reshape(-1)
+        np.testing.assert_array_equal(np.asarray(part.tokens), np.asarray(whole.tokens)[rows])
+        np.testing.assert_array_equal(np.asarray(part.mask), np.asarray(whole.mask)[rows])
+        np.testing.assert_allclose(
+            np.asarray(part.logprobs), np.asarray(whole.logprobs)[rows], atol=1e-5
+        )
+    single = run(lm, tokens[:4], mask[:4], key=5, n=1)
+    np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(whole.tokens)[0:8:2])
+    assert not np.array_equal(np.asarray(whole.tokens)[0::2], np.asarray(whole.tokens)[1::2])
+
+
+def test_same_responses_on_8_devices(lm):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as PS
+
+    tokens, mask = prompts(16)
+    want = run(lm, tokens, mask, key=9)
+    types = (AxisType.Auto,) * 2  # as rlhf_jax.parallel.make_mesh
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=types, devices=jax.devices()[:8])
+    batch = NamedSharding(mesh, PS(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(lm[1], NamedSharding(mesh, PS()))
+        got = run(
+            (lm[0], params),
+            jax.device_put(tokens, batch),
+            jax.device_put(mask, batch),
+            key=9,
+        )
+    assert got.tokens.sharding.spec[0] == ("data", "fsdp") or len(got.tokens.devices()) == 8
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
