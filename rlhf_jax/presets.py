@@ -33,6 +33,7 @@ __all__ = [
     "KL_ON",
     "MISSING_STOP_MODES",
     "MASK_HOLES",
+    "VALUE_LOSS_ON",
     "AGGREGATIONS",
     "RATIO_LEVELS",
     "SCORE_READS",
@@ -51,6 +52,7 @@ SCORE_POSITIONS = ("last_token", "after_stop", "last_fixed")
 KL_ON = ("real", "all")
 MISSING_STOP_MODES = ("subtract", "replace")
 MASK_HOLES = ("skip", "zero")
+VALUE_LOSS_ON = ("steps", "response")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "grpo", "bnpo", "dr_grpo", "dapo")
 RATIO_LEVELS = ("token", "sequence_mean", "sequence_sum")
 SCORE_READS = ("last_nonpad", "last")
@@ -107,6 +109,10 @@ class Conventions:
       ``grpo``, also accepted as ``'grpo'``); ``'dr_grpo'`` token sum over B * T; ``'bnpo'`` the
       token mean of each microbatch, averaged over microbatches.
     * ``clip_value``: clip the new values around the old ones in the value loss (every source).
+    * ``value_loss_on``: the tokens of the value loss (:func:`rlhf_jax.rewards.value_loss_mask`):
+      ``'steps'`` every GAE step, including the post-stop slot under ``'after_stop'`` (TRL-PPO
+      ``~padding_mask_p1``); ``'response'`` the policy mask only (DSCHAT ``critic_loss_fn`` gets
+      ``action_mask``, so the post-stop value is used in GAE but never trained).
     * ``dual_clip``: the dual-clip constant c > 1 (Ye et al. 2020) bounding the loss of negative
       advantages by -c A, None = off.
     * ``ratio_level``: ``'token'`` ratio per token (PPO); ``'sequence_mean'`` one ratio per
@@ -129,6 +135,7 @@ class Conventions:
     unbiased_variance: bool = True
     loss_aggregation: str = "token_mean"
     clip_value: bool = True
+    value_loss_on: str = "steps"
     dual_clip: float | None = None
     ratio_level: str = "token"
     score_read: str = "last_nonpad"
@@ -140,6 +147,7 @@ class Conventions:
         _choice("missing_stop_mode", self.missing_stop_mode, MISSING_STOP_MODES)
         _choice("mask_holes", self.mask_holes, MASK_HOLES)
         _choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+        _choice("value_loss_on", self.value_loss_on, VALUE_LOSS_ON)
         _choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         _choice("score_read", self.score_read, SCORE_READS)
         _positive_or_none("score_clip", self.score_clip)
@@ -237,6 +245,7 @@ PRESETS: dict[str, Preset] = {
             kl_on="all",
             score_clip=5.0,
             mask_holes="zero",
+            value_loss_on="response",
             whiten_rewards=False,
             whiten_advantages=False,
             loss_aggregation="token_mean",

@@ -30,6 +30,7 @@ __all__ = [
     "score_slot",
     "value_mask",
     "policy_mask",
+    "value_loss_mask",
     "shape_rewards",
     "shape_costs",
     "sequence_kl_reward",
@@ -161,6 +162,14 @@ def policy_mask(mask, *, options: Conventions = DEFAULT) -> jax.Array:
     chex.assert_rank(mask, 2)
     m = (jnp.asarray(mask) != 0).astype(jnp.float32)
     return jnp.ones_like(m) if options.score_position == "last_fixed" else m
+
+
+def value_loss_mask(mask, *, options: Conventions = DEFAULT) -> jax.Array:
+    """[B, T] float32 mask of the value loss: :func:`value_mask` (``value_loss_on='steps'``,
+    TRL-PPO) or :func:`policy_mask` (``'response'``, DSCHAT trains the critic on real tokens)."""
+    if options.value_loss_on == "response":
+        return policy_mask(mask, options=options)
+    return value_mask(mask, options=options)
 
 
 def shape_rewards(
