@@ -64,10 +64,22 @@ def test_local_types():
     assert C.from_dict(_Root, C.to_dict(cfg)) == cfg
 
 
+def test_the_three_presets_exist():
+    assert {os.path.basename(p) for p in PRESETS} >= {"toy.yaml", "gpt2-imdb.yaml", "qwen3-hh.yaml"}
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=[os.path.basename(p) for p in PRESETS])
 def test_presets_load(path):
-    cfg = C.load_config(path)
-    assert isinstance(cfg, C.ExperimentConfig)
+    if os.path.basename(path).startswith("toy"):
+        from rlhf_jax.quickstart import QuickstartConfig
+
+        cfg = C.load_config(path, cls=QuickstartConfig)
+        assert cfg.run_dir == "runs/toy"
+    else:
+        cfg = C.load_config(path)
+        assert isinstance(cfg, C.ExperimentConfig)
+        assert cfg.sft.model and cfg.rm.train_file and cfg.ppo.prompts_file
+    assert C.from_dict(type(cfg), C.to_dict(cfg)) == cfg
 
 
 def _bad_yaml(tmp_path, text, name="bad.yaml", raw=None):
@@ -163,3 +175,28 @@ def test_local_bad_types():
         C.from_dict(_Root, {"optim": {"learning_rate": -1}})
     with pytest.raises(C.ConfigError, match=r"table.x: expected int"):
         C.from_dict(_Root, {"table": {"x": "y"}})
+
+
+def test_a_section_keeps_its_parents_defaults(tmp_path):
+    # PPOConfig's own default optimizer has eps=1e-5 (not OptimConfig's 1e-8): setting one key of
+    # the section must keep the others from that default, not from the section class.
+    cfg = C.load_config(None, ["ppo.trainer.optim.learning_rate=3e-4"])
+    assert cfg.ppo.trainer.optim.learning_rate == 3e-4 and cfg.ppo.trainer.optim.eps == 1e-5
+    f = tmp_path / "c.yaml"
+    f.write_text("sft:\n  data:\n    max_completion_length: 7\n")
+    data = C.load_config(f).sft.data
+    assert data.kind == "completion" and data.max_prompt_length == 128
+    assert data.max_completion_length == 7
+
+
+def test_composed_sections_validate():
+    with pytest.raises(
+        C.ConfigError, match=r"override 'sft.data.kind=prompt': in sft: .*'completion'"
+    ):
+        C.load_config(None, ["sft.data.kind=prompt"])
+    with pytest.raises(C.ConfigError, match=r"ppo.critic='x': choose one of"):
+        C.load_config(None, ["ppo.trainer.critic=x"])
+    with pytest.raises(C.ConfigError, match=r"did you mean 'ppo.trainer.kl_coef'"):
+        C.load_config(None, ["ppo.trainer.kl_cof=0.1"])
+    with pytest.raises(C.ConfigError, match=r"num_completions \(K\) must be set"):
+        C.load_config(None, ["rm.data.kind=ranking"])
