@@ -21,6 +21,15 @@ from rlhf_jax.models.apply import (
     with_value_head,
 )
 from rlhf_jax.models.heads import ScoreHead, ValueHead
+from rlhf_jax.models.hf import (
+    SUPPORTED_MODEL_TYPES,
+    check_tokenizer,
+    config_from_hf,
+    config_to_hf,
+    from_pretrained,
+    load_tokenizer,
+    save_pretrained,
+)
 from rlhf_jax.models.transformer import (
     ARCHS,
     ModelConfig,
@@ -33,12 +42,19 @@ from rlhf_jax.models.transformer import (
 __all__ = [
     "ARCHS",
     "READ_MODES",
+    "SUPPORTED_MODEL_TYPES",
     "Model",
     "ModelConfig",
     "ScoreHead",
     "Transformer",
     "ValueHead",
     "apply_rope",
+    "check_tokenizer",
+    "config_from_hf",
+    "config_to_hf",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
     "decode",
     "init_cache",
     "init_model",

@@ -1,0 +1,689 @@
+"""Hugging Face checkpoints <-> :class:`~rlhf_jax.models.Model`: safetensors + config.json.
+
+``from_pretrained(path)`` reads ``config.json`` and ``model.safetensors`` (or the shards listed in
+``model.safetensors.index.json``) straight into the parameter pytree, one parameter at a time:
+each file is memory-mapped (the safetensors layout is an 8-byte header length, a JSON header and
+raw little-endian tensors), so the host holds at most one stacked ``[L, ...]`` parameter beside
+the mapped file; with ``shardings`` each device receives only its own slice
+(``jax.make_array_from_callback``), so no device holds a full copy. No PyTorch, no pickle, no
+code from the checkpoint runs.
+
+``save_pretrained(model, path)`` writes ``config.json`` + ``model.safetensors`` (streamed tensor by
+tensor, optionally sharded with an index) that ``transformers.AutoModelForCausalLM`` loads with
+the same logits (golden-tested). A reward model (score head, no LM head) is written in the
+``*ForSequenceClassification`` layout with ``num_labels=1``: ``score.weight = gain * kernel.T``;
+transformers has no bias there, so the constant ``gain * bias + reward_bias`` is kept in
+``config.json`` as ``rlhf_jax_score_offset`` (transformers' score differs from ours by it; our
+loader restores it exactly). A value head is not written (it is not part of the HF layouts).
+
+Tensor names (``{i}`` the layer; ``W`` = ``.weight``, Linear weights are ``[out, in]`` and are
+transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
+
+    ours                       gpt2 (transformer.)             llama/qwen2/qwen3 (model.)
+    embed                      wte.W                           embed_tokens.W
+    pos_embed                  wpe.W                           -
+    attn_norm                  h.{i}.ln_1.{W,bias}             layers.{i}.input_layernorm.W
+    attn/{q,k,v}_proj          h.{i}.attn.c_attn (split in 3)  layers.{i}.self_attn.{q,k,v}_proj
+    attn/o_proj                h.{i}.attn.c_proj               layers.{i}.self_attn.o_proj
+    attn/{q,k}_norm            -                               layers.{i}.self_attn.{q,k}_norm.W
+    mlp_norm                   h.{i}.ln_2                      layers.{i}.post_attention_layernorm
+    mlp/gate_proj              -                               layers.{i}.mlp.gate_proj
+    mlp/up_proj                h.{i}.mlp.c_fc                  layers.{i}.mlp.up_proj
+    mlp/down_proj              h.{i}.mlp.c_proj                layers.{i}.mlp.down_proj
+    final_norm                 ln_f                            norm
+    lm_head                    lm_head.W (absent when tied)    lm_head.W
+    score_head                 score.W                         score.W
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct as _struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.apply import Model
+from rlhf_jax.models.heads import ScoreHead
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
+_ARCH_CLASS = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Tensors of real checkpoints that hold no parameter (attention-mask buffers, RoPE caches).
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+# ------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _get(hf: dict, *names, default=None):
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    return default
+
+
+def config_from_hf(hf: dict, *, dtype=None, param_dtype=None, source: str = "config.json"):
+    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 rope keys)."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {kind!r} is not supported; rlhf_jax.models reads "
+            f"{SUPPORTED_MODEL_TYPES} (a Llama-like model may work after converting its config)"
+        )
+    common = dict(
+        arch=kind,
+        dtype=dtype or "float32",
+        param_dtype=param_dtype or "float32",
+        bos_token_id=_first(hf.get("bos_token_id")),
+        eos_token_id=_first(hf.get("eos_token_id")),
+        pad_token_id=_first(hf.get("pad_token_id")),
+    )
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise ValueError(f"{source}: GPT-2 activation_function {act!r}: only the tanh GELU")
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
+            raise ValueError(f"{source}: only GPT-2's default 1/sqrt(head_dim) attention scale")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["n_embd"],
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            num_kv_heads=hf["n_head"],
+            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_position_embeddings=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            **common,
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {act!r}: the Llama family here uses silu (SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if hf.get("use_sliding_window") and hf.get("sliding_window"):
+        raise ValueError(f"{source}: sliding-window attention is not supported")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    scaling = rope or hf.get("rope_scaling")
+    heads = hf["num_attention_heads"]
+    if kind == "qwen2":
+        bias = True
+    else:
+        bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling or None,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=bias,
+        qk_norm=kind == "qwen3",
+        **common,
+    )
+
+
+def _first(token_id):
+    if isinstance(token_id, list | tuple):
+        return int(token_id[0]) if token_id else None
+    return token_id
+
+
+def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) -> dict:
+    """The transformers ``config.json`` dict of ``config`` (rope keys of transformers 5)."""
+    c = config
+    cls = _ARCH_CLASS[c.arch] + (
+        "ForSequenceClassification"
+        if sequence_classification
+        else ("LMHeadModel" if c.arch == "gpt2" else "ForCausalLM")
+    )
+    out: dict[str, Any] = {"architectures": [cls], "model_type": c.arch, "vocab_size": c.vocab_size}
+    if c.arch == "gpt2":
+        out.update(
+            n_embd=c.hidden_size,
+            n_layer=c.num_layers,
+            n_head=c.num_heads,
+            n_inner=c.intermediate_size,
+            n_positions=c.max_position_embeddings,
+            layer_norm_epsilon=c.norm_eps,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    else:
+        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+        if c.rope_scaling is not None:
+            rope = {**dict(c.rope_scaling), "rope_theta": c.rope_theta}
+        out.update(
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            intermediate_size=c.intermediate_size,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.norm_eps,
+            hidden_act="silu",
+            rope_parameters=rope,
+            attention_dropout=0.0,
+        )
+        if c.arch != "qwen2":
+            out["attention_bias"] = bool(c.attention_bias)
+        elif not c.attention_bias:
+            raise ValueError("qwen2 always has q/k/v biases: save this model as arch='llama'")
+        if c.arch in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = False
+    out.update(
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        dtype=c.param_dtype,
+    )
+    if sequence_classification:
+        out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Name mapping
+
+
+def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
+    """``(top, per_layer)``: our path -> (HF name, how) with how in {'T', 'id', 'q', 'k', 'v'}.
+
+    'T' transposes a Linear ``[out, in]`` weight; 'q'/'k'/'v' take a third of GPT-2's fused
+    ``c_attn`` along its last axis. Per-layer names hold ``{i}``.
+    """
+    if config.arch == "gpt2":
+        top = {
+            ("embed", "embedding"): ("wte.weight", "id"),
+            ("pos_embed", "embedding"): ("wpe.weight", "id"),
+            ("final_norm", "scale"): ("ln_f.weight", "id"),
+            ("final_norm", "bias"): ("ln_f.bias", "id"),
+        }
+        h = "h.{i}."
+        per = {
+            ("attn_norm", "scale"): (h + "ln_1.weight", "id"),
+            ("attn_norm", "bias"): (h + "ln_1.bias", "id"),
+            ("mlp_norm", "scale"): (h + "ln_2.weight", "id"),
+            ("mlp_norm", "bias"): (h + "ln_2.bias", "id"),
+            ("attn", "o_proj", "kernel"): (h + "attn.c_proj.weight", "id"),
+            ("attn", "o_proj", "bias"): (h + "attn.c_proj.bias", "id"),
+            ("mlp", "up_proj", "kernel"): (h + "mlp.c_fc.weight", "id"),
+            ("mlp", "up_proj", "bias"): (h + "mlp.c_fc.bias", "id"),
+            ("mlp", "down_proj", "kernel"): (h + "mlp.c_proj.weight", "id"),
+            ("mlp", "down_proj", "bias"): (h + "mlp.c_proj.bias", "id"),
+        }
+        for part in "qkv":
+            per[("attn", f"{part}_proj", "kernel")] = (h + "attn.c_attn.weight", part)
+            per[("attn", f"{part}_proj", "bias")] = (h + "attn.c_attn.bias", part)
+        return top, per
+    top = {
+        ("embed", "embedding"): ("embed_tokens.weight", "id"),
+        ("final_norm", "scale"): ("norm.weight", "id"),
+    }
+    h = "layers.{i}."
+    per = {
+        ("attn_norm", "scale"): (h + "input_layernorm.weight", "id"),
+        ("mlp_norm", "scale"): (h + "post_attention_layernorm.weight", "id"),
+        ("attn", "q_norm", "scale"): (h + "self_attn.q_norm.weight", "id"),
+        ("attn", "k_norm", "scale"): (h + "self_attn.k_norm.weight", "id"),
+    }
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        per[("attn", name, "kernel")] = (h + f"self_attn.{name}.weight", "T")
+        per[("attn", name, "bias")] = (h + f"self_attn.{name}.bias", "id")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        per[("mlp", name, "kernel")] = (h + f"mlp.{name}.weight", "T")
+    return top, per
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors, memory-mapped
+
+
+class _SafetensorsDir:
+    """The tensors of a checkpoint directory, memory-mapped, by name (no copy until sliced)."""
+
+    def __init__(self, path: str):
+        single = os.path.join(path, "model.safetensors")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(single):
+            files = [single]
+        elif os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
+            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        else:
+            found = sorted(os.listdir(path))
+            hint = ""
+            if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in found):
+                hint = (
+                    " (pickle checkpoints are never loaded: convert them to safetensors, e.g. "
+                    "transformers' save_pretrained(..., safe_serialization=True))"
+                )
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json{hint}"
+            )
+        self.entries: dict[str, tuple[str, np.dtype, tuple, int, int]] = {}
+        for file in files:
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{file}: listed in the index but missing")
+            with open(file, "rb") as f:
+                (n,) = _struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, meta in header.items():
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
+                lo, hi = meta["data_offsets"]
+                dt = np.dtype(_ST_DTYPES[meta["dtype"]])
+                self.entries[name] = (file, dt, tuple(meta["shape"]), 8 + n + lo, hi - lo)
+        self._maps: dict[str, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple:
+        return self.entries[name][2]
+
+    def get(self, name: str) -> np.ndarray:
+        file, dt, shape, offset, nbytes = self.entries[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        raw = self._maps[file][offset : offset + nbytes]
+        return raw.view(dt).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# from_pretrained
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _resolve_sharding(shardings, path: tuple, shape: tuple):
+    if shardings is None:
+        return None
+    if isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(_path_str(path), shape)
+    flat = shardings if isinstance(shardings, dict) else dict(nnx.to_flat_state(shardings))
+    if path not in flat:
+        raise ValueError(f"shardings has no entry for parameter {_path_str(path)}")
+    s = flat[path]
+    return s.get_value() if isinstance(s, nnx.Variable) else s
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    shardings: Any = None,
+    lm_head: bool = True,
+    value_head: bool = False,
+    score_head: bool = False,
+    key: jax.Array | None = None,
+) -> Model:
+    """Load a Hugging Face checkpoint directory into a :class:`Model`.
+
+    Args:
+      path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+      dtype, param_dtype: compute / parameter dtype (``'float32'`` default, or ``'bfloat16'``).
+      shardings: where to place each parameter: None (default device), one ``Sharding`` for all,
+        a callable ``(path 'layers/attn/q_proj/kernel', shape) -> Sharding``, or a pytree of
+        shardings with the params' structure (e.g. ``rlhf_jax.parallel.param_shardings``).
+      lm_head, value_head, score_head: the heads to build. The value head is zero-initialised.
+        The score head is read from ``score.weight`` (a ``*ForSequenceClassification``
+        checkpoint, ``num_labels = 1``), or freshly initialised from ``key`` when absent.
+
+    Raises:
+      ValueError / FileNotFoundError naming the file and tensor: unsupported architecture,
+      missing tensor, wrong shape.
+    """
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file} not found: a checkpoint directory needs config.json")
+    with open(cfg_file) as f:
+        hf_cfg = json.load(f)
+    config = config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype, source=cfg_file)
+    store = _SafetensorsDir(path)
+    heads = dict(lm_head=lm_head, value_head=value_head, score_head=score_head)
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), **heads))
+    graphdef, shapes = nnx.split(abstract, nnx.Param)
+
+    base = _base_prefix(store, config, path)
+    top, per = _hf_layout(config)
+    used: set[str] = set()
+    wdtype = np.dtype(config.weight_dtype)
+
+    def fetch(name: str) -> np.ndarray:
+        for candidate in (base + name, name):
+            if candidate in store:
+                used.add(candidate)
+                return store.get(candidate)
+        raise ValueError(f"{path}: tensor {base + name} is missing from the checkpoint")
+
+    def load_one(ours: tuple, expected: tuple) -> np.ndarray:
+        if ours[0] == "layers":
+            name, how = per[ours[1:]]
+            out = np.empty(expected, wdtype)
+            for i in range(config.num_layers):
+                out[i] = _transform(
+                    fetch(name.format(i=i)), how, name.format(i=i), expected[1:], path
+                )
+            return out
+        if ours == ("lm_head", "kernel"):
+            return _transform(fetch_abs("lm_head.weight"), "T", "lm_head.weight", expected, path)
+        if ours[0] == "score_head":
+            return score_params[ours[1]]
+        name, how = top[ours]
+        return _transform(fetch(name), how, base + name, expected, path)
+
+    def fetch_abs(name):
+        if name in store:
+            used.add(name)
+            return store.get(name)
+        raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
+
+    score_params = _score_params(store, config, hf_cfg, key, used) if score_head else {}
+    flat = []
+    for p, var in nnx.to_flat_state(shapes):
+        expected = tuple(var.get_value().shape)
+        if p[0] == "value_head":
+            arr = np.zeros(expected, np.dtype(var.get_value().dtype))
+        else:
+            arr = np.asarray(load_one(p, expected))
+            if arr.shape != expected:
+                raise ValueError(
+                    f"{path}: parameter {_path_str(p)} should be {expected}, got {arr.shape}"
+                )
+            arr = arr.astype(var.get_value().dtype, copy=False)
+        sharding = _resolve_sharding(shardings, p, expected)
+        if sharding is None:
+            value = jnp.asarray(arr)
+        else:
+            value = jax.make_array_from_callback(expected, sharding, lambda idx, a=arr: a[idx])
+        del arr
+        flat.append((p, var.replace(value)))
+    unused = sorted(
+        n
+        for n in store.entries
+        if n not in used
+        and not n.endswith(_BUFFER_SUFFIXES)
+        and not (n == "lm_head.weight" and (config.tie_word_embeddings or not lm_head))
+    )
+    if unused:
+        log.warning("%s: %d checkpoint tensors not loaded: %s", path, len(unused), unused[:8])
+    return Model(graphdef=graphdef, params=nnx.from_flat_state(flat), config=config)
+
+
+def _base_prefix(store: _SafetensorsDir, config: ModelConfig, path: str) -> str:
+    embed = "wte.weight" if config.arch == "gpt2" else "embed_tokens.weight"
+    for prefix in ("transformer.", "model.", ""):
+        if prefix + embed in store:
+            return prefix
+    raise ValueError(
+        f"{path}: no token embedding ({embed}) in the checkpoint; is it a {config.arch} model?"
+    )
+
+
+def _transform(x: np.ndarray, how: str, name: str, expected: tuple, path: str) -> np.ndarray:
+    if how == "T":
+        want = tuple(reversed(expected))
+    elif how in "qkv":
+        want = expected[:-1] + (3 * expected[-1],)
+    else:
+        want = expected
+    if tuple(x.shape) != want:
+        raise ValueError(
+            f"{path}: tensor {name} has shape {tuple(x.shape)}, expected {want} "
+            "(does config.json match the weights?)"
+        )
+    if how == "T":
+        return x.T
+    if how in "qkv":
+        d = expected[-1]
+        i = "qkv".index(how)
+        return x[..., i * d : (i + 1) * d]
+    return x
+
+
+def _score_params(store, config, hf_cfg, key, used) -> dict:
+    d = config.hidden_size
+    if "score.weight" in store:
+        w = store.get("score.weight")
+        if w.shape != (1, d):
+            raise ValueError(
+                f"tensor score.weight has shape {w.shape}, expected (1, {d}) "
+                "(a reward model has num_labels=1)"
+            )
+        used.add("score.weight")
+        bias = np.zeros((1,), np.float32)
+        if "score.bias" in store:
+            bias = np.asarray(store.get("score.bias"), np.float32).reshape(1)
+            used.add("score.bias")
+        offset = float(hf_cfg.get("rlhf_jax_score_offset", 0.0))
+        return {
+            "kernel": np.asarray(w).T,
+            "bias": bias,
+            "reward_gain": np.ones((), np.float32),
+            "reward_bias": np.asarray(offset, np.float32),
+        }
+    log.info("no score.weight in the checkpoint: the score head is freshly initialised")
+    key = jax.random.key(0) if key is None else key
+    head = ScoreHead(d, param_dtype=config.weight_dtype, rngs=nnx.Rngs(params=key))
+    state = nnx.to_flat_state(nnx.state(head, nnx.Param))
+    return {p[0]: np.asarray(v.get_value()) for p, v in state}
+
+
+# ------------------------------------------------------------------------------------------
+# save_pretrained
+
+
+def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable]], dict]:
+    """Lazily computed HF tensors ``(name, shape, dtype, make)`` and the extra config keys."""
+    config = model.config
+    flat = {p: v.get_value() for p, v in nnx.to_flat_state(model.params)}
+    module = nnx.merge(model.graphdef, model.params)
+    top, per = _hf_layout(config)
+    base = "transformer." if config.arch == "gpt2" else "model."
+    seq_cls = module.has_score_head and not module.has_lm_head
+    out: list = []
+    extra: dict = {}
+
+    def add(name, shape, dtype, make):
+        out.append((name, tuple(shape), np.dtype(dtype), make))
+
+    for ours, (name, _) in top.items():
+        if ours in flat:
+            x = flat[ours]
+            add(base + name, x.shape, x.dtype, lambda x=x: np.asarray(x))
+    fused = {}
+    for ours, (name, how) in per.items():
+        full = ("layers",) + ours
+        if full not in flat:
+            continue
+        x = flat[full]
+        for i in range(config.num_layers):
+            hf = base + name.format(i=i)
+            if how in "qkv":
+                fused.setdefault(hf, {})[how] = (x, i)
+                continue
+            shape = x.shape[1:][::-1] if how == "T" else x.shape[1:]
+            make = (
+                (lambda x=x, i=i: np.asarray(x[i]).T)
+                if how == "T"
+                else (lambda x=x, i=i: np.asarray(x[i]))
+            )
+            add(hf, shape, x.dtype, make)
+    for hf, parts in fused.items():
+        (xq, i) = parts["q"]
+        shape = xq.shape[1:-1] + (3 * xq.shape[-1],)
+
+        def make(parts=parts):
+            return np.concatenate([np.asarray(parts[c][0][parts[c][1]]) for c in "qkv"], -1)
+
+        add(hf, shape, xq.dtype, make)
+    if module.has_lm_head and not config.tie_word_embeddings:
+        x = flat[("lm_head", "kernel")]
+        add("lm_head.weight", x.shape[::-1], x.dtype, lambda x=x: np.asarray(x).T)
+    if seq_cls:
+        k = flat[("score_head", "kernel")]
+        gain = float(flat[("score_head", "reward_gain")])
+        b = float(np.asarray(flat[("score_head", "bias")]).reshape(()))
+        extra["rlhf_jax_score_offset"] = gain * b + float(flat[("score_head", "reward_bias")])
+        add(
+            "score.weight",
+            k.shape[::-1],
+            k.dtype,
+            lambda k=k, g=gain: (np.asarray(k, np.float32).T * g).astype(k.dtype),
+        )
+    return out, extra
+
+
+def _write_safetensors(file: str, tensors: list) -> None:
+    """Stream ``tensors`` (name, shape, dtype, make) into one safetensors file."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dt, _ in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {
+            "dtype": _ST_NAMES[dt],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(_struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dt, make in tensors:
+            x = np.ascontiguousarray(make(), dtype=dt)
+            if x.shape != shape:
+                raise AssertionError(f"internal: {name} made {x.shape}, declared {shape}")
+            f.write(x.tobytes())
+
+
+def save_pretrained(model: Model, path: str, *, max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (or shards + index) for transformers.
+
+    Args:
+      model: a :class:`Model` (params on any devices; each tensor is gathered to the host once).
+      path: output directory (created).
+      max_shard_bytes: split the weights into ``model-0000i-of-0000n.safetensors`` files of at
+        most this size (one tensor may exceed it) with ``model.safetensors.index.json``.
+    """
+    os.makedirs(path, exist_ok=True)
+    tensors, extra = _hf_tensors(model)
+    tensors.sort(key=lambda t: t[0])
+    module = nnx.merge(model.graphdef, model.params)
+    seq_cls = module.has_score_head and not module.has_lm_head
+    hf_cfg = config_to_hf(model.config, sequence_classification=seq_cls)
+    hf_cfg.update(extra)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    groups = list(_shard_groups(tensors, max_shard_bytes))
+    if len(groups) == 1:
+        for stale in ("model.safetensors.index.json",):
+            if os.path.exists(os.path.join(path, stale)):
+                os.remove(os.path.join(path, stale))
+        _write_safetensors(os.path.join(path, "model.safetensors"), groups[0])
+        return
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        _write_safetensors(os.path.join(path, name), group)
+        for t in group:
+            weight_map[t[0]] = name
+            total += int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        os.remove(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _shard_groups(tensors: list, max_bytes: int | None) -> Iterator[list]:
+    if not max_bytes:
+        yield tensors
+        return
+    group, size = [], 0
+    for t in tensors:
+        nbytes = int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize
+        if group and size + nbytes > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(t)
+        size += nbytes
+    if group:
+        yield group
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(path: str, *, config: ModelConfig | None = None):
+    """``transformers.AutoTokenizer`` from ``path`` (local files only, no remote code).
+
+    The chat template saved with the tokenizer is kept. With ``config`` (or a ``config.json`` in
+    ``path``), checks that every token id fits the model's vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if config is None and os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            config = config_from_hf(json.load(f), source=os.path.join(path, "config.json"))
+    if config is not None:
+        check_tokenizer(tok, config, source=path)
+    return tok
+
+
+def check_tokenizer(tokenizer, config: ModelConfig, *, source: str = "tokenizer") -> None:
+    """Raise if the tokenizer can produce ids ``>= config.vocab_size``."""
+    size = len(tokenizer)
+    if size > config.vocab_size:
+        raise ValueError(
+            f"{source}: the tokenizer has {size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}: use the tokenizer saved with this model, or resize the "
+            "embeddings"
+        )

@@ -1,0 +1,255 @@
+"""Hugging Face interop: golden logits of GPT-2 / Llama / Qwen2 / Qwen3 and the save round trip.
+
+The fixtures under tests/fixtures/golden/ are tiny random checkpoints written by transformers
+(PyTorch) with their reference float32 logits on a left-padded batch
+(experiments/make_golden.py regenerates them). Tolerance: 1e-4 (composed float32 ops).
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.models import hf
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+ATOL = 1e-4
+
+
+def _ref(arch):
+    return dict(np.load(os.path.join(GOLDEN, arch, "reference.npz")))
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def golden(request):
+    arch = request.param
+    return arch, models.from_pretrained(os.path.join(GOLDEN, arch)), _ref(arch)
+
+
+_logits = jax.jit(models.logits, static_argnums=0)
+_decode = jax.jit(models.decode, static_argnums=0, static_argnames="last_only")
+
+
+def test_config_read(golden):
+    arch, model, _ = golden
+    cfg = model.config
+    assert cfg.arch == arch and cfg.num_layers == 2 and cfg.vocab_size == 96
+    if arch != "gpt2":
+        assert cfg.num_kv_heads == 2 and cfg.head_dim == 8
+    assert cfg.qk_norm == (arch == "qwen3")
+    assert cfg.tie_word_embeddings == (arch in ("gpt2", "qwen3"))
+    if arch == "llama":
+        assert dict(cfg.rope_scaling)["rope_type"] == "llama3"
+
+
+def test_golden_logits_full_forward(golden):
+    _, model, ref = golden
+    out = np.asarray(_logits(model.graphdef, model.params, ref["tokens"], ref["attention_mask"]))
+    real = ref["attention_mask"] > 0
+    np.testing.assert_allclose(out[real], ref["logits"][real], atol=ATOL, rtol=0)
+
+
+def test_golden_logits_prefill_then_cached_decode(golden):
+    _, model, ref = golden
+    tokens, mask, pos = ref["tokens"], ref["attention_mask"], ref["position_ids"]
+    b, t = tokens.shape
+    p = 8
+    cache = models.init_cache(model.config, b, t)
+    out, cache = _decode(model.graphdef, model.params, tokens[:, :p], pos[:, :p], mask, cache, 0)
+    got = [np.asarray(out)]
+    for i in range(p, t):
+        out, cache = _decode(
+            model.graphdef,
+            model.params,
+            tokens[:, i : i + 1],
+            pos[:, i : i + 1],
+            mask,
+            cache,
+            jnp.int32(i),
+            last_only=True,
+        )
+        got.append(np.asarray(out)[:, None])
+    got = np.concatenate(got, 1)
+    real = mask > 0
+    np.testing.assert_allclose(got[real], ref["logits"][real], atol=ATOL, rtol=0)
+
+
+def test_save_pretrained_round_trip(golden, tmp_path):
+    """save_pretrained -> our loader gives identical params; -> transformers gives the logits."""
+    arch, model, ref = golden
+    out = tmp_path / arch
+    models.save_pretrained(model, str(out))
+    again = models.from_pretrained(str(out))
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    torch = pytest.importorskip("torch", reason="the transformers round trip needs PyTorch")
+    from transformers import AutoModelForCausalLM
+
+    pt = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = pt(
+            input_ids=torch.tensor(ref["tokens"], dtype=torch.long),
+            attention_mask=torch.tensor(ref["attention_mask"], dtype=torch.long),
+            position_ids=torch.tensor(ref["position_ids"], dtype=torch.long),
+        ).logits.numpy()
+    real = ref["attention_mask"] > 0
+    np.testing.assert_allclose(logits[real], ref["logits"][real], atol=ATOL, rtol=0)
+
+
+def test_score_model_sequence_classification_layout(tmp_path):
+    ref = _ref("llama")
+    rm = models.from_pretrained(
+        os.path.join(GOLDEN, "llama"), lm_head=False, score_head=True, key=jax.random.key(3)
+    )
+    params = models.set_score_gain_bias(rm.params, 1.7, -0.3)
+    rm = models.Model(graphdef=rm.graphdef, params=params, config=rm.config)
+    ours = np.asarray(models.scores(rm.graphdef, rm.params, ref["tokens"], ref["attention_mask"]))
+    models.save_pretrained(rm, str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    back = models.from_pretrained(str(tmp_path), lm_head=False, score_head=True)
+    again = models.scores(back.graphdef, back.params, ref["tokens"], ref["attention_mask"])
+    np.testing.assert_allclose(again, ours, atol=1e-5)
+    torch = pytest.importorskip("torch", reason="the transformers check needs PyTorch")
+    from transformers import AutoModelForSequenceClassification
+
+    pt = AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        out = pt(
+            input_ids=torch.tensor(ref["tokens"], dtype=torch.long),
+            attention_mask=torch.tensor(ref["attention_mask"], dtype=torch.long),
+            position_ids=torch.tensor(ref["position_ids"], dtype=torch.long),
+        ).logits.numpy()[:, 0]
+    np.testing.assert_allclose(out + cfg["rlhf_jax_score_offset"], ours, atol=ATOL)
+
+
+def test_sharded_checkpoint_and_placement(tmp_path):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    model = models.from_pretrained(os.path.join(GOLDEN, "gpt2"))
+    models.save_pretrained(model, str(tmp_path), max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+    def place(path, shape):
+        spec = P("data", None) if path == "embed/embedding" else P()
+        return NamedSharding(mesh, spec)
+
+    placed = models.from_pretrained(str(tmp_path), shardings=place)
+    emb = placed.params["embed"]["embedding"].get_value()
+    assert emb.sharding.spec == P("data", None)
+    assert emb.addressable_shards[0].data.shape == (96 // jax.device_count(), 32)
+    ref = _ref("gpt2")
+    out = _logits(placed.graphdef, placed.params, ref["tokens"], ref["attention_mask"])
+    real = ref["attention_mask"] > 0
+    np.testing.assert_allclose(np.asarray(out)[real], ref["logits"][real], atol=ATOL, rtol=0)
+
+
+def test_bfloat16_load_smoke():
+    ref = _ref("qwen3")
+    m = models.from_pretrained(
+        os.path.join(GOLDEN, "qwen3"), dtype="bfloat16", param_dtype="bfloat16"
+    )
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(m.params))
+    out = np.asarray(_logits(m.graphdef, m.params, ref["tokens"], ref["attention_mask"]))
+    real = ref["attention_mask"] > 0
+    assert out.dtype == np.float32 and np.all(np.isfinite(out))
+    # bfloat16 keeps 8 mantissa bits: a few percent of the logit scale after two layers.
+    scale = np.abs(ref["logits"][real]).max()
+    assert np.abs(out[real] - ref["logits"][real]).max() < 0.05 * scale
+
+
+def _copy(arch, tmp_path):
+    dst = tmp_path / arch
+    shutil.copytree(os.path.join(GOLDEN, arch), dst)
+    return dst
+
+
+def _rewrite(dst, drop=None, reshape=None):
+    store = hf._SafetensorsDir(str(dst))
+    tensors = []
+    for name in sorted(store.entries):
+        if name == drop:
+            continue
+        x = np.array(store.get(name))
+        if name == reshape:
+            x = x[:-1]
+        tensors.append((name, x.shape, x.dtype, lambda x=x: x))
+    del store
+    hf._write_safetensors(str(dst / "model.safetensors"), tensors)
+
+
+def test_error_unsupported_architecture(tmp_path):
+    dst = _copy("llama", tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
+        models.from_pretrained(str(dst))
+
+
+def test_error_missing_tensor(tmp_path):
+    dst = _copy("llama", tmp_path)
+    _rewrite(dst, drop="model.layers.1.self_attn.k_proj.weight")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is missing"):
+        models.from_pretrained(str(dst))
+
+
+def test_error_misshaped_tensor(tmp_path):
+    dst = _copy("qwen2", tmp_path)
+    _rewrite(dst, reshape="model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(
+        ValueError, match=r"up_proj\.weight has shape \(47, 32\), expected \(48, 32\)"
+    ):
+        models.from_pretrained(str(dst))
+
+
+def test_error_pickle_only_directory(tmp_path):
+    dst = _copy("gpt2", tmp_path)
+    os.remove(dst / "model.safetensors")
+    (dst / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+        models.from_pretrained(str(dst))
+
+
+def _word_tokenizer(path, n_words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(n_words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} </s> {% endfor %}"
+    fast.save_pretrained(path)
+
+
+def test_load_tokenizer_keeps_chat_template_and_checks_vocab(tmp_path):
+    dst = _copy("llama", tmp_path)
+    _word_tokenizer(str(dst), 50)
+    tok = models.load_tokenizer(str(dst))
+    assert tok.chat_template is not None
+    text = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False)
+    assert text.strip() == "w1 w2 </s>"
+    assert tok("w1 w2")["input_ids"][-2:] == [4, 5]
+    _word_tokenizer(str(dst), 120)  # 123 tokens > vocab_size 96
+    with pytest.raises(ValueError, match="123 tokens but the model's vocab_size is 96"):
+        models.load_tokenizer(str(dst))
