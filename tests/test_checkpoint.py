@@ -307,3 +307,90 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog)
     assert step == 1 and meta == {"cursor": 1}
     np.testing.assert_array_equal(state.params["w"], _state().params["w"])
     assert "cannot be restored" in caplog.text
+
+
+# -- the same with the real SFT trainer and run loop ---------------------------------------
+
+SFT_CHILD = textwrap.dedent(
+    """
+    import os, sys, signal
+    import jax
+    jax.config.update("jax_disable_most_optimizations", True)
+    from rlhf_jax import models, quickstart
+    from rlhf_jax.algorithms import sft as sft_lib
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.data import toy
+    from rlhf_jax.logging import RunLogger
+    from rlhf_jax.optim import OptimConfig
+    from rlhf_jax.train import LoopConfig
+
+    class DyingCheckpointer(Checkpointer):
+        # kill -9 this process right after the save of step `die_in_save_at` has started
+        die_in_save_at = -1
+
+        def save(self, step, state, meta, *, force=False):
+            started = super().save(step, state, meta, force=force)
+            if started and step == self.die_in_save_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return started
+
+    def train(run_dir, die_in_save_at):
+        tok = toy.load_tokenizer(toy.build_tokenizer(os.path.join(run_dir, "tokenizer")))
+        qcfg = quickstart.QuickstartConfig(hidden_size=16, num_layers=1, num_heads=2)
+        model = models.init_model(quickstart.policy_config(qcfg, tok), jax.random.PRNGKey(0))
+        cfg = sft_lib.SFTConfig(
+            optim=OptimConfig(learning_rate=1e-2, schedule="cosine", warmup_steps=2, decay_steps=6),
+            loop=LoopConfig(max_steps=8),
+            batch_size=8,
+        )
+        batches = quickstart.epoch_batches(quickstart.sft_arrays(tok, 64, seed=0), 8, seed=0)
+        ckpt = DyingCheckpointer(os.path.join(run_dir, "checkpoints"), save_every=3, keep=2)
+        ckpt.die_in_save_at = die_in_save_at
+        logger = RunLogger(run_dir, resume_step=ckpt.latest_step() or 0, tensorboard=False,
+                           progress=False)
+        _, result = sft_lib.run(cfg, model, batches, key=jax.random.PRNGKey(1), logger=logger,
+                                checkpointer=ckpt)
+        logger.close()
+        ckpt.close()
+        print(run_dir, "start", result.start_step, "stop", result.stop_reason, flush=True)
+
+    # argv: RUN_DIR DIE_AT [RUN_DIR DIE_AT ...], run one after the other in this process
+    for i in range(1, len(sys.argv), 2):
+        train(sys.argv[i], int(sys.argv[i + 1]))
+    """
+)
+
+
+def _sft_child(tmp_path, *runs):
+    script = tmp_path / "sft_child.py"
+    script.write_text(SFT_CHILD)
+    args = [str(a) for run in runs for a in run]
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _sft_metrics(run_dir):
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time/") and k != "wall_time"}
+        for r in read_metrics(run_dir)
+    ]
+
+
+@pytest.mark.slow
+def test_real_sft_loop_killed_mid_save_resumes_exactly(tmp_path):
+    # One process: the uninterrupted reference run, then a run killed in the save of step 6.
+    killed = _sft_child(tmp_path, (tmp_path / "ref", -1), (tmp_path / "run", 6))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "ref start 0 stop max_steps" in killed.stdout
+    assert "6" not in os.listdir(tmp_path / "run" / "checkpoints")
+    resumed = _sft_child(tmp_path, (tmp_path / "run", -1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "start 3 stop max_steps" in resumed.stdout
+    reference = _sft_metrics(tmp_path / "ref")
+    assert [r["step"] for r in reference] == list(range(1, 9))
+    assert _sft_metrics(tmp_path / "run") == reference  # loss, lr, grad norm: bit for bit
