@@ -14,6 +14,8 @@ T slots (LMHP). ``gamma`` and ``lam`` may be traced scalars. Everything is compu
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -58,9 +60,12 @@ def _holes(mask_holes: str) -> None:
         raise ValueError(f"mask_holes={mask_holes!r}: choose one of {MASK_HOLES}")
 
 
+@functools.partial(jax.jit, static_argnames="mask_holes")
 def _gae_masked(rewards, values, steps, gamma, lam, mask_holes):
-    """GAE over the time steps ``steps`` [B, T] (0/1 float); see :func:`gae`."""
-    _holes(mask_holes)
+    """GAE over the time steps ``steps`` [B, T] (0/1 float); see :func:`gae`.
+
+    Jitted so that eager callers reuse one compiled scan per shape (inside a jit it inlines).
+    """
     r = rewards * steps
     v = values * steps
     # 'zero': a 0 inside the mask is a step with r = V = 0 (TRL-legacy, SAFE multiply by the mask).
@@ -112,6 +117,7 @@ def gae(
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape([rewards, values, mask])
     steps = value_mask(mask, options=options)
+    _holes(options.mask_holes)
     return _gae_masked(
         _float(rewards),
         _float(values),
@@ -137,6 +143,7 @@ def discounted_returns(rewards, mask, gamma, *, mask_holes: str = "skip") -> jax
     chex.assert_equal_shape([rewards, mask])
     r = _float(rewards)
     steps = (jnp.asarray(mask) != 0).astype(r.dtype)
+    _holes(mask_holes)
     adv, _ = _gae_masked(
         r, jnp.zeros_like(r), steps, _scalar("gamma", gamma), jnp.ones((), r.dtype), mask_holes
     )
