@@ -566,9 +566,13 @@ def _update(optimizer, params, opt_state, grads):
     return optax.apply_updates(params, updates), opt_state
 
 
-def _metrics(loss_sum, count, metric_sums) -> dict[str, jax.Array]:
+def _metrics(loss_sum, count, metric_sums, grads) -> dict[str, jax.Array]:
     count = jnp.asarray(count, jnp.float32)
-    out = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count}
+    out = {
+        "loss": loss_sum / jnp.maximum(count, 1.0),
+        "count": count,
+        "grad_norm": optax.tree.norm(grads),
+    }
     out.update(metric_sums if isinstance(metric_sums, Mapping) else {})
     return out
 
@@ -606,7 +610,8 @@ def make_data_parallel_step(
       donate: donate ``params`` and ``opt_state`` (updated in place).
 
     Returns:
-      the jitted step. ``metrics``: ``loss`` (global token mean), ``count``, and the metric sums.
+      the jitted step. ``metrics``: ``loss`` (global token mean), ``count``, ``grad_norm`` (global
+      norm of the mean gradient, before clipping) and the metric sums.
     """
     if mode not in STEP_MODES:
         raise ValueError(f"mode={mode!r}: choose one of {STEP_MODES}")
@@ -630,8 +635,9 @@ def _jit_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donate_argn
     def step(params, opt_state, batch):
         grads, count, metric_sums = accumulate(_with_loss(loss_fn), params, batch, 1)
         loss_sum = metric_sums.pop("__loss_sum")
+        metrics = _metrics(loss_sum, count, metric_sums, grads)
         params, opt_state = _update(optimizer, params, opt_state, grads)
-        return params, opt_state, _metrics(loss_sum, count, metric_sums)
+        return params, opt_state, metrics
 
     return _lazy_jit(step, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums)
 
@@ -656,7 +662,11 @@ def _shard_map_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donat
     wrapped = _with_loss(loss_fn)
 
     def per_device(params, batch):
-        grad_sums, (count, metric_sums) = jax.grad(wrapped, has_aux=True)(params, batch)
+        # The replicated params enter as device-varying copies, so the gradient below is this
+        # device's own (pmap semantics); differentiating the invariant params directly would make
+        # shard_map insert a psum in the transpose, and the pmean below would count it twice.
+        local = jax.lax.pcast(params, BATCH_AXES, to="varying")
+        grad_sums, (count, metric_sums) = jax.grad(wrapped, has_aux=True)(local, batch)
         count = jnp.asarray(count, jnp.float32)
         # pmap-style: average over the replicas; the 1/N cancels in the ratio below.
         grad_sums, count, metric_sums = jax.lax.pmean((grad_sums, count, metric_sums), BATCH_AXES)
@@ -671,8 +681,9 @@ def _shard_map_step(loss_fn, optimizer, mesh, param_specs_tree, opt_specs, donat
         n = _mesh_axis_size(mesh, BATCH_AXES)
         loss_sum = metric_means.pop("__loss_sum") * n
         metric_sums = {k: v * n for k, v in metric_means.items()}
+        metrics = _metrics(loss_sum, count_mean * n, metric_sums, grads)
         params, opt_state = _update(optimizer, params, opt_state, grads)
-        return params, opt_state, _metrics(loss_sum, count_mean * n, metric_sums)
+        return params, opt_state, metrics
 
     return _lazy_jit(step, optimizer, mesh, None, opt_specs, donate_argnums)
 

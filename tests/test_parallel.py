@@ -1,0 +1,221 @@
+"""rlhf_jax.parallel on 8 fake CPU devices: meshes, rule tables, placement, device-count invariance.
+
+Tolerance policy: float32, 1e-5 relative to each array's scale (``assert_results_close`` in
+``multihost_worker.py``, which also holds the shared problem: a tiny Llama-shaped LM, an SFT token
+loss and AdamW).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import multihost_worker as mw
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import parallel
+from rlhf_jax.parallel import DistributedConfig, MeshConfig, ParallelConfig
+
+# --------------------------------------------------------------------------------------------
+# Mesh and configs
+# --------------------------------------------------------------------------------------------
+
+
+def test_mesh_config_resolves_the_rest():
+    assert MeshConfig().resolve(8) == (8, 1, 1)
+    assert MeshConfig(data=2, fsdp=-1).resolve(8) == (2, 4, 1)
+    assert MeshConfig(data=1, fsdp=4, tensor=-1).resolve(8) == (1, 4, 2)
+    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, devices, match",
+    [
+        (dict(data=-1, fsdp=-1), 8, "at most one axis may be -1"),
+        (dict(data=0), 8, "positive size or -1"),
+        (dict(data=2, fsdp=2, tensor=1), 8, "holds 4 devices but 8 are available"),
+        (dict(data=-1, fsdp=3), 8, "not divisible by the fixed axes"),
+        (dict(data=4, dcn_data=3), 8, "dcn_data=3 must divide mesh.data=4"),
+        (dict(data=-1, fsdp=4, dcn_fsdp=1, dcn_data=4), 8, "dcn_data=4 must divide the resolved"),
+    ],
+)
+def test_mesh_config_errors_say_what_to_change(kwargs, devices, match):
+    with pytest.raises(ValueError, match=match):
+        MeshConfig(**kwargs).resolve(devices)
+
+
+def test_make_mesh_axes_and_types():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=-1))
+    assert mesh.axis_names == parallel.AXES
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    # dcn > 1 asks for more hosts than this single process has
+    with pytest.raises(ValueError, match="ask for 2 hosts/slices"):
+        parallel.make_mesh(MeshConfig(data=2, fsdp=-1, dcn_data=2))
+
+
+def test_parallel_config_validation():
+    with pytest.raises(ValueError, match="choose one of"):
+        ParallelConfig(preset="zero3")
+    with pytest.raises(ValueError, match="preset='dp'"):
+        ParallelConfig(preset="fsdp", step="shard_map")
+    with pytest.raises(ValueError, match="must be <"):
+        DistributedConfig(num_processes=2, process_id=2)
+
+
+def test_initialize_distributed_auto_without_a_cluster_is_a_no_op(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", *parallel._CLUSTER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed(DistributedConfig(enabled="off")) is False
+
+
+# --------------------------------------------------------------------------------------------
+# Rule tables
+# --------------------------------------------------------------------------------------------
+
+
+def test_presets_differ_only_in_the_table():
+    patterns = {preset: [p for p, _ in rules] for preset, rules in parallel.RULES.items()}
+    assert set(patterns) == set(parallel.PRESETS)
+    assert all(v == patterns["dp"] for v in patterns.values())
+    assert all(spec == P() for _, spec in parallel.RULES["dp"])
+    assert parallel.RULES["dp"][-1] == (".*", P())
+
+
+def test_unmatched_parameter_is_an_error():
+    rules = ((r"kernel$", P("fsdp")),)
+    with pytest.raises(ValueError, match="no sharding rule matches parameter 'norm/scale'"):
+        parallel.param_specs({"norm": {"scale": np.zeros(4)}}, rules)
+
+
+def test_divisibility_fallback_replicates_and_logs(caplog):
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    params = {"embed": {"embedding": np.zeros((50257, 8), np.float32)}}  # GPT-2's odd vocab
+    with caplog.at_level(logging.WARNING, logger="rlhf_jax.parallel"):
+        specs = parallel.param_specs(params, "fsdp+tp", mesh)
+    assert specs["embed"]["embedding"] == P(None, "fsdp")
+    assert "dim 0 of size 50257 is not divisible by mesh axis 'tensor' of size 2" in caplog.text
+
+
+def test_stacked_layer_axis_is_replicated():
+    spec, why = parallel.fit_spec(P("fsdp", "tensor"), (3, 8, 16), None)
+    assert spec == P(None, "fsdp", "tensor") and not why
+    with pytest.raises(ValueError, match="names 2 dims"):
+        parallel.fit_spec(P("fsdp", "tensor"), (8,), None)
+
+
+def test_batch_and_cache_specs():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert parallel.batch_spec(2) == P(("data", "fsdp"), None)
+    cache = {"k": jax.ShapeDtypeStruct((2, 8, 16, 4, 4), jnp.float32), "index": np.zeros(())}
+    specs = parallel.cache_specs(cache, mesh, "tp")
+    assert specs["k"] == P(None, ("data", "fsdp"), None, "tensor")
+    assert specs["index"] == P()
+    assert parallel.cache_specs(cache, mesh, "fsdp")["k"] == P(None, ("data", "fsdp"))
+    with pytest.raises(ValueError, match="not divisible by data x fsdp = 4"):
+        parallel.shard_batch({"tokens": np.zeros((6, 3), np.int32)}, mesh)
+
+
+def test_shard_batch_places_rows_over_data_and_fsdp():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
+    x = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)
+    arr = parallel.shard_batch({"x": x}, mesh)["x"]
+    assert arr.sharding == NamedSharding(mesh, P(("data", "fsdp"), None))
+    assert {s.data.shape for s in arr.addressable_shards} == {(2, 3)}
+    np.testing.assert_array_equal(np.asarray(arr), x)
+
+
+def test_constrain_batch_keeps_new_arrays_split():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
+    x = jax.device_put(np.ones((8, 3), np.float32), NamedSharding(mesh, P()))
+    y = jax.jit(lambda x: parallel.constrain_batch({"y": x * 2}, mesh))(x)["y"]
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Device-count invariance: 8 devices == 1 device, per preset and step form
+# --------------------------------------------------------------------------------------------
+
+MESHES = {
+    "dp": MeshConfig(data=8),
+    "fsdp": MeshConfig(data=2, fsdp=4),
+    "tp": MeshConfig(data=4, tensor=2),
+    "fsdp+tp": MeshConfig(data=1, fsdp=4, tensor=2),
+}
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    mesh = parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    result, _ = mw.train(mesh, "dp")
+    assert result["loss"][-1] < result["loss"][0]  # the problem trains
+    return result
+
+
+def _assert_placed_by_rules(params, specs, mesh, preset):
+    flat_params = jax.tree.leaves(params)
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    sharded = 0
+    for leaf, spec in zip(flat_params, flat_specs, strict=True):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
+        shard = leaf.addressable_shards[0].data.shape
+        sharded += shard != leaf.shape
+    if preset == "dp":
+        assert sharded == 0
+    else:
+        assert sharded >= len(flat_params) // 2, f"{preset}: only {sharded} parameters sharded"
+
+
+@pytest.mark.parametrize("preset", parallel.PRESETS)
+def test_preset_on_8_devices_equals_1_device(preset, one_device):
+    mesh = parallel.make_mesh(MESHES[preset])
+    result, params = mw.train(mesh, preset)
+    mw.assert_results_close(result, one_device)
+    _assert_placed_by_rules(params, parallel.param_specs(params, preset, mesh), mesh, preset)
+
+
+def test_shard_map_form_equals_jit_form(one_device):
+    mesh = parallel.make_mesh(MeshConfig(data=4, fsdp=2))
+    result, params = mw.train(mesh, "dp", mode="shard_map")
+    mw.assert_results_close(result, one_device)
+    with pytest.raises(ValueError, match="replicates the parameters"):
+        specs = parallel.param_specs(params, "fsdp", mesh)
+        parallel.make_data_parallel_step(
+            lambda p, b: (0.0, (1.0, {})), None, mesh, mode="shard_map", param_specs_tree=specs
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Save on one mesh, restore on another, continue
+# --------------------------------------------------------------------------------------------
+
+
+def test_restore_on_another_mesh_and_continue(tmp_path, one_device):
+    from rlhf_jax.checkpoint import Checkpointer, abstract_like
+
+    mesh_a = parallel.make_mesh(MESHES["fsdp"])
+    step_a, params, opt_state, batch, _ = mw.setup(mesh_a, "fsdp")
+    params, opt_state, metrics = step_a(params, opt_state, batch)
+    history = [metrics]
+    with Checkpointer(tmp_path / "ckpt", save_every=1, handle_sigterm=False) as ckpt:
+        ckpt.save(1, {"params": params, "opt_state": opt_state}, {"note": "mesh a"})
+        ckpt.wait()
+
+    # A fresh setup on a different mesh shape and rule table gives the target shardings.
+    mesh_b = parallel.make_mesh(MESHES["fsdp+tp"])
+    step_b, params_b, opt_b, batch_b, _ = mw.setup(mesh_b, "fsdp+tp")
+    target = {"params": params_b, "opt_state": opt_b}
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    with Checkpointer(tmp_path / "ckpt", save_every=1, handle_sigterm=False) as ckpt:
+        step, state, meta = ckpt.restore_latest(abstract_like(target, shardings))
+    assert step == 1 and meta["note"] == "mesh a"
+    assert jax.tree.structure(state) == jax.tree.structure(target)
+    assert state["params"]["embed"]["embedding"].sharding.mesh == mesh_b
+    params, opt_state = state["params"], state["opt_state"]
+    for _ in range(mw.STEPS - 1):
+        params, opt_state, metrics = step_b(params, opt_state, batch_b)
+        history.append(metrics)
+    mw.assert_results_close(mw.to_host(params, history), one_device)
