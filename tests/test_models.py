@@ -45,12 +45,20 @@ def make_config(arch, **kw):
     return models.ModelConfig(**base)
 
 
-@pytest.fixture(scope="module", params=list(ARCH_KW))
+# The two code paths (learned positions + LayerNorm; RoPE + RMSNorm + GQA + qk-norm). All four
+# families are checked against transformers in test_hf.py.
+@pytest.fixture(scope="module", params=["gpt2", "qwen3"])
 def model(request):
     return models.init_model(
         make_config(request.param), jax.random.key(1), value_head=True, score_head=True
     )
 
+
+_logits = jax.jit(models.logits, static_argnums=0)
+_token_logprobs = jax.jit(models.token_logprobs, static_argnums=0, static_argnames="start")
+_values = jax.jit(models.values, static_argnums=0, static_argnames="start")
+_lpv = jax.jit(models.logprobs_and_values, static_argnums=0, static_argnames="start")
+_scores = jax.jit(models.scores, static_argnums=0, static_argnames="read")
 
 TOKENS = np.array([[0, 0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8], [0, 3, 9, 4, 2, 0, 0, 0]])
 MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]])
@@ -72,7 +80,7 @@ def test_logits_shape_dtype(model, full_logits):
 def test_token_logprobs_alignment_and_temperature(model, full_logits):
     start = 3
     for temp in (1.0, 0.7):
-        lp = models.token_logprobs(
+        lp = _token_logprobs(
             model.graphdef, model.params, TOKENS, MASK, start=start, temperature=temp
         )
         z = full_logits.astype(np.float64) / temp
@@ -89,12 +97,12 @@ def test_token_logprobs_alignment_and_temperature(model, full_logits):
 
 def test_left_padding_invariance(model, full_logits):
     """A left-padded row gives, at its real positions, the logits of the unpadded sequence."""
-    alone = models.logits(model.graphdef, model.params, TOKENS[:1, 3:], MASK[:1, 3:])
+    alone = _logits(model.graphdef, model.params, TOKENS[:1, 3:], MASK[:1, 3:])
     np.testing.assert_allclose(full_logits[0, 3:], np.asarray(alone)[0], atol=1e-5)
 
 
 def test_right_padding_does_not_change_real_positions(model, full_logits):
-    alone = models.logits(model.graphdef, model.params, TOKENS[2:, 1:5], MASK[2:, 1:5])
+    alone = _logits(model.graphdef, model.params, TOKENS[2:, 1:5], MASK[2:, 1:5])
     np.testing.assert_allclose(full_logits[2, 1:5], np.asarray(alone)[0], atol=1e-5)
 
 
@@ -135,12 +143,12 @@ def test_prefill_then_decode_matches_full_forward(model, full_logits):
 
 def test_values_alignment(model):
     start = 2
-    vals = models.values(model.graphdef, model.params, TOKENS, MASK, start=start)
+    vals = _values(model.graphdef, model.params, TOKENS, MASK, start=start)
     assert vals.shape == (3, 8 - start)
     # zero-initialised value head
     np.testing.assert_array_equal(np.asarray(vals), 0.0)
-    lp, v2 = models.logprobs_and_values(model.graphdef, model.params, TOKENS, MASK, start=start)
-    lp_ref = models.token_logprobs(model.graphdef, model.params, TOKENS, MASK, start=start)
+    lp, v2 = _lpv(model.graphdef, model.params, TOKENS, MASK, start=start)
+    lp_ref = _token_logprobs(model.graphdef, model.params, TOKENS, MASK, start=start)
     np.testing.assert_allclose(lp, lp_ref, atol=1e-6)
     np.testing.assert_array_equal(v2, vals)
 
@@ -150,44 +158,44 @@ def test_scores_read_positions_and_gain_bias(model):
     idx = models.read_index(jnp.asarray(MASK))
     np.testing.assert_array_equal(idx, [7, 7, 4])
     np.testing.assert_array_equal(models.read_index(jnp.asarray(MASK), "last"), [7, 7, 7])
-    s = np.asarray(models.scores(g, p, TOKENS, MASK))
+    s = np.asarray(_scores(g, p, TOKENS, MASK))
     # the score equals the row's own score on the trimmed sequence (last_nonpad ignores padding)
-    s2 = models.scores(g, p, TOKENS[2:, 1:5], MASK[2:, 1:5])
+    s2 = _scores(g, p, TOKENS[2:, 1:5], MASK[2:, 1:5])
     np.testing.assert_allclose(s[2], np.asarray(s2)[0], atol=1e-5)
     gain, bias = models.score_gain_bias(p)
     assert float(gain) == 1.0 and float(bias) == 0.0
     p2 = models.set_score_gain_bias(p, 2.5, -1.0)
-    np.testing.assert_allclose(models.scores(g, p2, TOKENS, MASK), 2.5 * s - 1.0, atol=1e-5)
+    np.testing.assert_allclose(_scores(g, p2, TOKENS, MASK), 2.5 * s - 1.0, atol=1e-5)
 
     # normalisation parameters get no gradient
     def loss(params):
-        return models.scores(g, params, TOKENS, MASK).sum()
+        return _scores(g, params, TOKENS, MASK).sum()
 
-    grads = dict(jax.tree_util.tree_flatten_with_path(jax.grad(loss)(p))[0])
+    grads = dict(jax.tree_util.tree_flatten_with_path(jax.jit(jax.grad(loss))(p))[0])
     flat = {jax.tree_util.keystr(k): v for k, v in grads.items()}
     gain_grad = [v for k, v in flat.items() if "reward_gain" in k]
     assert gain_grad and float(gain_grad[0]) == 0.0
     with pytest.raises(ValueError, match="read="):
-        models.scores(g, p, TOKENS, MASK, read="first")
+        _scores(g, p, TOKENS, MASK, read="first")
 
 
 def test_critic_from_score_head_and_with_value_head():
     cfg = make_config("llama")
     rm = models.init_model(cfg, jax.random.key(2), lm_head=False, score_head=True)
-    vals = models.values(rm.graphdef, rm.params, TOKENS, MASK, start=1)
+    vals = _values(rm.graphdef, rm.params, TOKENS, MASK, start=1)
     # values[:, -1] is the head at position T-2: the score of the sequence without its last token
-    s = models.scores(rm.graphdef, rm.params, TOKENS[:, :-1], MASK[:, :-1], read="last")
+    s = _scores(rm.graphdef, rm.params, TOKENS[:, :-1], MASK[:, :-1], read="last")
     np.testing.assert_allclose(vals[:, -1], s, atol=1e-5)
     policy = models.init_model(cfg, jax.random.key(3))
     gd, params = models.with_value_head(policy)
     np.testing.assert_allclose(
-        models.token_logprobs(gd, params, TOKENS, MASK),
-        models.token_logprobs(policy.graphdef, policy.params, TOKENS, MASK),
+        _token_logprobs(gd, params, TOKENS, MASK),
+        _token_logprobs(policy.graphdef, policy.params, TOKENS, MASK),
         atol=0,
     )
-    np.testing.assert_array_equal(models.values(gd, params, TOKENS, MASK), 0.0)
+    np.testing.assert_array_equal(_values(gd, params, TOKENS, MASK), 0.0)
     with pytest.raises(ValueError, match="lm_head=False"):
-        models.logits(rm.graphdef, rm.params, TOKENS, MASK)
+        _logits(rm.graphdef, rm.params, TOKENS, MASK)
 
 
 def test_bfloat16_smoke():
@@ -195,14 +203,14 @@ def test_bfloat16_smoke():
     m = models.init_model(cfg, jax.random.key(0))
     leaves = jax.tree.leaves(m.params)
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
-    lp = models.token_logprobs(m.graphdef, m.params, TOKENS, MASK)
+    lp = _token_logprobs(m.graphdef, m.params, TOKENS, MASK)
     assert lp.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(lp)))
     f32 = models.Model(
         graphdef=models.init_model(make_config("llama"), jax.random.key(0)).graphdef,
         params=jax.tree.map(lambda x: x.astype(jnp.float32), m.params),
         config=make_config("llama"),
     )
-    ref = models.token_logprobs(f32.graphdef, f32.params, TOKENS, MASK)
+    ref = _token_logprobs(f32.graphdef, f32.params, TOKENS, MASK)
     np.testing.assert_allclose(lp, ref, atol=0.1)
 
 
