@@ -1,0 +1,218 @@
+"""Rollout throughput: rlhf-jax ``rollout.sample`` against ``transformers`` ``generate`` (PyTorch).
+
+One random GPT-2 checkpoint per size is written with ``transformers``' ``save_pretrained`` into a
+temporary directory and loaded into both libraries (``rlhf_jax.models.from_pretrained``), so both
+run the same weights. Both sample from the full softmax (temperature 1, no top-k/top-p, i.e.
+``do_sample=True, top_k=0``) with a KV cache, and neither stops early (no EOS / stop tokens), so
+both generate exactly ``--new-tokens`` tokens per row. Figures are new tokens per second, the
+median of ``--runs`` timed runs after one warm-up run; the compile time of the rlhf-jax program is
+reported separately (first call minus a steady-state call).
+
+    python experiments/bench_rollout.py            # tiny and small, 5 timed runs each
+    python experiments/bench_rollout.py --quick    # 2 timed runs, 16 new tokens: a smoke run
+    python experiments/bench_rollout.py --sizes tiny --profile   # where a decode step's time goes
+
+Sizes (the issue's): tiny = GPT-2 with 4 layers, 4 heads, width 256, vocabulary 8192, batch 16;
+small = GPT-2 small (12 layers, 12 heads, width 768, vocabulary 50257), batch 8; prompts of 32
+tokens. PyTorch runs with ``torch.set_num_threads(--threads)`` (2 by default). The last line is
+``rollout speedup vs transformers: tiny=<x> small=<y>``.
+
+This script must not run with ``jax_disable_most_optimizations`` (the test setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from rlhf_jax import models, rollout
+
+SIZES = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, batch=16),
+    "small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, batch=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    sizes: tuple[str, ...] = ("tiny", "small")  # which of tiny, small
+    prompt_len: int = 32  # prompt tokens per row
+    new_tokens: int = 64  # new tokens per row (exactly: no early stop)
+    runs: int = 5  # timed runs per library and size (the median is reported)
+    threads: int = 2  # torch.set_num_threads
+    quick: bool = False  # 2 runs and 16 new tokens: checks the script, not the speed
+    profile: bool = False  # also time the pieces of one decode step (rlhf-jax)
+    seed: int = 0
+
+
+def make_checkpoint(size: str, directory: str, seed: int) -> None:
+    """A random GPT-2 of the given size, saved by transformers (config.json + safetensors)."""
+    import torch
+    import transformers
+
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    last = spec["vocab_size"] - 1  # GPT-2's <|endoftext|> is the last id; never a stop token here
+    config = transformers.GPT2Config(
+        n_layer=spec["n_layer"],
+        n_head=spec["n_head"],
+        n_embd=spec["n_embd"],
+        vocab_size=spec["vocab_size"],
+        n_positions=1024,
+        bos_token_id=last,
+        eos_token_id=last,
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+
+
+def median_time(fn, runs: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def bench_transformers(path: str, prompts: np.ndarray, args: Args) -> float:
+    """Median seconds of one ``generate`` call (after one warm-up call)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=0,
+        use_cache=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    model.generation_config.eos_token_id = None
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, **kw)
+        assert out.shape == (ids.shape[0], ids.shape[1] + args.new_tokens), out.shape
+
+    run()  # warm-up
+    sec, _ = median_time(run, args.runs)
+    return sec
+
+
+def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]:
+    """(median seconds of one ``sample`` call, compile seconds)."""
+    model = models.from_pretrained(path)
+    tokens = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones_like(tokens)
+    cfg = rollout.SamplingConfig(temperature=1.0)
+    seed = [0]
+
+    def run():
+        seed[0] += 1
+        out = rollout.sample(
+            model.graphdef,
+            model.params,
+            tokens,
+            mask,
+            seed[0],
+            max_new_tokens=args.new_tokens,
+            sampling=cfg,
+            stop_tokens=(),
+        )
+        jax.block_until_ready(out)
+        assert out.tokens.shape == (tokens.shape[0], args.new_tokens)
+        assert int(out.lengths.min()) == args.new_tokens
+
+    t0 = time.perf_counter()
+    run()  # compile + run
+    first = time.perf_counter() - t0
+    sec, _ = median_time(run, args.runs)
+    return sec, max(first - sec, 0.0)
+
+
+def profile_step(path: str, prompts: np.ndarray, args: Args) -> None:
+    """Milliseconds of the pieces of one decode step, each jitted alone (steady state)."""
+    model = models.from_pretrained(path)
+    b, p = prompts.shape
+    s = p + args.new_tokens
+    cache = models.init_cache(model.config, b, s)
+    kv_mask = jnp.ones((b, s), jnp.int32)
+    tok = jnp.asarray(prompts[:, :1], jnp.int32)
+    pos = jnp.full((b, 1), p, jnp.int32)
+
+    @jax.jit
+    def decode_step(params, cache):
+        return models.decode(model.graphdef, params, tok, pos, kv_mask, cache, p, last_only=True)
+
+    logits, cache = decode_step(model.params, cache)
+    u = jnp.full((b,), 0.5)
+    pieces = {
+        "decode (model, incl. LM head)": lambda: decode_step(model.params, cache),
+        "sample_next (full softmax)": lambda: _jit_sample_next(logits, u, rollout.SamplingConfig()),
+        "sample_next (top_k=50)": lambda: _jit_sample_next(
+            logits, u, rollout.SamplingConfig(top_k=50)
+        ),
+        "sample_next (top_p=0.9)": lambda: _jit_sample_next(
+            logits, u, rollout.SamplingConfig(top_p=0.9)
+        ),
+    }
+    for name, fn in pieces.items():
+        jax.block_until_ready(fn())
+        sec, _ = median_time(lambda fn=fn: jax.block_until_ready(fn()), 20)
+        print(f"    {name:32s} {sec * 1e3:8.3f} ms")
+
+
+_jit_sample_next = jax.jit(rollout.sample_next, static_argnames="block")
+
+
+def main(args: Args) -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.quick:
+        args = dataclasses.replace(args, runs=2, new_tokens=16)
+    if jax.config.read("jax_disable_most_optimizations"):
+        raise SystemExit("benchmarks must not run with jax_disable_most_optimizations")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {args}")
+    speedups = {}
+    for size in args.sizes:
+        b = SIZES[size]["batch"]
+        rng = np.random.default_rng(args.seed)
+        prompts = rng.integers(0, SIZES[size]["vocab_size"], (b, args.prompt_len))
+        new = b * args.new_tokens
+        with tempfile.TemporaryDirectory() as path:
+            make_checkpoint(size, path, args.seed)
+            jax_sec, compile_sec = bench_jax(path, prompts, args)
+            hf_sec = bench_transformers(path, prompts, args)
+            if args.profile:
+                profile_step(path, prompts, args)
+        speedups[size] = hf_sec / jax_sec
+        print(
+            f"{size:6s} batch {b:3d} prompt {args.prompt_len} new {args.new_tokens}: "
+            f"rlhf-jax {new / jax_sec:9.1f} tok/s ({jax_sec * 1e3:8.1f} ms, "
+            f"compile {compile_sec:5.1f} s)   transformers {new / hf_sec:9.1f} tok/s "
+            f"({hf_sec * 1e3:8.1f} ms)   ratio {speedups[size]:5.2f}x"
+        )
+    print(
+        "rollout speedup vs transformers: "
+        + " ".join(f"{size}={ratio:.2f}" for size, ratio in speedups.items())
+    )
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
