@@ -2,11 +2,11 @@
 
 ``from_pretrained(path)`` reads ``config.json`` and ``model.safetensors`` (or the shards listed in
 ``model.safetensors.index.json``) straight into the parameter pytree, one parameter at a time:
-each file is memory-mapped (the safetensors layout is an 8-byte header length, a JSON header and
-raw little-endian tensors), so the host holds at most one stacked ``[L, ...]`` parameter beside
-the mapped file; with ``shardings`` each device receives only its own slice
-(``jax.make_array_from_callback``), so no device holds a full copy. No PyTorch, no pickle, no
-code from the checkpoint runs.
+only the JSON headers are parsed up front (the safetensors layout is an 8-byte header length, a
+JSON header and raw little-endian tensors) and each tensor is read when it is needed, so the host
+holds at most one stacked ``[L, ...]`` parameter beside the parameters already placed. With
+``shardings`` each device receives only its own slice (``jax.make_array_from_callback``), so no
+device holds a full copy. No PyTorch, no pickle, no code from the checkpoint runs.
 
 ``save_pretrained(model, path)`` writes ``config.json`` + ``model.safetensors`` (streamed tensor by
 tensor, optionally sharded with an index) that ``transformers.AutoModelForCausalLM`` loads with
@@ -271,11 +271,11 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------
-# safetensors, memory-mapped
+# safetensors, read tensor by tensor
 
 
 class _SafetensorsDir:
-    """The tensors of a checkpoint directory, memory-mapped, by name (no copy until sliced)."""
+    """The tensors of a checkpoint directory by name: headers parsed, data read on demand."""
 
     def __init__(self, path: str):
         single = os.path.join(path, "model.safetensors")
@@ -313,7 +313,6 @@ class _SafetensorsDir:
                 lo, hi = meta["data_offsets"]
                 dt = np.dtype(_ST_DTYPES[meta["dtype"]])
                 self.entries[name] = (file, dt, tuple(meta["shape"]), 8 + n + lo, hi - lo)
-        self._maps: dict[str, np.memmap] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -322,11 +321,15 @@ class _SafetensorsDir:
         return self.entries[name][2]
 
     def get(self, name: str) -> np.ndarray:
+        """A fresh host copy of one tensor, read with one positioned read (nothing cached)."""
         file, dt, shape, offset, nbytes = self.entries[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        raw = self._maps[file][offset : offset + nbytes]
-        return raw.view(dt).reshape(shape)
+        out = np.empty(shape, dt)
+        flat = out.reshape(-1).view(np.uint8)
+        with open(file, "rb") as f:
+            f.seek(offset)
+            if f.readinto(flat) != nbytes:
+                raise ValueError(f"{file}: tensor {name} is truncated (file shorter than header)")
+        return out
 
 
 # ------------------------------------------------------------------------------------------
