@@ -141,9 +141,7 @@ def test_sharded_checkpoint_and_placement(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert not (tmp_path / "model.safetensors").exists()
-    mesh = jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def place(path, shape):
         spec = P("data", None) if path == "embed/embedding" else P()
@@ -253,3 +251,52 @@ def test_load_tokenizer_keeps_chat_template_and_checks_vocab(tmp_path):
     _word_tokenizer(str(dst), 120)  # 123 tokens > vocab_size 96
     with pytest.raises(ValueError, match="123 tokens but the model's vocab_size is 96"):
         models.load_tokenizer(str(dst))
+
+
+def test_gpt2_checkpoint_without_prefix_and_with_buffers(tmp_path):
+    """Hub GPT-2 files name tensors 'h.0...' (GPT2Model) and carry attention-mask buffers."""
+    dst = _copy("gpt2", tmp_path)
+    store = hf._SafetensorsDir(str(dst))
+    tensors = []
+    for name in sorted(store.entries):
+        x = np.array(store.get(name))
+        tensors.append((name.removeprefix("transformer."), x.shape, x.dtype, lambda x=x: x))
+    buf = np.tril(np.ones((1, 1, 64, 64), bool))
+    tensors.append(("h.0.attn.bias", buf.shape, buf.dtype, lambda: buf))
+    hf._write_safetensors(str(dst / "model.safetensors"), tensors)
+    loaded = models.from_pretrained(str(dst))
+    golden = models.from_pretrained(os.path.join(GOLDEN, "gpt2"))
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(golden.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_from_transformers4_llama31_style():
+    cfg = hf.config_from_hf(
+        {
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "intermediate_size": 14336,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            "eos_token_id": [128001, 128008, 128009],
+            "hidden_act": "silu",
+        }
+    )
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_theta) == (128, 8, 500000.0)
+    assert cfg.eos_token_id == 128001 and not cfg.tie_word_embeddings
+    assert dict(cfg.rope_scaling)["original_max_position_embeddings"] == 8192
+    back = hf.config_to_hf(cfg)
+    assert back["rope_parameters"]["rope_theta"] == 500000.0
+    assert hf.config_from_hf(back) == cfg.replace(eos_token_id=128001)
