@@ -609,10 +609,18 @@ def dry_run(stage: str, cfg: config_lib.ExperimentConfig) -> str:
     Uses :func:`rlhf_jax.parallel.dry_run` (an SFT-style token-loss step of the stage's model,
     batch and sequence length: the policy update that dominates every stage's memory).
     """
-    from rlhf_jax import models, parallel
+    import json
+
+    from rlhf_jax import parallel
+    from rlhf_jax.models import hf
 
     _require(cfg.sft.model, "sft.model", "the base checkpoint whose config.json sizes the model")
-    model_config = models.load_config(cfg.sft.model)
+    config_file = os.path.join(cfg.sft.model, "config.json")
+    _require(config_file, "sft.model", "a Hugging Face checkpoint directory with config.json")
+    with open(config_file, encoding="utf-8") as f:
+        model_config = hf.config_from_hf(
+            json.load(f), dtype=cfg.run.dtype, param_dtype=cfg.run.param_dtype, source=config_file
+        )
     if stage == "sft":
         batch = cfg.sft.trainer.batch_size
         seq = cfg.sft.data.max_prompt_length + cfg.sft.data.max_completion_length

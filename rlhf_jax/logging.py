@@ -8,8 +8,8 @@ Conventions:
 
 - ``step`` is the optimizer step (or PPO iteration) the metrics were measured *after*.
 - Timings are seconds, under ``time/<phase>``: the ``timings`` argument of ``log`` plus whatever
-  :meth:`RunLogger.phase` blocks accumulated since the previous ``log``; ``time/step`` is the
-  wall-clock seconds per step since the previous ``log``.
+  :meth:`RunLogger.phase` blocks accumulated since the previous ``log``;
+  ``time/wall_per_step`` is the wall-clock seconds per step since the previous ``log``.
 - Non-finite values (NaN, ±inf) are written as JSON ``null``, so every line is standard JSON that
   ``jq`` and pandas read; TensorBoard and W&B get the raw float.
 - Only process 0 writes (``jax.process_index() == 0``); on other processes every method is a no-op.
@@ -243,7 +243,7 @@ class RunLogger:
         for name, seconds in phases.items():
             record[f"time/{name}"] = float(seconds)
         if self._last_step is not None and step > self._last_step:
-            record["time/step"] = (now - self._last_time) / (step - self._last_step)
+            record["time/wall_per_step"] = (now - self._last_time) / (step - self._last_step)
         self._last_step, self._last_time = step, now
         if not self.enabled:
             return record

@@ -1,12 +1,15 @@
 """The rlhf-jax command: help, config errors, report, and the toy pipeline end to end."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from rlhf_jax import config as C
 from rlhf_jax.cli import main
-from rlhf_jax.logging import RunLogger
+from rlhf_jax.logging import RunLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +69,113 @@ def test_report_command(capsys, tmp_path):
     assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     assert "loss" in out and "accuracy" in out and (tmp_path / "p.png").stat().st_size > 1000
+
+
+# -- end to end: sft -> rm -> ppo -> export on the toy task, through the command, in a subprocess
+
+E2E = textwrap.dedent(
+    """
+    import os, sys
+    import jax, numpy as np
+    from rlhf_jax import models, quickstart
+    from rlhf_jax.cli import main
+    from rlhf_jax.data import toy
+
+    out = sys.argv[1]
+    # A Hugging Face checkpoint (a tiny GPT-2 for the toy vocabulary) and TRL-format data files.
+    tok = toy.load_tokenizer(toy.build_tokenizer(os.path.join(out, "base")))
+    qcfg = quickstart.QuickstartConfig(hidden_size=16, num_layers=1, num_heads=2)
+    base = models.init_model(quickstart.policy_config(qcfg, tok), jax.random.PRNGKey(0))
+    models.save_pretrained(base, os.path.join(out, "base"))
+    tok.save_pretrained(os.path.join(out, "base"))
+    toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
+    toy.write_jsonl(os.path.join(out, "pairs.jsonl"), toy.preference_records(32, seed=1))
+    toy.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in toy.all_prompts()])
+
+    config = os.path.join(out, "e2e.yaml")
+    run = os.path.join(out, "run")
+    for stage in ("sft", "rm", "ppo"):
+        assert main([stage, "--config", config, f"run.dir={run}"]) == 0, stage
+    assert main(["export", run, os.path.join(out, "export")]) == 0
+    assert main(["export", run, os.path.join(out, "export_sft"), "--stage", "sft",
+                 "--no-reward-model"]) == 0
+    assert main(["report", os.path.join(run, "ppo")]) == 0
+
+    # The exported policy loads in transformers and gives the logits of the PPO policy.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ppo_policy = models.from_pretrained(os.path.join(out, "export", "policy"))
+    sft_policy = models.from_pretrained(os.path.join(out, "export_sft", "policy"))
+    tokens = np.array([tok.encode("the dog is")], np.int32)
+    mask = np.ones_like(tokens)
+    ours = np.asarray(models.logits(ppo_policy.graphdef, ppo_policy.params, tokens, mask))
+    sft = np.asarray(models.logits(sft_policy.graphdef, sft_policy.params, tokens, mask))
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export", "policy"))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert np.abs(ours - sft).max() > 1e-6, "PPO did not change the policy"
+    assert os.path.exists(os.path.join(out, "export", "reward_model", "config.json"))
+    print("E2E OK", flush=True)
+    """
+)
+
+E2E_CONFIG = """
+run: {tensorboard: true, progress: false}
+sft:
+  model: OUT/base
+  train_file: OUT/sft.jsonl
+  eval_file: OUT/sft.jsonl
+  eval_size: 16
+  data: {kind: completion, max_prompt_length: 6, max_completion_length: 10}
+  trainer: {batch_size: 8, loop: {max_steps: 4, eval_every: 2}}
+  save_every: 2
+rm:
+  train_file: OUT/pairs.jsonl
+  data: {kind: preference, max_prompt_length: 6, max_completion_length: 10}
+  normalize_samples: 8
+  trainer: {loss: pairwise, batch_size: 8, loop: {max_steps: 3}}
+  save_every: 2
+ppo:
+  prompts_file: OUT/prompts.jsonl
+  data: {kind: prompt, max_prompt_length: 6}
+  batch_size: 4
+  trainer:
+    response_length: 10
+    num_samples: 2
+    num_epochs: 1
+    num_minibatches: 1
+    optim: {learning_rate: 1.0e-3}
+    loop: {max_steps: 2}
+  save_every: 1
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_sft_rm_ppo_export_end_to_end_in_a_subprocess(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "e2e.yaml").write_text(E2E_CONFIG.replace("OUT", str(tmp_path)))
+    script = tmp_path / "e2e.py"
+    script.write_text(E2E)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "E2E OK" in proc.stdout
+    run = tmp_path / "run"
+    for stage in ("sft", "rm", "ppo"):
+        assert (run / stage / "final").is_dir() and (run / stage / "metrics.jsonl").exists()
+        assert os.listdir(run / stage / "tensorboard")
+    assert (run / "ppo" / "report.png").exists() and (run / "config.yaml").exists()
+    ppo_keys = read_metrics(run / "ppo")[-1]
+    assert "score/mean" in ppo_keys and "kl/response" in ppo_keys

@@ -39,7 +39,7 @@ def test_jsonl_tensorboard_timings(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert recs[2]["reward"] == 3.0 and recs[2]["kl"] == pytest.approx(0.03)
     assert recs[0]["time/update"] == 0.5 and "time/rollout" in recs[0]
-    assert "time/step" in recs[1]
+    assert "time/wall_per_step" in recs[1]
     events = os.listdir(tmp_path / "run" / "tensorboard")
     assert events and events[0].startswith("events.out.tfevents")
     assert os.path.getsize(tmp_path / "run" / "tensorboard" / events[0]) > 100
