@@ -182,9 +182,9 @@ class PPOConfig:
             )
 
     @property
-    def conventions(self) -> Any:
-        """The :mod:`rlhf_jax.presets` convention bundle named by ``preset``."""
-        return presets.get(self.preset)
+    def conventions(self) -> presets.Conventions:
+        """The :class:`rlhf_jax.presets.Conventions` bundle named by ``preset`` (static)."""
+        return presets.get_preset(self.preset)
 
 
 @flax.struct.dataclass
@@ -361,7 +361,7 @@ def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -
     params = jax.tree.map(jnp.array, params)  # the state is donated: never alias the SFT/RM params
     opt_state = make_optimizer(cfg.optim).init(params)
     opt_state = set_learning_rate(opt_state, hparams.learning_rate)
-    return PPOState(
+    state = PPOState(
         params=params,
         opt_state=opt_state,
         step=jnp.zeros((), jnp.int32),
@@ -369,6 +369,9 @@ def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -
         kl_coef=jnp.asarray(hparams.kl_coef, jnp.float32),
         hparams=hparams,
     )
+    # Every leaf its own buffer (kl_coef and the lr in opt_state would alias hparams' arrays),
+    # since the iteration donates the whole state.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
 def stack_states(states: Sequence[PPOState]) -> PPOState:
@@ -492,16 +495,18 @@ def score(
     logprobs, ref_logprobs, old_values, scores = jax.tree.map(
         lax.stop_gradient, (logprobs, ref_logprobs, old_values, scores)
     )
-    kl = rewards.kl_estimate(logprobs, ref_logprobs, response_mask, conv.reward)
-    shaped = rewards.shape_rewards(
-        scores, kl, response_mask, state.kl_coef, conv.reward, truncated=sampled.truncated
+    shaped, shaping = rewards.shape_rewards(
+        scores,
+        logprobs,
+        ref_logprobs,
+        response_mask,
+        state.kl_coef,
+        options=conv,
+        truncated=sampled.truncated,
     )
-    advantages, value_targets = returns.gae(
-        shaped, old_values, response_mask, hp.gamma, hp.lam, conv.gae
+    advantages, value_targets = returns.ppo_advantages(
+        shaped, old_values, response_mask, hp.gamma, hp.lam, options=conv
     )
-    if conv.whiten_advantages:
-        advantages = returns.whiten(advantages, response_mask, shift_mean=True)
-    advantages = advantages * response_mask
     return Experience(
         tokens=tokens,
         mask=mask,
@@ -513,9 +518,38 @@ def score(
         ref_logprobs=ref_logprobs,
         scores=scores,
         rewards=shaped,
-        kl=kl,
+        kl=shaping["kl"],
         truncated=sampled.truncated,
     )
+
+
+def loss_masks(cfg: PPOConfig, response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(policy_mask, value_loss_mask)`` [N, R] of the preset (:mod:`rlhf_jax.rewards`).
+
+    They differ under ``score_position='after_stop'`` (the post-stop slot is a value step) and
+    ``'last_fixed'`` (every slot is a step), so the two losses have their own denominators.
+    """
+    conv = cfg.conventions
+    return (
+        rewards.policy_mask(response_mask, options=conv),
+        rewards.value_loss_mask(response_mask, options=conv),
+    )
+
+
+def loss_counts(cfg: PPOConfig, response_mask: jax.Array, num_micro: int) -> jax.Array:
+    """``[2]`` denominators (policy, value) of a minibatch split into ``num_micro`` microbatches.
+
+    The sum over microbatches of :func:`rlhf_jax.losses.aggregate`'s count, so every aggregation
+    mode (token mean, sequence mean, ``bnpo``'s one per microbatch, ...) is exact.
+    """
+    conv = cfg.conventions
+    masks = loss_masks(cfg, response_mask)
+    micro = [m.reshape(num_micro, m.shape[0] // num_micro, m.shape[1]) for m in masks]
+
+    def count(m):
+        return losses.aggregate(jnp.zeros_like(m), m, conv.loss_aggregation)[1]
+
+    return jnp.stack([jnp.sum(jax.vmap(count)(m)) for m in micro])
 
 
 def ppo_loss(
@@ -524,52 +558,46 @@ def ppo_loss(
     params: Any,
     batch: Experience,
     hparams: PPOHParams,
-) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-    """``(policy_sum + c_vf * value_sum, (count, metric_sums))`` on a minibatch of experience.
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(policy_sum, value_sum, metric_sums)`` of a (micro)batch of experience.
 
     The policy loss is :func:`rlhf_jax.losses.ppo_policy_loss` (clipped ratio, epsilon
-    ``hparams.clip_eps``) and the value loss :func:`rlhf_jax.losses.value_loss` (clipped around the
-    old values by ``hparams.value_clip``), both aggregated the preset's way over the response mask;
-    both have the same denominator ``count``, so ``sum / count`` is
-    ``policy_loss + c_vf * value_loss`` and :func:`rlhf_jax.optim.accumulate` keeps it exact across
-    microbatches. ``metric_sums`` are sums over the minibatch (divide by the summed counts).
+    ``hparams.clip_eps``) over the preset's policy mask; the value loss
+    :func:`rlhf_jax.losses.value_loss` (``0.5 max((V-R)^2, (clip(V, V_old +- c) - R)^2)``, c =
+    ``hparams.value_clip``) over its value-loss mask; both aggregated the preset's way
+    (``loss_aggregation``). The objective of a minibatch is
+    ``policy_sum / policy_count + c_vf * value_sum / value_count`` with the counts of the whole
+    minibatch (:func:`loss_counts`). ``metric_sums`` are sums (divide by the token counts).
     """
     conv = cfg.conventions
     prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
     logprobs, values = _policy_forward(
         cfg, static, params, batch.tokens, batch.mask, prompt_len, hparams.temperature
     )
-    pg_sum, pg_count, pg_metrics = losses.ppo_policy_loss(
-        logprobs,
-        batch.old_logprobs,
-        batch.advantages,
-        batch.response_mask,
-        clip_eps=hparams.clip_eps,
-        aggregation=conv.loss_aggregation,
+    pmask, vmask = loss_masks(cfg, batch.response_mask)
+    pg_sum, _, pg_metrics = losses.ppo_policy_loss(
+        logprobs, batch.old_logprobs, batch.advantages, pmask, hparams.clip_eps, options=conv
     )
     vf_sum, _, vf_metrics = losses.value_loss(
-        values,
-        batch.old_values,
-        batch.returns,
-        batch.response_mask,
-        clip=hparams.value_clip,
-        aggregation=conv.loss_aggregation,
+        values, batch.old_values, batch.returns, vmask, hparams.value_clip, options=conv
     )
-    total = pg_sum + hparams.vf_coef * vf_sum
     metric_sums = {
-        "policy_loss": pg_sum,
-        "value_loss": vf_sum,
-        **{f"policy/{k}": v for k, v in pg_metrics.items()},
-        **{f"value/{k}": v for k, v in vf_metrics.items()},
+        "policy/approx_kl": pg_metrics["approx_kl"],
+        "policy/clip_frac": pg_metrics["clip_frac"],
+        "policy/ratio": pg_metrics["ratio"],
+        "policy/tokens": pg_metrics["token_count"],
+        "value/clip_frac": vf_metrics["value_clip_frac"],
+        "value/error": vf_metrics["value_error"],
+        "value/tokens": vf_metrics["token_count"],
     }
-    return total, (pg_count, metric_sums)
+    return pg_sum, vf_sum, metric_sums
 
 
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [
         jnp.all(jnp.isfinite(x))
         for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.floating)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
     ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
@@ -583,77 +611,108 @@ def update(
     """Phase 3, learn: E epochs x M minibatches of the PPO loss (``lax.scan`` over both).
 
     Epoch ``e`` permutes the ``N`` rows with ``fold_in(permutation_key, e)`` and cuts them into
-    ``M`` equal minibatches; each minibatch is one optimizer update, its gradient accumulated over
-    ``optim.grad_accum_steps`` microbatches exactly (:func:`rlhf_jax.optim.accumulate`). With
-    ``on_nonfinite="skip"`` an update whose experience, loss or gradient is not finite is dropped
-    (:func:`rlhf_jax.train.apply_update`). Returns the new state (``step`` unchanged) and metrics
-    averaged over all updates (token means over the summed counts).
+    ``M`` equal minibatches; each minibatch is one optimizer update of
+    ``policy_loss + c_vf * value_loss`` (:func:`ppo_loss`), its gradient accumulated over
+    ``optim.grad_accum_steps`` microbatches exactly (:func:`rlhf_jax.optim.accumulate`; each
+    loss divided by its whole-minibatch count). With ``on_nonfinite="skip"`` an update whose
+    experience, loss or gradient is not finite is dropped (:func:`rlhf_jax.train.apply_update`).
+
+    Returns:
+      The new state (``step`` unchanged) and metrics over all E x M updates: ``loss``,
+      ``policy_loss``, ``value_loss`` (means of the per-update losses), ``policy/approx_kl``,
+      ``policy/clip_frac``, ``policy/ratio``, ``value/clip_frac``, ``value/error`` (token means
+      over all updates), ``grad_norm`` (mean), ``lr`` and ``skipped`` (1 if any update was
+      dropped).
     """
     n_rows = exp.tokens.shape[0]
-    m = cfg.num_minibatches
+    m, micro = cfg.num_minibatches, cfg.optim.grad_accum_steps
     if n_rows % m:
         raise ValueError(
             f"rollout batch N = B * n = {n_rows} is not divisible by ppo.num_minibatches={m}"
         )
     mb_size = n_rows // m
-    if mb_size % cfg.optim.grad_accum_steps:
+    if mb_size % micro:
         raise ValueError(
-            f"minibatch of {mb_size} rows is not divisible by "
-            f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}"
+            f"minibatch of {mb_size} rows is not divisible by optim.grad_accum_steps={micro}"
         )
     optimizer = make_optimizer(cfg.optim)
     hparams = state.hparams
     exp_ok = _all_finite((exp.advantages, exp.returns, exp.old_logprobs, exp.old_values))
-    loss_fn = lambda p, mb: ppo_loss(cfg, static, p, mb, hparams)  # noqa: E731
     _, perm_key = iteration_keys(state)
 
+    def objective(params, mb_and_counts):
+        # micro * (policy_sum / P + c_vf * value_sum / V) with count 1: accumulate's mean over
+        # the `micro` microbatches is then exactly the minibatch objective.
+        mb, counts = mb_and_counts
+        pg_sum, vf_sum, sums = ppo_loss(cfg, static, params, mb, hparams)
+        counts = jnp.maximum(counts[0], 1.0)  # the same [2] for every microbatch
+        loss = pg_sum / counts[0] + hparams.vf_coef * vf_sum / counts[1]
+        sums = {**sums, "policy_loss": pg_sum / counts[0], "value_loss": vf_sum / counts[1]}
+        return micro * loss, (jnp.float32(1.0), sums)
+
     def one_update(carry, minibatch):
-        train, sums = carry
-        grads, count, metric_sums = accumulate(
-            loss_fn, train.params, minibatch, cfg.optim.grad_accum_steps
-        )
-        denom = jnp.maximum(count, 1.0)
-        loss = (metric_sums["policy_loss"] + hparams.vf_coef * metric_sums["value_loss"]) / denom
+        train, totals = carry
+        counts = loss_counts(cfg, minibatch.response_mask, micro)
+        counts_b = jnp.broadcast_to(counts, (mb_size, 2))  # split with the rows by accumulate
+        grads, _, sums = accumulate(objective, train.params, (minibatch, counts_b), micro)
+        loss = sums["policy_loss"] + hparams.vf_coef * sums["value_loss"]
         if cfg.on_nonfinite == "skip":
             guarded = jnp.where(exp_ok, loss, jnp.nan)
             train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
         else:
             updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
-            train = train.replace(
-                params=optax.apply_updates(train.params, updates), opt_state=opt_state
-            )
+            params = optax.apply_updates(train.params, updates)
+            train = train.replace(params=params, opt_state=opt_state)
             upd = {"grad_norm": optax.tree.norm(grads), "skipped": jnp.float32(0.0)}
-        sums = dict(sums)
-        for k, v in metric_sums.items():
-            sums[k] = sums[k] + v
-        sums["count"] = sums["count"] + count
-        sums["grad_norm"] = sums["grad_norm"] + upd["grad_norm"]
-        sums["skipped"] = jnp.maximum(sums["skipped"], upd["skipped"])
-        return (train, sums), None
+        totals = {k: totals[k] + v for k, v in sums.items()} | {
+            "loss": totals["loss"] + loss,
+            "grad_norm": totals["grad_norm"] + upd["grad_norm"],
+            "skipped": jnp.maximum(totals["skipped"], upd["skipped"]),
+        }
+        return (train, totals), None
 
     def one_epoch(carry, epoch):
-        if m == 1:  # one minibatch: the order of rows does not change the (summed) loss
+        if m == 1:  # one minibatch: the row order does not change the summed loss
             minibatches = jax.tree.map(lambda x: x[None], exp)
         else:
             perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
-            idx = perm.reshape(m, mb_size)
-            minibatches = jax.tree.map(lambda x: x[idx], exp)
+            minibatches = jax.tree.map(lambda x: x[perm.reshape(m, mb_size)], exp)
         carry, _ = lax.scan(one_update, carry, minibatches)
         return carry, None
 
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
-    shapes = jax.eval_shape(loss_fn, state.params, jax.tree.map(lambda x: x[:mb_size], exp))
-    zero = jnp.zeros((), jnp.float32)
-    sums0 = {k: zero for k in shapes[1][1]}
-    sums0.update(count=zero, grad_norm=zero, skipped=zero)
-    (train, sums), _ = lax.scan(one_epoch, (train, sums0), jnp.arange(cfg.num_epochs))
-    denom = jnp.maximum(sums.pop("count"), 1.0)
+    names = (
+        "policy/approx_kl",
+        "policy/clip_frac",
+        "policy/ratio",
+        "policy/tokens",
+        "value/clip_frac",
+        "value/error",
+        "value/tokens",
+        "policy_loss",
+        "value_loss",
+        "loss",
+        "grad_norm",
+        "skipped",
+    )
+    totals = {k: jnp.zeros((), jnp.float32) for k in names}
+    (train, totals), _ = lax.scan(one_epoch, (train, totals), jnp.arange(cfg.num_epochs))
     n_updates = cfg.num_epochs * m
-    metrics = {k: v / denom for k, v in sums.items() if k not in ("grad_norm", "skipped")}
-    metrics["loss"] = metrics["policy_loss"] + hparams.vf_coef * metrics["value_loss"]
-    metrics["grad_norm"] = sums["grad_norm"] / n_updates
-    metrics["skipped"] = jnp.maximum(sums["skipped"], 1.0 - exp_ok.astype(jnp.float32))
-    metrics["lr"] = current_learning_rate(cfg.optim, train.opt_state)
+    p_tokens = jnp.maximum(totals["policy/tokens"], 1.0)
+    v_tokens = jnp.maximum(totals["value/tokens"], 1.0)
+    metrics = {
+        "loss": totals["loss"] / n_updates,
+        "policy_loss": totals["policy_loss"] / n_updates,
+        "value_loss": totals["value_loss"] / n_updates,
+        "policy/approx_kl": totals["policy/approx_kl"] / p_tokens,
+        "policy/clip_frac": totals["policy/clip_frac"] / p_tokens,
+        "policy/ratio": totals["policy/ratio"] / p_tokens,
+        "value/clip_frac": totals["value/clip_frac"] / v_tokens,
+        "value/error": totals["value/error"] / v_tokens,
+        "grad_norm": totals["grad_norm"] / n_updates,
+        "skipped": jnp.maximum(totals["skipped"], 1.0 - exp_ok.astype(jnp.float32)),
+        "lr": current_learning_rate(cfg.optim, train.opt_state),
+    }
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
 
@@ -667,7 +726,7 @@ def kl_control(cfg: PPOConfig, state: PPOState, exp: Experience, ok: jax.Array) 
     """
     if cfg.kl_controller == "fixed":
         return state.kl_coef
-    kl_per_response = jnp.mean(jnp.sum(exp.kl * exp.response_mask, -1))
+    kl_per_response = jnp.mean(jnp.sum(exp.kl, -1))  # the KL as charged (rewards.shape_rewards)
     new = rewards.adaptive_kl_update(
         state.kl_coef,
         kl_per_response,
@@ -688,9 +747,9 @@ def rollout_metrics(exp: Experience, kl_coef: jax.Array) -> dict[str, jax.Array]
     return {
         "score/mean": jnp.mean(exp.scores),
         "score/std": jnp.std(exp.scores),
-        "kl/response": jnp.mean(jnp.sum(exp.kl * rmask, -1)),
+        "kl/response": jnp.mean(jnp.sum(exp.kl, -1)),
         "kl/token": jnp.sum(exp.kl * rmask) / n_tokens,
-        "reward/response": jnp.mean(jnp.sum(exp.rewards * rmask, -1)),
+        "reward/response": jnp.mean(jnp.sum(exp.rewards, -1)),
         "response/length": jnp.mean(lengths),
         "response/truncated": jnp.mean(exp.truncated.astype(jnp.float32)),
         "entropy/sampled": -jnp.sum(exp.old_logprobs * rmask) / n_tokens,

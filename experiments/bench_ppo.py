@@ -1,0 +1,155 @@
+"""Seconds per PPO iteration, with per-phase times, on the configuration the PyTorch stacks ran.
+
+Policy, reference, critic and reward model are each a separate GPT-2 (4 layers, 4 heads, width
+256, vocabulary 8192); 16 prompts of 16 tokens; 48-token responses with no stop token; temperature
+0.7; 4 PPO epochs of 1 minibatch; k1 KL, beta = 0.05; gamma = 1, lambda = 0.95; clip 0.2; value
+clip 0.2; c_vf = 0.1; AdamW. (The critic is initialised from the reward model, ``critic=
+"separate"``.) The weights are random: the time does not depend on them.
+
+It times the fused iteration (:func:`rlhf_jax.algorithms.ppo.make_iteration`, the one a run uses)
+and, separately, each phase jitted alone: rollout (:func:`ppo.generate`), scoring (reference
+log-probs + critic values + reward-model scores + shaping + GAE, :func:`ppo.score`) and the update
+(E epochs of PPO, :func:`ppo.update`). The phase sum can differ a little from the fused time
+(XLA fuses across phase boundaries in the fused program). Each figure is the median of
+``--repeats`` calls after a warm-up call; "compile" is the first call of the fused iteration minus
+its median.
+
+    PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
+    PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
+
+Last line: ``ppo seconds per iteration: <s> (compile <c> s)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import models
+from rlhf_jax.algorithms import ppo
+from rlhf_jax.optim import OptimConfig
+
+
+def bench_config(args) -> tuple[ppo.PPOConfig, models.ModelConfig]:
+    """The issue's benchmark configuration."""
+    model_cfg = models.ModelConfig(
+        arch="gpt2",
+        vocab_size=8192,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        max_position_embeddings=128,
+    )
+    cfg = ppo.PPOConfig(
+        response_length=args.response_length,
+        num_samples=1,
+        num_epochs=4,
+        num_minibatches=1,
+        critic="separate",
+        kl_controller="fixed",
+        stop_tokens=(),
+        kl_coef=0.05,
+        gamma=1.0,
+        lam=0.95,
+        clip_eps=0.2,
+        value_clip=0.2,
+        vf_coef=0.1,
+        temperature=0.7,
+        optim=OptimConfig(name="adamw", learning_rate=1e-5),
+    )
+    return cfg, model_cfg
+
+
+def timed(fn, *args, repeats: int) -> tuple[float, float]:
+    """``(first call seconds, median of `repeats` later calls)``; outputs are blocked on."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per iteration")
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--response-length", type=int, default=48)
+    parser.add_argument("--no-phases", action="store_true", help="time the fused iteration only")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    cfg, model_cfg = bench_config(args)
+    print(f"devices: {jax.devices()}")
+    print(
+        f"config: GPT-2 L={model_cfg.num_layers} H={model_cfg.num_heads} "
+        f"d={model_cfg.hidden_size} V={model_cfg.vocab_size}; "
+        f"B={args.batch} P={args.prompt_length} "
+        f"R={cfg.response_length}; E={cfg.num_epochs} M={cfg.num_minibatches}; critic={cfg.critic}"
+    )
+
+    sft = models.init_model(model_cfg, jax.random.PRNGKey(0))
+    reward_model = models.init_model(
+        model_cfg, jax.random.PRNGKey(1), lm_head=False, score_head=True
+    )
+    static, params, frozen = ppo.make_models(cfg, sft, reward_model)
+    prompts = jax.random.randint(
+        jax.random.PRNGKey(2), (args.batch, args.prompt_length), 1, model_cfg.vocab_size
+    ).astype(jnp.int32)
+    prompt_mask = jnp.ones_like(prompts)
+    index = jnp.arange(args.batch, dtype=jnp.int32)
+
+    rows = []
+    if not args.no_phases:
+        state = ppo.init_state(cfg, params)
+        gen = jax.jit(lambda s, q, m, i: ppo.generate(cfg, static, s, q, m, i))
+        score = jax.jit(lambda s, f, q, m, r: ppo.score(cfg, static, s, f, q, m, r))
+        upd = jax.jit(lambda s, e: ppo.update(cfg, static, s, e))  # not donated: reused
+        c, t = timed(gen, state, prompts, prompt_mask, index, repeats=repeats)
+        rows.append(("rollout", t, c - t))
+        sampled = gen(state, prompts, prompt_mask, index)
+        c, t = timed(score, state, frozen, prompts, prompt_mask, sampled, repeats=repeats)
+        rows.append(("scoring (ref + values + RM + GAE)", t, c - t))
+        exp = score(state, frozen, prompts, prompt_mask, sampled)
+        c, t = timed(upd, state, exp, repeats=repeats)
+        rows.append((f"update ({cfg.num_epochs} epochs x {cfg.num_minibatches})", t, c - t))
+        del state, sampled, exp
+
+    iterate = ppo.make_iteration(cfg, static)
+    state = ppo.init_state(cfg, params)
+    t0 = time.perf_counter()
+    state, metrics = iterate(state, frozen, prompts, prompt_mask, index)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = iterate(state, frozen, prompts, prompt_mask, index)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    fused = statistics.median(times)
+    rows.append(("fused iteration", fused, first - fused))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'phase':<{width}}  seconds  compile")
+    for name, t, c in rows:
+        print(f"{name:<{width}}  {t:7.3f}  {c:7.1f}")
+    if len(rows) > 1:
+        print(f"{'sum of phases':<{width}}  {sum(r[1] for r in rows[:-1]):7.3f}")
+    print(
+        f"last metrics: score/mean={float(metrics['score/mean']):.4f} "
+        f"kl/response={float(metrics['kl/response']):.4f} skipped={float(metrics['skipped'])}"
+    )
+    print(f"ppo seconds per iteration: {fused:.3f} (compile {first - fused:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
