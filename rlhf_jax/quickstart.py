@@ -10,8 +10,9 @@ Stages (each a library call, so a notebook can run them one at a time):
 1. **SFT** (:mod:`rlhf_jax.algorithms.sft`): a tiny GPT-2-family LM, from scratch, learns the
    toy demonstrations (completion tokens only). It is the reference policy and the PPO start.
 2. **Reward model** (:mod:`rlhf_jax.algorithms.reward_model`): the SFT trunk plus a scalar head,
-   trained on simulated K-wise rankings of K corpus responses per prompt (all C(K, 2) pairs,
-   InstructGPT), accuracy on held-out rankings, then normalised so SFT samples score mean 0, std 1.
+   trained as InstructGPT's was: K samples of the SFT policy per prompt, ranked by the simulated
+   labeler, all C(K, 2) pairs of a ranking in one batch element; accuracy on held-out rankings;
+   then normalised so fresh SFT samples score mean 0, std 1 (lm-human-preferences).
 3. **PPO** (:mod:`rlhf_jax.algorithms.ppo`): the policy maximises the reward model's score with a
    KL penalty to the SFT reference.
 4. **Report**: on fixed evaluation prompts, the SFT and PPO policies' gold and reward-model scores,
@@ -27,6 +28,7 @@ response and >= 95% well-formed responses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -82,7 +84,7 @@ class QuickstartConfig:
         batch_size=64,
     )  # SFT trainer (completion tokens only)
     # -- reward model --
-    rm_groups: int = 3072  # labelled rankings (one prompt, rm_k distinct corpus responses each)
+    rm_groups: int = 3072  # labelled rankings (one prompt, rm_k SFT-policy samples each)
     rm_k: int = 4  # responses ranked per prompt (InstructGPT uses 4 to 9)
     rm_eval_groups: int = 256  # held-out rankings for the reported accuracy
     label_temperature: float = 0.3  # labeler noise: P(a > b) = sigmoid((gold_a - gold_b) / T)
@@ -98,7 +100,6 @@ class QuickstartConfig:
         loop=LoopConfig(max_steps=300, eval_every=100),
         batch_size=32,
     )  # reward-model trainer (K-wise ranking loss, normalised after training)
-    rm_normalize_samples: int = 512  # SFT samples whose scores set the gain/bias (mean 0, std 1)
     # -- PPO --
     ppo_iterations: int = 60  # PPO iterations (rollout + learn)
     ppo_prompts: int = 32  # prompts per iteration (each answered ppo.num_samples times)
@@ -226,73 +227,168 @@ class PolicyEval:
         ]
 
 
-def make_scorer(policy_graphdef: Any, reference: Any, reward_model: Any) -> Callable:
-    """Compiled ``scorer(policy_params, tokens, mask) -> (kl [B], reward [B])``.
-
-    ``tokens``/``mask`` are ``[B, P+R]`` with the toy prompt length ``P``. ``kl`` is the k1 estimate
-    ``sum_t log pi(y_t) - log pi_ref(y_t)`` over the response tokens, whose mean over samples of
-    ``pi`` estimates KL(pi || pi_ref) in nats per response; ``reward`` is the reward model's score.
-    """
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _kl_and_reward(policy_gd, reference_gd, reward_gd, policy, reference, reward, tokens, mask):
     start = toy.PROMPT_LENGTH
-
-    @jax.jit
-    def scorer(policy_params, tokens, mask):
-        lp = models.token_logprobs(policy_graphdef, policy_params, tokens, mask, start=start)
-        lr = models.token_logprobs(reference.graphdef, reference.params, tokens, mask, start=start)
-        kl = jnp.sum((lp - lr) * mask[:, start:], axis=-1)
-        reward = models.scores(reward_model.graphdef, reward_model.params, tokens, mask)
-        return kl, reward
-
-    return scorer
+    lp = models.token_logprobs(policy_gd, policy, tokens, mask, start=start)
+    lr = models.token_logprobs(reference_gd, reference, tokens, mask, start=start)
+    kl = jnp.sum((lp - lr) * mask[:, start:], axis=-1)
+    return kl, models.scores(reward_gd, reward, tokens, mask)
 
 
-def evaluate_policy(
-    policy_graphdef: Any,
-    policy_params: Any,
-    scorer: Callable,
+def sample_responses(
+    graphdef: Any,
+    params: Any,
     tokenizer,
     prompts: Sequence[str],
     key: jax.Array,
     *,
     temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sampled response per prompt: ``(tokens, mask)`` ``[N, P+R]`` int32 (prompt + response).
+
+    Sampling runs in fixed chunks of ``chunk`` rows (the last one padded), so every call of the
+    pipeline reuses one compiled sampler; row ``i`` draws from ``fold_in(key, i)`` whatever the
+    chunking (:func:`rlhf_jax.rollout.sample` ``prompt_index``).
+    """
+    pt, pm = toy.encode_prompts(tokenizer, list(prompts))
+    n = len(prompts)
+    pad = -n % chunk
+    pt = np.concatenate([pt, np.repeat(pt[:1], pad, 0)])
+    pm = np.concatenate([pm, np.repeat(pm[:1], pad, 0)])
+    outs = []
+    for start in range(0, n + pad, chunk):
+        sl = slice(start, start + chunk)
+        out = rollout.sample(
+            graphdef,
+            params,
+            jnp.asarray(pt[sl]),
+            jnp.asarray(pm[sl]),
+            key,
+            max_new_tokens=toy.RESPONSE_LENGTH,
+            sampling=rollout.SamplingConfig(temperature=temperature),
+            stop_tokens=toy.stop_token_ids(tokenizer),
+            prompt_index=jnp.arange(start, start + chunk, dtype=jnp.int32),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outs.append(jax.device_get((out.tokens, out.mask)))
+    rt = np.concatenate([o[0] for o in outs])[:n].astype(np.int32)
+    rm = np.concatenate([o[1] for o in outs])[:n].astype(np.int32)
+    return np.concatenate([pt[:n], rt], 1), np.concatenate([pm[:n], rm], 1)
+
+
+def evaluate_policy(
+    policy: tuple[Any, Any],
+    reference: Any,
+    reward_model: Any,
+    tokenizer,
+    prompts: Sequence[str],
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 256,
 ) -> PolicyEval:
     """Sample one response per prompt from the policy and score it every way the report needs.
 
     Args:
-      policy_graphdef, policy_params: the policy.
-      scorer: from :func:`make_scorer` (KL to the reference, reward-model score).
+      policy: ``(graphdef, params)`` of the policy.
+      reference: the reference (SFT) Model record; ``kl`` is the k1 estimate
+        ``sum_t log pi(y_t) - log pi_ref(y_t)`` over the response tokens, whose mean over samples
+        of ``pi`` estimates KL(pi || pi_ref) in nats per response.
+      reward_model: the reward-model record (``reward`` is its normalised score).
       tokenizer: the toy tokenizer.
       prompts: the evaluation prompts (repeat a prompt for several samples).
-      key: sampling key; sample ``i`` uses ``fold_in(key, i)`` (positional, see
-        :func:`rlhf_jax.rollout.sample`), so two policies sampled with one key share the noise.
+      key: sampling key; sample ``i`` uses ``fold_in(key, i)``, so two policies sampled with one
+        key share the noise.
       temperature: sampling temperature (1 = the policy's own distribution, where the KL holds).
+      chunk: rows per compiled sampling/scoring call.
     """
-    pt, pm = toy.encode_prompts(tokenizer, list(prompts))
-    pt, pm = jnp.asarray(pt), jnp.asarray(pm)
-    out = rollout.sample(
-        policy_graphdef,
-        policy_params,
-        pt,
-        pm,
-        key,
-        max_new_tokens=toy.RESPONSE_LENGTH,
-        sampling=rollout.SamplingConfig(temperature=temperature),
-        stop_tokens=toy.stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+    graphdef, params = policy
+    tokens, mask = sample_responses(
+        graphdef, params, tokenizer, prompts, key, temperature=temperature, chunk=chunk
     )
-    resp_tokens, resp_mask = np.asarray(out.tokens), np.asarray(out.mask)
-    responses = toy.decode_responses(tokenizer, resp_tokens, resp_mask)
-    tokens = jnp.concatenate([pt, out.tokens.astype(jnp.int32)], axis=1)
-    mask = jnp.concatenate([pm, out.mask.astype(jnp.int32)], axis=1)
-    kl, reward = jax.device_get(scorer(policy_params, tokens, mask))
+    p = toy.PROMPT_LENGTH
+    responses = toy.decode_responses(tokenizer, tokens[:, p:], mask[:, p:])
+    kl, reward = [], []
+    n = len(prompts)
+    pad = -n % chunk
+    tk = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
+    mk = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
+    for start in range(0, n + pad, chunk):
+        sl = slice(start, start + chunk)
+        k, r = _kl_and_reward(
+            graphdef,
+            reference.graphdef,
+            reward_model.graphdef,
+            params,
+            reference.params,
+            reward_model.params,
+            jnp.asarray(tk[sl]),
+            jnp.asarray(mk[sl]),
+        )
+        kl.append(np.asarray(k))
+        reward.append(np.asarray(r))
     return PolicyEval(
         prompts=list(prompts),
         responses=responses,
         gold=np.asarray(toy.gold_scores(list(prompts), responses), np.float64),
-        reward=np.asarray(reward, np.float64),
-        kl=np.asarray(kl, np.float64),
+        reward=np.concatenate(reward)[:n].astype(np.float64),
+        kl=np.concatenate(kl)[:n].astype(np.float64),
         well_formed=np.array([toy.is_well_formed(r) for r in responses]),
     )
+
+
+def ranking_data(
+    graphdef: Any,
+    params: Any,
+    tokenizer,
+    n_groups: int,
+    k: int,
+    *,
+    seed: int,
+    label_temperature: float,
+    sample_temperature: float = 1.0,
+    chunk: int = 256,
+) -> dict[str, np.ndarray]:
+    """K-wise comparison data as InstructGPT collects it: K samples of the SFT policy per prompt,
+    ranked by the simulated labeler (Plackett-Luce noise at ``label_temperature``).
+
+    Returns :func:`rlhf_jax.data.toy.ranking_batch` arrays, ``response_tokens [n_groups, K, R]``
+    ranked best to worst.
+    """
+    prompts = toy.sample_prompts(n_groups, seed=seed)
+    flat = [p for p in prompts for _ in range(k)]
+    tokens, mask = sample_responses(
+        graphdef,
+        params,
+        tokenizer,
+        flat,
+        jax.random.PRNGKey(seed),
+        temperature=sample_temperature,
+        chunk=chunk,
+    )
+    p = toy.PROMPT_LENGTH
+    responses = toy.decode_responses(tokenizer, tokens[:, p:], mask[:, p:])
+    groups = [responses[i * k : (i + 1) * k] for i in range(n_groups)]
+    records = toy.rank_responses(prompts, groups, temperature=label_temperature, seed=seed + 1)
+    return _ranking_arrays(tokenizer, records, tokens[:, p:], mask[:, p:], responses, k)
+
+
+def _ranking_arrays(tokenizer, records, tokens, mask, responses, k) -> dict[str, np.ndarray]:
+    """Ranked records -> arrays, reusing the sampled token ids (re-encoding a malformed sample's
+    text could differ from what the policy emitted, e.g. after the first stop token)."""
+    n = len(records)
+    pt, pm = toy.encode_prompts(tokenizer, [r["prompt"] for r in records])
+    rt = np.zeros((n, k, tokens.shape[1]), np.int32)
+    rmask = np.zeros_like(rt)
+    for g, rec in enumerate(records):
+        rows = list(range(g * k, (g + 1) * k))
+        for slot, text in enumerate(rec["completions"]):
+            row = next(r for r in rows if responses[r] == text)
+            rows.remove(row)
+            rt[g, slot], rmask[g, slot] = tokens[row], mask[row]
+    return {"prompt_tokens": pt, "prompt_mask": pm, "response_tokens": rt, "response_mask": rmask}
 
 
 def plot_ppo(curve: Sequence[Mapping[str, float]], path: str) -> str:
@@ -351,7 +447,7 @@ def run(
     """Run the whole pipeline and write its report; returns the report dict.
 
     Writes into ``cfg.run_dir``: ``tokenizer/`` (Hugging Face format), ``sft/``, ``rm/``, ``ppo/``
-    (``metrics.jsonl`` of each stage when ``log``), ``report.json``, ``report.md`` and
+    (each stage's ``metrics.jsonl`` when ``log``), ``report.json``, ``report.md`` and
     ``ppo_curves.png``.
     """
     t_start = time.perf_counter()
@@ -363,92 +459,95 @@ def run(
 
     # -- tokenizer and model --
     tokenizer = toy.load_tokenizer(toy.build_tokenizer(os.path.join(cfg.run_dir, "tokenizer")))
-    model_cfg = policy_config(cfg, tokenizer)
-    init = models.init_model(model_cfg, k_init)
+    init = models.init_model(policy_config(cfg, tokenizer), k_init)
+    eval_prompts = [p for p in toy.all_prompts() for _ in range(cfg.eval_samples_per_prompt)]
+    chunk = len(eval_prompts)  # one compiled sampler shape for every sampling call
 
     # -- SFT --
     t0 = time.perf_counter()
     train = sft_arrays(tokenizer, cfg.sft_examples, seed=cfg.seed)
     held_out = sft_arrays(tokenizer, 512, seed=cfg.seed + 10_000)
     logger = _logger(cfg, "sft", cfg.sft.loop.max_steps, log)
-    sft_model, sft_res = sft_lib.run(
-        cfg.sft,
-        init,
-        epoch_batches(train, cfg.sft.batch_size, seed=cfg.seed),
-        key=k_sft,
-        eval_batch=held_out,
-        logger=logger,
-    )
-    _close(logger)
+    try:
+        sft_model, sft_res = sft_lib.run(
+            cfg.sft,
+            init,
+            epoch_batches(train, cfg.sft.batch_size, seed=cfg.seed),
+            key=k_sft,
+            eval_batch=held_out,
+            logger=logger,
+        )
+    finally:
+        _close(logger)
     seconds["sft"] = time.perf_counter() - t0
     sft_summary = {f"eval_{k}": v for k, v in sft_res.evals[-1].items() if k != "step"}
     say(f"[sft] {sft_res.step} steps in {seconds['sft']:.1f}s: {_fmt(sft_summary)}")
 
-    # -- reward model --
+    # -- reward model: rankings of SFT samples, then normalised on fresh SFT samples --
     t0 = time.perf_counter()
-    rank = toy.ranking_batch(
+    sample = functools.partial(
+        ranking_data,
+        sft_model.graphdef,
+        sft_model.params,
         tokenizer,
-        toy.ranking_records(
-            cfg.rm_groups, cfg.rm_k, seed=cfg.seed + 1, temperature=cfg.label_temperature
-        ),
+        k=cfg.rm_k,
+        label_temperature=cfg.label_temperature,
+        sample_temperature=cfg.temperature,
+        chunk=chunk,
     )
-    rank_eval = toy.ranking_batch(
+    rank = sample(cfg.rm_groups, seed=cfg.seed + 1)
+    rank_eval = sample(cfg.rm_eval_groups, seed=cfg.seed + 2)
+    norm_tokens, norm_mask = sample_responses(
+        sft_model.graphdef,
+        sft_model.params,
         tokenizer,
-        toy.ranking_records(
-            cfg.rm_eval_groups, cfg.rm_k, seed=cfg.seed + 2, temperature=cfg.label_temperature
-        ),
+        eval_prompts,
+        k_norm,
+        temperature=cfg.temperature,
+        chunk=chunk,
     )
-    prompts_all = toy.all_prompts()
-    norm_prompts = [prompts_all[i % len(prompts_all)] for i in range(cfg.rm_normalize_samples)]
-    norm_batch = _sample_sequences(sft_model, tokenizer, norm_prompts, k_norm, cfg.temperature)
+    seconds["rm_data"] = time.perf_counter() - t0
     logger = _logger(cfg, "rm", cfg.reward_model.loop.max_steps, log)
-    rm_model, rm_res, rm_info = rm_lib.run(
-        cfg.reward_model,
-        sft_model,
-        epoch_batches(rank, cfg.reward_model.batch_size, seed=cfg.seed + 1),
-        key=k_rm,
-        eval_batch=rank_eval,
-        normalize_on=norm_batch,
-        logger=logger,
-    )
-    _close(logger)
+    try:
+        rm_model, rm_res, rm_info = rm_lib.run(
+            cfg.reward_model,
+            sft_model,
+            epoch_batches(rank, cfg.reward_model.batch_size, seed=cfg.seed + 1),
+            key=k_rm,
+            eval_batch=rank_eval,
+            normalize_on={"tokens": norm_tokens, "attention_mask": norm_mask},
+            logger=logger,
+        )
+    finally:
+        _close(logger)
     seconds["reward_model"] = time.perf_counter() - t0
     say(f"[rm] {rm_res.step} steps in {seconds['reward_model']:.1f}s: {_fmt(rm_info)}")
 
-    # -- evaluation prompts and the SFT baseline --
-    eval_prompts = [p for p in prompts_all for _ in range(cfg.eval_samples_per_prompt)]
-    scorer = make_scorer(sft_model.graphdef, sft_model, rm_model)
-    before = evaluate_policy(
-        sft_model.graphdef,
-        sft_model.params,
-        scorer,
-        tokenizer,
-        eval_prompts,
-        k_eval,
+    # -- the SFT baseline, PPO, and the PPO policy on the same prompts and sampling noise --
+    evaluate = functools.partial(
+        evaluate_policy,
+        reference=sft_model,
+        reward_model=rm_model,
+        tokenizer=tokenizer,
+        prompts=eval_prompts,
+        key=k_eval,
         temperature=cfg.temperature,
+        chunk=chunk,
     )
-
-    # -- PPO --
+    before = evaluate((sft_model.graphdef, sft_model.params))
     t0 = time.perf_counter()
-    policy, ppo_res, curve = _run_ppo(cfg, tokenizer, sft_model, rm_model, eval_prompts, log)
+    policy, ppo_res, curve = _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log)
+    b0 = before.summary()
+    curve.insert(0, {"iteration": 0, "reward": b0["reward"], "kl": 0.0, "gold": b0["gold"]})
     seconds["ppo"] = time.perf_counter() - t0
     say(f"[ppo] {ppo_res.step} iterations in {seconds['ppo']:.1f}s")
-
-    # -- report --
     t0 = time.perf_counter()
-    scorer = make_scorer(policy.graphdef, sft_model, rm_model)
-    after = evaluate_policy(
-        policy.graphdef,
-        policy.params,
-        scorer,
-        tokenizer,
-        eval_prompts,
-        k_eval,
-        temperature=cfg.temperature,
-    )
+    after = evaluate((policy.graphdef, policy.params))
     win = toy.gold_win_rate(eval_prompts, after.responses, before.responses)
     seconds["evaluation"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
+
+    # -- report --
     b, a = before.summary(), after.summary()
     report = {
         "seed": cfg.seed,
@@ -487,29 +586,8 @@ def run(
     return report
 
 
-def _sample_sequences(model, tokenizer, prompts, key, temperature) -> dict[str, np.ndarray]:
-    """Prompt + sampled response ``{"tokens", "attention_mask"}`` ``[B, P+R]`` from ``model``."""
-    pt, pm = toy.encode_prompts(tokenizer, list(prompts))
-    out = rollout.sample(
-        model.graphdef,
-        model.params,
-        jnp.asarray(pt),
-        jnp.asarray(pm),
-        key,
-        max_new_tokens=toy.RESPONSE_LENGTH,
-        sampling=rollout.SamplingConfig(temperature=temperature),
-        stop_tokens=toy.stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return {
-        "tokens": np.concatenate([pt, np.asarray(out.tokens, np.int32)], axis=1),
-        "attention_mask": np.concatenate([pm, np.asarray(out.mask, np.int32)], axis=1),
-    }
-
-
-def _run_ppo(cfg, tokenizer, sft_model, rm_model, eval_prompts, log):
+def _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log):
     """PPO from the SFT model against the reward model; returns (policy, LoopResult, curve)."""
-    ppo = ppo_lib
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
         response_length=toy.RESPONSE_LENGTH,
@@ -533,26 +611,17 @@ def _run_ppo(cfg, tokenizer, sft_model, rm_model, eval_prompts, log):
             "prompt_index": (step * b + np.arange(b)).astype(np.int32),
         }
 
-    static, _, _ = ppo.make_models(ppo_cfg, sft_model, rm_model)
-    scorer = make_scorer(static.policy, sft_model, rm_model)
-    eval_key = jax.random.PRNGKey(cfg.seed + 12345)
+    static, _, _ = ppo_lib.make_models(ppo_cfg, sft_model, rm_model)
 
     def eval_fn(state):
-        ev = evaluate_policy(
-            static.policy,
-            state.params["policy"],
-            scorer,
-            tokenizer,
-            eval_prompts,
-            eval_key,
-            temperature=cfg.temperature,
-        )
-        s = ev.summary()
-        return {"gold": s["gold"], "well_formed": s["well_formed"], "kl_eval": s["kl"]}
+        s = evaluate((static.policy, state.params["policy"])).summary()
+        return {"gold": s["gold"], "well_formed": s["well_formed"], "kl": s["kl"]}
 
     logger = _logger(cfg, "ppo", cfg.ppo_iterations, log)
     try:
-        policy, res = ppo.run(ppo_cfg, sft_model, rm_model, batches, eval_fn=eval_fn, logger=logger)
+        policy, res = ppo_lib.run(
+            ppo_cfg, sft_model, rm_model, batches, eval_fn=eval_fn, logger=logger
+        )
     finally:
         _close(logger)
     gold = {int(e["step"]): e["gold"] for e in res.evals}

@@ -55,11 +55,11 @@ def test_completion_batch_masks():
 
 def test_loss_equals_numpy_cross_entropy(tiny):
     batch = jax.tree.map(jnp.asarray, _batch())
-    nll, (count, sums) = sft.sft_loss(tiny.graphdef, tiny.params, batch)
-    logits = np.asarray(
-        models.logits(tiny.graphdef, tiny.params, batch["tokens"], batch["attention_mask"]),
-        np.float64,
+    nll, (count, sums) = jax.jit(lambda p, b: sft.sft_loss(tiny.graphdef, p, b))(tiny.params, batch)
+    logits = jax.jit(lambda p, t, m: models.logits(tiny.graphdef, p, t, m))(
+        tiny.params, batch["tokens"], batch["attention_mask"]
     )
+    logits = np.asarray(logits, np.float64)
     tokens, w = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
     ref, correct, n = 0.0, 0, 0
     for b in range(2):
@@ -88,7 +88,7 @@ def test_one_sgd_step_is_params_minus_lr_grad(tiny):
         w = batch["loss_mask"][:, 1:]
         return jnp.sum(ce * w) / jnp.sum(w)
 
-    ref_loss, grads = jax.value_and_grad(reference_loss)(tiny.params)
+    ref_loss, grads = jax.jit(jax.value_and_grad(reference_loss))(tiny.params)
     expected = jax.tree.map(lambda p, g: p - lr * g, tiny.params, grads)
     step = sft.make_step(tiny.graphdef, cfg)
     state, metrics = step(sft.init_state(tiny.params, cfg), batch, jax.random.PRNGKey(0))

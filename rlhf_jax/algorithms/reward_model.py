@@ -11,8 +11,10 @@ Two losses, both from :mod:`rlhf_jax.losses` (this module does not re-derive the
   with an optional per-example margin and optional reward centering ``c * (r_c + r_r)^2`` (TRL
   ``RewardTrainer``): :func:`rlhf_jax.losses.pairwise_rm_loss`.
 - ``"ranking"`` — K-wise rankings of one prompt: all C(K, 2) pairs of the group in one batch
-  element, averaged within the group (InstructGPT Eq. 1): :func:`rlhf_jax.losses.ranking_rm_loss`.
-  For K = 2 it equals the pairwise loss.
+  element, averaged within the group (InstructGPT Eq. 1; optional OASST L2 term):
+  :func:`rlhf_jax.losses.ranking_rm_loss` ``mode="pairs"``. For K = 2 it equals the pairwise loss.
+- ``"best_of_k"`` — softmax cross-entropy of the K scores against the best response
+  (lm-human-preferences ``PickBest``): ``ranking_rm_loss(mode="best_of_k")``.
 
 A batch is the dict :func:`rlhf_jax.data.toy.ranking_batch` (and the general data path) builds::
 
@@ -62,7 +64,7 @@ __all__ = [
     "score_stats",
 ]
 
-_LOSSES = ("pairwise", "ranking")
+_LOSSES = ("pairwise", "ranking", "best_of_k")
 _READS = ("last_nonpad", "last")
 
 
@@ -70,8 +72,9 @@ _READS = ("last_nonpad", "last")
 class RewardModelConfig:
     """A scalar reward model trained from pairwise or K-wise comparisons."""
 
-    loss: str = "ranking"  # "pairwise" (Bradley-Terry, K = 2) | "ranking" (all C(K,2), InstructGPT)
-    center_coef: float = 0.0  # reward centering c * mean((r_c + r_r)^2); TRL recommends 0.01
+    loss: str = "ranking"  # "pairwise" (K=2) | "ranking" (all C(K,2) pairs) | "best_of_k" (LMHP)
+    center_coef: float = 0.0  # pairwise: centering c * mean((r_c + r_r)^2); TRL suggests 0.01
+    l2_coef: float = 0.0  # ranking: + l2_coef * 0.5 * (r_i^2 + r_j^2) per pair (OASST 0.001)
     use_margin: bool = True  # subtract the batch's per-pair "margin" when the batch has one
     read: str = "last_nonpad"  # score position: "last_nonpad" (TRL, SAFE) | "last" (LMHP)
     optim: OptimConfig = OptimConfig(name="adamw", learning_rate=5e-5)  # optimizer and schedule
@@ -86,8 +89,8 @@ class RewardModelConfig:
             raise ValueError(f"reward_model.loss={self.loss!r}: choose one of {_LOSSES}")
         if self.read not in _READS:
             raise ValueError(f"reward_model.read={self.read!r}: choose one of {_READS}")
-        if self.center_coef < 0:
-            raise ValueError(f"reward_model.center_coef={self.center_coef}: must be >= 0")
+        if self.center_coef < 0 or self.l2_coef < 0:
+            raise ValueError("reward_model.center_coef and reward_model.l2_coef must be >= 0")
         if not self.target_std > 0:
             raise ValueError(f"reward_model.target_std={self.target_std}: must be > 0")
         if self.batch_size < 1 or self.batch_size % self.optim.grad_accum_steps:
@@ -120,12 +123,12 @@ def init_reward_model(sft_model: Any, key: jax.Array) -> Any:
     for path, var in flat:
         if path in sft_flat:
             source = sft_flat[path]
-            if source.value.shape != var.value.shape:
+            if source.get_value().shape != var.get_value().shape:
                 raise ValueError(
-                    f"SFT parameter {path} has shape {source.value.shape}, "
-                    f"the reward model's {var.value.shape}"
+                    f"SFT parameter {path} has shape {source.get_value().shape}, "
+                    f"the reward model's {var.get_value().shape}"
                 )
-            copied.append((path, var.replace(jnp.array(source.value))))
+            copied.append((path, var.replace(jnp.array(source.get_value()))))
         else:
             copied.append((path, var))
     params = nnx.from_flat_state(copied)
@@ -209,8 +212,10 @@ def rm_loss(
         total, count, _ = losses.pairwise_rm_loss(
             scores[:, 0], scores[:, 1], margin=margin, center_coef=cfg.center_coef
         )
-    else:
-        total, count, _ = losses.ranking_rm_loss(scores, center_coef=cfg.center_coef)
+    elif cfg.loss == "ranking":
+        total, count, _ = losses.ranking_rm_loss(scores, mode="pairs", l2_coef=cfg.l2_coef)
+    else:  # best_of_k: the labeller's pick is the first (best) response
+        total, count, _ = losses.ranking_rm_loss(scores, mode="best_of_k")
     correct, pairs = pair_accuracy(scores)
     sums = {
         "loss": total,
@@ -316,9 +321,7 @@ def normalize_params(
         raise ValueError("the scores to normalise are all equal (std 0): sample more responses")
     scale = target_std / sigma
     gain, bias = models.score_gain_bias(params)
-    new_gain = gain * scale
-    new_bias = (bias - mu) * scale + target_mean
-    return models.set_score_gain_bias(params, new_gain, new_bias)
+    return models.set_score_gain_bias(params, gain * scale, (bias - mu) * scale + target_mean)
 
 
 # ------------------------------------------------------------------------------------------
