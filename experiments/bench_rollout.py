@@ -48,7 +48,7 @@ class Args:
     runs: int = 5  # timed runs per library and size (the median is reported)
     threads: int = 2  # torch.set_num_threads
     quick: bool = False  # 2 runs and 16 new tokens: checks the script, not the speed
-    profile: bool = False  # also time the pieces of one decode step (rlhf-jax)
+    profile: bool = False  # also list the ops that dominate a decode step (a profiler trace)
     seed: int = 0
 
 
@@ -144,39 +144,60 @@ def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]
     return sec, max(first - sec, 0.0)
 
 
-def profile_step(path: str, prompts: np.ndarray, args: Args) -> None:
-    """Milliseconds of the pieces of one decode step, each jitted alone (steady state)."""
+def profile_rollout(path: str, prompts: np.ndarray, args: Args, top: int = 15) -> None:
+    """The XLA ops that take the most time in one ``sample`` call (a profiler trace), per step.
+
+    Each op of the compiled program is named by the JAX operation it came from (``op_name``
+    metadata of the optimized HLO), so a cache transpose, a weight copy or the LM head shows up as
+    such.
+    """
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
     model = models.from_pretrained(path)
-    b, p = prompts.shape
-    s = p + args.new_tokens
-    cache = models.init_cache(model.config, b, s)
-    kv_mask = jnp.ones((b, s), jnp.int32)
-    tok = jnp.asarray(prompts[:, :1], jnp.int32)
-    pos = jnp.full((b, 1), p, jnp.int32)
+    tokens = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones_like(tokens)
+    cfg = rollout.SamplingConfig()
 
     @jax.jit
-    def decode_step(params, cache):
-        return models.decode(model.graphdef, params, tok, pos, kv_mask, cache, p, last_only=True)
+    def run(params, key):
+        return rollout.sample(
+            model.graphdef,
+            params,
+            tokens,
+            mask,
+            key,
+            max_new_tokens=args.new_tokens,
+            sampling=cfg,
+            stop_tokens=(),
+        )
 
-    logits, cache = decode_step(model.params, cache)
-    u = jnp.full((b,), 0.5)
-    pieces = {
-        "decode (model, incl. LM head)": lambda: decode_step(model.params, cache),
-        "sample_next (full softmax)": lambda: _jit_sample_next(logits, u, rollout.SamplingConfig()),
-        "sample_next (top_k=50)": lambda: _jit_sample_next(
-            logits, u, rollout.SamplingConfig(top_k=50)
-        ),
-        "sample_next (top_p=0.9)": lambda: _jit_sample_next(
-            logits, u, rollout.SamplingConfig(top_p=0.9)
-        ),
+    key = jax.random.key(0)
+    hlo = run.lower(model.params, key).compile().as_text()
+    origin = {
+        m.group(1): m.group(2) for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)
     }
-    for name, fn in pieces.items():
-        jax.block_until_ready(fn())
-        sec, _ = median_time(lambda fn=fn: jax.block_until_ready(fn()), 20)
-        print(f"    {name:32s} {sec * 1e3:8.3f} ms")
-
-
-_jit_sample_next = jax.jit(rollout.sample_next, static_argnames="block")
+    jax.block_until_ready(run(model.params, key))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        jax.block_until_ready(run(model.params, key))
+        jax.profiler.stop_trace()
+        (trace,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in origin:
+            total[e["name"]] += e["dur"] / 1e3 / args.new_tokens
+    print(
+        f"    top ops of one sample call, ms per generated token (sum {sum(total.values()):.2f}):"
+    )
+    for name, ms in total.most_common(top):
+        print(f"    {ms:8.3f}  {name:34s} {origin[name][-90:]}")
 
 
 def main(args: Args) -> None:
@@ -200,7 +221,7 @@ def main(args: Args) -> None:
             jax_sec, compile_sec = bench_jax(path, prompts, args)
             hf_sec = bench_transformers(path, prompts, args)
             if args.profile:
-                profile_step(path, prompts, args)
+                profile_rollout(path, prompts, args)
         speedups[size] = hf_sec / jax_sec
         print(
             f"{size:6s} batch {b:3d} prompt {args.prompt_len} new {args.new_tokens}: "

@@ -159,6 +159,15 @@ def sample_keys(key: Array, prompt_index: Array, n: int) -> Array:
     return per_sample.reshape(-1)
 
 
+def step_uniforms(row_keys: Array, steps: int) -> Array:
+    """``u[i, t] = uniform(fold_in(row_keys[i], t))``: [N, steps] float32 in [0, 1)."""
+    chex.assert_rank(row_keys, 1)
+    t = jnp.arange(steps)
+    return jax.vmap(lambda k: jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(k, s)))(t))(
+        row_keys
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # One step of sampling: [N, V] logits -> [N] tokens
 # ---------------------------------------------------------------------------------------------
@@ -449,10 +458,13 @@ def _sample(
         cache = jax.tree.map(lambda c: rep(c, 1), cache)
         logits, kv_mask = rep(logits), rep(kv_mask)
     next_pos = jnp.sum(rep(prompt_mask), -1).astype(jnp.int32)  # [N] position of response token 0
-    row_keys = sample_keys(key, prompt_index, n)  # [N]
+    # All uniforms up front, u[row, t] from fold_in(row key, t): one vectorised threefry instead
+    # of a small one per step (that costs more than the sampling itself on CPU).
+    uniforms = step_uniforms(sample_keys(key, prompt_index, n), r)  # [N, R]
+    uniforms = _constrain_batch(uniforms)
 
     def draw(logits, t):
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys)
+        u = lax.dynamic_slice_in_dim(uniforms, t, 1, axis=1)[:, 0]  # [N]
         return sample_next(logits, u, sampling)
 
     def record(bufs, done, t, tok, lp, llp):
