@@ -324,3 +324,53 @@ def test_property_ratio_one_is_minus_mean_advantage(eps, seed):
     s, c, m = losses.ppo_policy_loss(lp, lp, adv, MASK, eps)
     assert abs(float(s / c) + np.sum(adv * MASK) / MASK.sum()) < 1e-5
     assert float(m["clip_frac"]) == 0.0 and float(m["approx_kl"]) == 0.0
+
+
+def _all_losses(x):
+    """Every loss of the module on inputs derived from x [B, T], summed into one scalar."""
+    opts = Conventions(ratio_level="sequence_mean", dual_clip=2.0, loss_aggregation="grpo")
+    y = jnp.roll(x, 1, axis=1)
+    total = 0.0
+    for s, c, _ in (
+        losses.ppo_policy_loss(x, y, y, MASK, 0.2, clip_eps_high=0.3, options=opts),
+        losses.value_loss(x, y, 0.5 * y, MASK, 0.2),
+        losses.pairwise_rm_loss(x[:, 0], x[:, 1], margin=x[:, 2], center_coef=0.01),
+        losses.ranking_rm_loss(x[:, :3], l2_coef=0.01),
+        losses.ranking_rm_loss(x[:, :3], mode="best_of_k"),
+        losses.dpo_loss(
+            losses.sequence_logps(x, MASK),
+            x[:, 0],
+            y[:, 0],
+            y[:, 1],
+            0.1,
+            loss_type="ipo",
+            chosen_length=MASK.sum(1),
+            rejected_length=jnp.ones(4),
+        ),  # fmt: skip
+        losses.grpo_loss(
+            x,
+            y,
+            y,
+            y[:, 0],
+            MASK,
+            0.2,
+            0.1,
+            entropies=losses.entropy(jnp.stack([x, y, x * y], -1)),
+            entropy_coef=0.01,
+        ),  # fmt: skip
+        losses.cost_model_loss(x[:, 0], x[:, 1], jnp.ones(4), -jnp.ones(4), reg_coef=0.1),
+    ):
+        total = total + s / jnp.maximum(c, 1.0)
+    adv = losses.lagrangian_advantages(x, y, x[0, 0])
+    return total + jnp.sum(adv) + losses.log_lambda_update(x[0, 0], x[0, 1], 0.0, 0.1)
+
+
+def test_every_loss_under_jit_vmap_grad():
+    rng = np.random.default_rng(16)
+    xs = jnp.float32(rng.normal(-1, 0.5, (2, *MASK.shape)))
+    jitted = jax.jit(_all_losses)
+    single = [float(jitted(x)) for x in xs]
+    np.testing.assert_allclose(single[0], float(_all_losses(xs[0])), rtol=1e-5)  # eager
+    np.testing.assert_allclose(jax.jit(jax.vmap(_all_losses))(xs), single, rtol=1e-5)
+    g = jax.jit(jax.grad(_all_losses))(xs[0])
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0

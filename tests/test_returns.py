@@ -203,3 +203,36 @@ def test_property_lambda_one_is_discounted_return_minus_value(t, gamma, seed):
     g = returns.discounted_returns(r, mask, gamma)
     np.testing.assert_allclose(adv, (np.asarray(g) - v) * mask, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ret, g, rtol=1e-4, atol=1e-5)
+
+
+def _all_returns(x):
+    """Every function of rlhf_jax.returns on inputs derived from x [B, T], as one scalar."""
+    v = jnp.roll(x, 1, axis=1)
+    zero = Conventions(mask_holes="zero", score_position="after_stop", whiten_rewards=True)
+    a1, r1 = returns.gae(x, v, MASK, 0.99, 0.9, options=zero)
+    a2, r2 = returns.ppo_advantages(x, v, MASK, 0.99, 0.9, options=zero)
+    g = returns.discounted_returns(x, MASK, 0.9)
+    w = returns.whiten(x, MASK, shift_mean=False, unbiased=True)
+    ga = returns.group_advantages(x[:4, 0], 2) + returns.group_advantages(
+        x[:4, 1], 2, method="rloo"
+    )
+    gb = returns.group_advantages(x[:, 2], 5, scale="batch")
+    return (
+        jnp.sum(a1 * r1)
+        + jnp.sum(a2 * r2)
+        + jnp.sum(g**2)
+        + jnp.sum(w**3)
+        + jnp.sum(ga**2)
+        + jnp.sum(gb**2)
+    )
+
+
+def test_every_function_under_jit_vmap_grad():
+    rng = np.random.default_rng(18)
+    xs = jnp.float32(rng.normal(0, 1, (2, *MASK.shape)))
+    jitted = jax.jit(_all_returns)
+    single = [float(jitted(x)) for x in xs]
+    np.testing.assert_allclose(single[0], float(_all_returns(xs[0])), rtol=1e-5)  # eager
+    np.testing.assert_allclose(jax.jit(jax.vmap(_all_returns))(xs), single, rtol=1e-5)
+    g = jax.jit(jax.grad(_all_returns))(xs[0])
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0

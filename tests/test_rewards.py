@@ -259,3 +259,39 @@ def test_property_reward_sum(t, length, score, beta, est):
         assert math.isclose(float(jnp.sum(r)), want, rel_tol=1e-4, abs_tol=1e-4)
         if est in ("k2", "k3", "abs"):
             assert bool(jnp.all(m["kl"] >= 0))
+
+
+def _all_rewards(x):
+    """Every function of rlhf_jax.rewards on inputs derived from x [B, T], as one scalar."""
+    scores, lp, rp = x[:, 0] * 3, x, jnp.roll(x, 1, axis=1)
+    after = Conventions(score_position="after_stop", kl_on="all", score_clip=1.0, reward_clip=2.0)
+    pen = Conventions(missing_stop_penalty=1.0, kl_estimator="k3")
+    r1, m1 = rewards.shape_rewards(scores, lp, rp, MASK, 0.1, options=after)
+    r2, _ = rewards.shape_rewards(scores, lp, rp, MASK, 0.1, options=pen, truncated=TRUNCATED)
+    c, _ = rewards.shape_costs(scores, lp, rp, MASK, 0.1, options=after)
+    gain, bias = rewards.reward_norm_params(scores, 0.0, 1.0)
+    beta = rewards.adaptive_kl_update(0.1, jnp.mean(m1["kl_sum"]), 5, target=1.0, horizon=100.0)
+    masks = (
+        rewards.value_mask(MASK, options=after)
+        + rewards.policy_mask(MASK, options=after)
+        + rewards.value_loss_mask(MASK, options=after)
+        + rewards.score_slot(MASK, options=after)
+    )
+    return (
+        jnp.sum(r1 * masks) + jnp.sum(r2) + jnp.sum(c)
+        + jnp.sum(rewards.normalize_scores(scores, gain, bias) ** 3)
+        + jnp.sum(rewards.sequence_kl_reward(scores, lp, rp, MASK, 0.05))
+        + jnp.sum(rewards.kl_estimate(lp, rp, MASK, estimator="k2"))
+        + beta + rewards.fixed_kl_update(0.2) + jnp.sum(rewards.last_token_index(MASK))
+    )  # fmt: skip
+
+
+def test_every_function_under_jit_vmap_grad():
+    rng = np.random.default_rng(17)
+    xs = jnp.float32(rng.normal(-1, 0.5, (2, *MASK.shape)))
+    jitted = jax.jit(_all_rewards)
+    single = [float(jitted(x)) for x in xs]
+    np.testing.assert_allclose(single[0], float(_all_rewards(xs[0])), rtol=1e-5)  # eager
+    np.testing.assert_allclose(jax.jit(jax.vmap(_all_rewards))(xs), single, rtol=1e-5)
+    g = jax.jit(jax.grad(_all_rewards))(xs[0])
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
