@@ -259,6 +259,8 @@ def group_advantages(
             f"group_size={group_size}: method={method!r} scale={scale!r} needs >= 2 samples per "
             "prompt (use scale='batch' or 'none' for G = 1 with GRPO)"
         )
+    if scale == "batch" and method == "grpo" and n < 2:
+        raise ValueError(f"scale='batch' needs >= 2 rewards for an unbiased std, got {n}")
     r = _float(rewards).reshape(n // group_size, group_size)
     mean = jnp.mean(r, axis=1, keepdims=True)
     if method == "rloo":
