@@ -213,18 +213,41 @@ class PolicyEval:
             "good": float(np.mean(good)),
         }
 
-    def rows(self, k: int) -> list[dict[str, Any]]:
-        """The first ``k`` samples as JSON-able rows (prompt, response, gold, reward, kl)."""
+    def top(self, k: int) -> list[dict[str, Any]]:
+        """The ``k`` most frequent responses: text, share of samples, well-formed, mean gold and
+        reward (a policy that collapsed onto a few answers, or onto a hack, shows here)."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(self.responses):
+            groups.setdefault(r, []).append(i)
+        ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:k]
         return [
             {
-                "prompt": self.prompts[i],
-                "response": self.responses[i],
-                "gold": round(float(self.gold[i]), 3),
-                "reward": round(float(self.reward[i]), 3),
-                "kl": round(float(self.kl[i]), 3),
+                "response": r,
+                "share": round(len(ix) / len(self.responses), 4),
+                "well_formed": bool(self.well_formed[ix[0]]),
+                "gold": round(float(self.gold[ix].mean()), 3),
+                "reward": round(float(self.reward[ix].mean()), 3),
             }
-            for i in range(min(k, len(self.prompts)))
+            for r, ix in ranked
         ]
+
+    def malformed(self, k: int) -> list[dict[str, Any]]:
+        """Up to ``k`` malformed samples (prompt, response, gold, reward, kl)."""
+        idx = np.flatnonzero(~self.well_formed)[:k]
+        return [self._row(int(i)) for i in idx]
+
+    def _row(self, i: int) -> dict[str, Any]:
+        return {
+            "prompt": self.prompts[i],
+            "response": self.responses[i],
+            "gold": round(float(self.gold[i]), 3),
+            "reward": round(float(self.reward[i]), 3),
+            "kl": round(float(self.kl[i]), 3),
+        }
+
+    def rows(self, k: int) -> list[dict[str, Any]]:
+        """The first ``k`` samples as JSON-able rows (prompt, response, gold, reward, kl)."""
+        return [self._row(i) for i in range(min(k, len(self.prompts)))]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -573,6 +596,8 @@ def run(
             "before": before.rows(cfg.shown_samples),
             "after": after.rows(cfg.shown_samples),
         },
+        "top_responses": {"before": before.top(10), "after": after.top(10)},
+        "malformed_after": after.malformed(10),
         "ppo_curve": curve,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
@@ -684,5 +709,13 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"(gold {row['gold']:+.2f}, reward {row['reward']:+.2f})"
             )
         lines.append("")
+    lines.append("most frequent PPO responses (share, well-formed, gold, reward):")
+    for row in report["top_responses"]["after"][:5]:
+        lines.append(
+            f"  {row['share']:6.1%}  {row['response']!r}  "
+            f"{'ok' if row['well_formed'] else 'MALFORMED'}  "
+            f"gold {row['gold']:+.2f}  reward {row['reward']:+.2f}"
+        )
+    lines.append("")
     lines.append(f"plot: {report['plot']}")
     return "\n".join(lines) + "\n"
