@@ -154,6 +154,16 @@ def _policy_terms(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_h
     return loss, m, metrics
 
 
+def _entropy_bonus(loss, m, metrics, entropies, entropy_coef, logprobs):
+    """``loss - coef * H`` and the ``entropy`` metric (sum over masked tokens), when given."""
+    if entropies is None:
+        return loss
+    chex.assert_equal_shape([entropies, logprobs])
+    ent = jnp.where(m > 0, _float(entropies), 0.0)
+    metrics["entropy"] = jnp.sum(ent)
+    return loss - _scalar("entropy_coef", entropy_coef) * ent
+
+
 def ppo_policy_loss(
     logprobs,
     old_logprobs,
@@ -162,6 +172,8 @@ def ppo_policy_loss(
     clip_eps,
     *,
     clip_eps_high=None,
+    entropies=None,
+    entropy_coef=0.0,
     options: Conventions = DEFAULT,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Clipped surrogate policy loss (Schulman et al. 2017), per convention.
@@ -186,6 +198,9 @@ def ppo_policy_loss(
       advantages: [B, T], or [B] per-sequence (GRPO, RLOO), broadcast over tokens.
       mask: [B, T] 0/1 policy mask (:func:`rlhf_jax.rewards.policy_mask`).
       clip_eps: scalar eps (eps_lo). clip_eps_high: optional scalar eps_hi.
+      entropies: optional [B, T] per-token entropies (:func:`entropy`), logged as ``entropy``;
+        with ``entropy_coef`` != 0 also a bonus ``l_t -= entropy_coef * H_t`` (no PPO source
+        uses one; TRL GRPO's ``entropy_coef``).
       options: conventions (static).
 
     Returns:
@@ -193,11 +208,13 @@ def ppo_policy_loss(
       ``metrics['token_count']``: ``approx_kl`` = 0.5 (logp - old)^2 (LMHP, TRL),
       ``policy_kl`` = old - logp (TRL-legacy), ``clip_frac`` (pg2 > pg1, LMHP/TRL),
       ``clip_frac_low`` / ``clip_frac_high`` (ratio clipped below with A < 0 / above with A > 0,
-      TRL GRPO), ``ratio``, and ``dual_clip_frac`` when dual clipping is on.
+      TRL GRPO), ``ratio``, ``entropy`` when given, and ``dual_clip_frac`` when dual clipping is
+      on.
     """
     loss, m, metrics = _policy_terms(
         logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, options
     )
+    loss = _entropy_bonus(loss, m, metrics, entropies, entropy_coef, logprobs)
     total, count = aggregate(loss, m, options.loss_aggregation)
     return total, count, metrics
 
@@ -501,11 +518,7 @@ def grpo_loss(
     k3 = jnp.expm1(d) - d
     loss = loss + _scalar("beta", beta) * k3
     metrics["kl"] = jnp.sum(k3 * m)
-    if entropies is not None:
-        chex.assert_equal_shape([entropies, logprobs])
-        ent = _float(entropies)
-        loss = loss - _scalar("entropy_coef", entropy_coef) * ent
-        metrics["entropy"] = jnp.sum(jnp.where(m > 0, ent, 0.0))
+    loss = _entropy_bonus(loss, m, metrics, entropies, entropy_coef, logprobs)
     total, count = aggregate(loss, m, options.loss_aggregation)
     return total, count, metrics
 

@@ -107,6 +107,17 @@ def test_ppo_policy_loss_matches_loop(case):
         assert float(m["dual_clip_frac"]) > 0
 
 
+def test_ppo_policy_loss_entropy_metric_and_bonus():
+    lp, old, adv = _policy_inputs(17)
+    ent = np.random.default_rng(17).uniform(0, 2, MASK.shape)
+    s0, c0, _ = losses.ppo_policy_loss(lp, old, adv, MASK, 0.2)
+    s1, c1, m1 = losses.ppo_policy_loss(lp, old, adv, MASK, 0.2, entropies=ent)
+    s2, _, _ = losses.ppo_policy_loss(lp, old, adv, MASK, 0.2, entropies=ent, entropy_coef=0.1)
+    assert float(s1) == float(s0) and float(c1) == float(c0)
+    assert abs(float(m1["entropy"]) - np.sum(ent * MASK)) < 1e-4
+    assert abs(float(s2) - (float(s0) - 0.1 * np.sum(ent * MASK))) < 1e-4
+
+
 def test_ppo_policy_loss_per_sequence_advantages():
     lp, old, adv = _policy_inputs(4)
     a_seq = adv[:, 0]
