@@ -84,7 +84,9 @@ class Conventions:
       extra slot is then kept in GAE and in the value loss); ``'last_fixed'`` slot T-1 of the
       fixed-length response, always (LMHP; every slot is a step).
     * ``kl_on``: ``'real'`` charges the KL only where the response mask is 1 (TRL, SAFE, GRPO);
-      ``'all'`` on all T slots (LMHP).
+      ``'all'`` on every GAE step (:func:`rlhf_jax.rewards.value_mask`): all T slots with
+      ``'last_fixed'`` (LMHP), the response plus the post-stop slot with ``'after_stop'``
+      (DSCHAT charges the KL of that slot too).
     * ``score_clip``: clip the score to ±c before adding it (DSCHAT c=5), None = off.
     * ``reward_clip``: clamp every per-token reward to ±c after adding the score (SAFE c=50).
     * ``missing_stop_penalty`` / ``missing_stop_mode``: for responses that never sampled a stop

@@ -208,7 +208,8 @@ def shape_rewards(
 
     Returns:
       ``(rewards [B, T] float32, metrics)`` where metrics holds arrays, not scalars:
-      ``'kl'`` [B, T] the KL estimate as charged (0 where not charged), ``'kl_sum'`` [B] its sum
+      ``'kl'`` [B, T] the KL estimate as charged (0 where not charged, and outside
+      :func:`value_mask`, whose slots never reach GAE), ``'kl_sum'`` [B] its sum
       per response (what the adaptive controller averages), ``'scores'`` [B] the score s' as
       added (after the penalty and the clip), ``'non_score_reward'`` [B] = -beta * kl_sum.
     """
@@ -235,10 +236,12 @@ def shape_rewards(
         s = jnp.where(truncated, s - p if options.missing_stop_mode == "subtract" else p, s)
     if options.score_clip is not None:
         s = jnp.clip(s, -options.score_clip, options.score_clip)
+    steps = value_mask(mask, options=options)
+    kl = kl * steps  # 'all' charges every slot that reaches GAE (LMHP: all T; DSCHAT: +1 slot)
     rewards = -beta * kl + s[:, None] * score_slot(mask, options=options)
     if options.reward_clip is not None:
         rewards = jnp.clip(rewards, -options.reward_clip, options.reward_clip)
-    rewards = rewards * value_mask(mask, options=options)
+    rewards = rewards * steps
     kl_sum = jnp.sum(kl, axis=1)
     metrics = {"kl": kl, "kl_sum": kl_sum, "scores": s, "non_score_reward": -beta * kl_sum}
     return rewards, metrics
