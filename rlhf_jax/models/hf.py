@@ -441,7 +441,7 @@ def from_pretrained(
             arr = arr.astype(var.get_value().dtype, copy=False)
         sharding = _resolve_sharding(shardings, p, expected)
         if sharding is None:
-            value = jnp.asarray(arr)
+            value = jax.device_put(arr)
         else:
             value = jax.make_array_from_callback(expected, sharding, lambda idx, a=arr: a[idx])
         del arr
