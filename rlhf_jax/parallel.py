@@ -452,6 +452,22 @@ def shard_params(params: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> An
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> Any:
+    """``NamedSharding`` for every leaf of a whole train state, by the same rules.
+
+    The rule regexes match path *suffixes*, so ``params/layers/attn/q_proj/kernel`` and Adam's
+    ``opt_state/.../mu/layers/attn/q_proj/kernel`` get the same spec, and scalars (``step``, the
+    optimizer count, the learning rate) fall to the replicated catch-all. This places a trainer's
+    ``TrainState`` (or PPO's state) in one call; the trainer's jitted step then runs unchanged.
+    """
+    return param_shardings(state, mesh, rules)
+
+
+def shard_state(state: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> Any:
+    """Place a whole train state on ``mesh`` (see :func:`state_shardings`)."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
 def opt_state_specs(optimizer: optax.GradientTransformation, params: Any, specs: Any) -> Any:
     """Specs of ``optimizer.init(params)``: parameter-shaped parts (Adam's mu, nu) follow the
     parameters' ``specs``; everything else (step counts, hyperparameters) is replicated."""
@@ -782,16 +798,20 @@ def abstract_model(model_config, **heads) -> tuple[Any, Any]:
     return nnx.split(module, nnx.Param)
 
 
-def sft_token_loss(graphdef) -> LossFn:
-    """The next-token loss of SFT as ``(sum, (count, {}))`` on ``{'tokens', 'mask'}`` batches."""
-    from rlhf_jax import models
+def compile_memory(jitted, *abstract_args, name: str = "", num_params: int = 0) -> MemoryReport:
+    """Lower and compile ``jitted`` (a ``jax.jit`` object) for abstract arguments; its memory.
 
-    def loss_fn(params, batch):
-        logp = models.token_logprobs(graphdef, params, batch["tokens"], batch["mask"])
-        mask = batch["mask"][:, 1:].astype(jnp.float32)
-        return -(logp * mask).sum(), (mask.sum(), {})
+    ``abstract_args`` are ``jax.ShapeDtypeStruct`` pytrees (with a ``sharding`` where the jit has
+    no ``in_shardings``). Any step can be measured this way: the CLI's, PPO's.
+    """
+    compiled = jitted.lower(*abstract_args).compile()
+    return MemoryReport.from_compiled(compiled, name=name, num_params=num_params)
 
-    return loss_fn
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def dry_run(
@@ -804,40 +824,46 @@ def dry_run(
     devices: Sequence[jax.Device] | None = None,
     name: str | None = None,
 ) -> MemoryReport:
-    """Compile one SFT train step (token loss, gradient, AdamW update) and report its memory.
+    """Compile the SFT trainer's step for ``cfg``'s mesh and rules; its per-device memory.
 
     Nothing is allocated: the parameters come from ``jax.eval_shape`` of the model init, the
-    optimizer state from ``jax.eval_shape`` of ``optimizer.init``, the batch is a
-    ``ShapeDtypeStruct``; the step is ``jit(...).lower(...).compile()``d for the mesh and rules of
-    ``cfg``. An 8B model's step compiles on a laptop's fake CPU devices.
+    train state from ``jax.eval_shape`` of ``sft.init_state``, the batch is ``ShapeDtypeStruct``s;
+    the step (``rlhf_jax.algorithms.sft.make_step``: token NLL from the full logits, gradient,
+    AdamW update, non-finite guard; or the ``shard_map`` form with ``cfg.step='shard_map'``) is
+    ``lower(...).compile()``d. An 8B model's step compiles on a laptop's fake CPU devices.
 
     Args:
       model_config: a ``rlhf_jax.models.ModelConfig``.
       cfg: the mesh, the rule preset and the step form.
       batch_size: global rows per step (divisible by data x fsdp).
       seq_len: tokens per row.
-      optim: an ``OptimConfig`` (default AdamW).
+      optim: an ``OptimConfig`` (default AdamW; ``grad_accum_steps`` splits the batch).
       devices: the devices of the mesh (default all).
       name: the row's label (default from the model and the mesh).
     """
+    from rlhf_jax.algorithms import sft
     from rlhf_jax.optim import OptimConfig, make_optimizer
 
     mesh = make_mesh(cfg.mesh, devices)
     graphdef, params = abstract_model(model_config)
-    optimizer = make_optimizer(optim or OptimConfig(name="adamw"))
-    specs = param_specs(params, cfg.preset, mesh)
-    step = make_data_parallel_step(
-        sft_token_loss(graphdef), optimizer, mesh, mode=cfg.step, param_specs_tree=specs
-    )
-    batch = {
-        "tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-        "mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-    }
-    jitted = step.jitted(params, batch)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    compiled = jitted.lower(params, opt_state, batch).compile()
+    sft_cfg = sft.SFTConfig(optim=optim or OptimConfig(name="adamw"), batch_size=batch_size)
+    rows = (batch_size, seq_len)
+    batch = {k: jnp.zeros(rows, jnp.int32) for k in ("tokens", "attention_mask", "loss_mask")}
+    batch = _abstract(jax.eval_shape(lambda: batch), batch_shardings(batch, mesh))
     num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     if name is None:
         sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
-        name = f"{getattr(model_config, 'arch', 'model')} ({sizes}) {cfg.preset}"
-    return MemoryReport.from_compiled(compiled, name=name, num_params=num)
+        name = f"{model_config.arch} ({sizes}) {cfg.preset}"
+    if cfg.step == "shard_map":
+        optimizer = make_optimizer(sft_cfg.optim)
+        loss_fn = lambda p, b: sft.sft_loss(graphdef, p, b)  # noqa: E731
+        step = make_data_parallel_step(loss_fn, optimizer, mesh, mode="shard_map")
+        opt_state = jax.eval_shape(optimizer.init, params)
+        return compile_memory(
+            step.jitted(params, batch), params, opt_state, batch, name=name, num_params=num
+        )
+    state = jax.eval_shape(lambda p: sft.init_state(p, sft_cfg), params)
+    state = _abstract(state, state_shardings(state, mesh, cfg.preset))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    step = sft.make_step(graphdef, sft_cfg)
+    return compile_memory(step, state, batch, key, name=name, num_params=num)

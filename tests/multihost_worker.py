@@ -22,14 +22,9 @@ SEQ_LEN = 8  # tokens per row
 
 
 @functools.cache
-def problem():
-    """``(params, loss_fn, batch)``: a tiny Llama-shaped LM, an SFT token loss, a global batch.
-
-    All host (numpy) values, identical in every process (fixed seeds); cached, so the compiled
-    steps are shared between tests (never modify the returned arrays).
-    """
+def model():
+    """A tiny Llama-shaped LM (2 layers, GQA), the same in every process (fixed seed)."""
     import jax
-    import numpy as np
 
     from rlhf_jax import models
 
@@ -44,9 +39,25 @@ def problem():
         intermediate_size=32,
         max_position_embeddings=SEQ_LEN,
     )
-    model = models.init_model(cfg, jax.random.key(0))
-    params = jax.tree.map(np.asarray, model.params)
-    graphdef = model.graphdef
+    return models.init_model(cfg, jax.random.key(0))
+
+
+@functools.cache
+def problem():
+    """``(params, loss_fn, batch)``: :func:`model`, an SFT token loss, a global batch.
+
+    All host (numpy) values, identical in every process (fixed seeds); cached, so the compiled
+    steps are shared between tests (never modify the returned arrays).
+    """
+    import jax
+    import numpy as np
+
+    from rlhf_jax import models
+
+    lm = model()
+    params = jax.tree.map(np.asarray, lm.params)
+    graphdef = lm.graphdef
+    cfg = lm.config
 
     def loss_fn(params, batch):
         logp = models.token_logprobs(graphdef, params, batch["tokens"], batch["mask"])
