@@ -313,3 +313,20 @@ def test_same_responses_on_8_devices(lm):
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+def test_vmap_over_sampling_parameters_is_a_sweep(lm):
+    """jit(vmap(sample)) over temperature and top-p == one run per setting."""
+    tokens, mask = prompts(4)
+
+    def one(temperature, top_p):
+        return run(lm, tokens, mask, sampling=SamplingConfig(temperature=temperature, top_p=top_p))
+
+    temps, tops = jnp.array([0.5, 1.0, 1.5]), jnp.array([1.0, 0.9, 0.7])
+    swept = jax.jit(jax.vmap(one))(temps, tops)
+    for i in range(3):
+        want = one(temps[i], tops[i])
+        np.testing.assert_array_equal(np.asarray(swept.tokens[i]), np.asarray(want.tokens))
+        np.testing.assert_allclose(
+            np.asarray(swept.logprobs[i]), np.asarray(want.logprobs), atol=1e-5
+        )
