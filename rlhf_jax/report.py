@@ -27,7 +27,7 @@ __all__ = ["PANELS", "load_runs", "match_panels", "plot_runs", "summary_table", 
 PANELS: tuple[tuple[str, str], ...] = (
     ("gold score", r"gold"),
     ("reward", r"(^|/)(proxy_)?(rewards?|scores?)(_mean|/mean)?$|(^|/)(mean_)?(reward|score)s?$"),
-    ("KL to reference", r"(^|/)(mean_|approx_|ref_|policy_)?kl(_mean|_div|/mean)?$"),
+    ("KL to reference", r"(^|/)(mean_|ref_)?kl(_mean|_div|/mean|/response|/token)?$"),
     ("KL coefficient", r"kl_(coef|coeff|beta)|(^|/)beta$"),
     ("entropy", r"entropy"),
     ("response length", r"(resp|response|gen|sample)[a-z_/]*len|(^|/)length$"),
@@ -50,6 +50,8 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> dict[str, list[dict[str,
         if not os.path.isdir(d):
             raise FileNotFoundError(f"report: {d} is not a directory (give a run directory)")
         name = os.path.basename(d) or d
+        if name in ("sft", "rm", "ppo"):  # a stage directory: name it by its run
+            name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(d))), name)
         if name in names:
             name = os.path.join(os.path.basename(os.path.dirname(d)), name)
         if name in names:
@@ -75,7 +77,13 @@ def match_panels(keys: Sequence[str]) -> dict[str, list[str]]:
             if re.search(pattern, key, flags=re.IGNORECASE):
                 out.setdefault(title, []).append(key)
                 break
-    return {title: out[title] for title, _ in PANELS if title in out}
+    # Within a panel, training metrics first, then evaluations (eval/...): the table shows the
+    # first key of each panel.
+    return {
+        title: sorted(out[title], key=lambda k: k.startswith("eval/"))
+        for title, _ in PANELS
+        if title in out
+    }
 
 
 def _series(records, key):

@@ -105,6 +105,27 @@ def test_report_overlays_runs_png_and_table(tmp_path):
         report([tmp_path / "missing"])
 
 
+def test_panel_matching_on_the_ppo_trainer_names():
+    keys = [
+        "score/mean",
+        "eval/kl",
+        "kl/response",
+        "kl/token",
+        "policy/approx_kl",
+        "eval/gold",
+        "entropy/sampled",
+        "response/length",
+        "value_loss",
+        "policy/clip_frac",
+        "beta",
+    ]
+    panels = match_panels(keys)
+    assert panels["KL to reference"] == ["kl/response", "kl/token", "eval/kl"]
+    assert panels["reward"] == ["score/mean"] and panels["gold score"] == ["eval/gold"]
+    assert panels["KL coefficient"] == ["beta"] and panels["clip fraction"] == ["policy/clip_frac"]
+    assert "policy/approx_kl" not in sum(panels.values(), [])
+
+
 def test_panel_matching():
     panels = match_panels(
         [
