@@ -636,7 +636,12 @@ def dry_run(stage: str, cfg: config_lib.ExperimentConfig) -> str:
         seq = cfg.ppo.data.max_prompt_length + t.response_length
         optim = t.optim
     report = parallel.dry_run(
-        model_config, cfg.parallel, batch_size=batch, seq_len=seq, optim=optim, name=stage
+        model_config,
+        cfg.parallel,
+        batch_size=batch,
+        seq_len=seq,
+        optim=optim,
+        name=f"{stage} {os.path.basename(os.path.normpath(cfg.sft.model))} B={batch} T={seq}",
     )
     return parallel.format_memory_table([report])
 

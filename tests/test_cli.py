@@ -179,3 +179,36 @@ def test_sft_rm_ppo_export_end_to_end_in_a_subprocess(tmp_path):
     assert (run / "ppo" / "report.png").exists() and (run / "config.yaml").exists()
     ppo_keys = read_metrics(run / "ppo")[-1]
     assert "score/mean" in ppo_keys and "kl/response" in ppo_keys
+
+
+def test_dry_run_compiles_from_config_json_only(capsys, tmp_path):
+    import json
+
+    from rlhf_jax.models import ModelConfig, hf
+
+    mcfg = ModelConfig(
+        arch="gpt2",
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(mcfg)))  # no weights at all
+    argv = [
+        "sft",
+        f"sft.model={tmp_path}",
+        "sft.trainer.batch_size=8",
+        "sft.data.max_prompt_length=8",
+        "sft.data.max_completion_length=8",
+        "parallel.preset=fsdp",
+        "parallel.mesh.data=1",
+        "parallel.mesh.fsdp=-1",
+        "--dry-run",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| sft " in out and "B=8 T=16" in out
