@@ -64,6 +64,7 @@ SGD_CFG = ppo.PPOConfig(
     num_epochs=1,
     num_minibatches=1,
     critic="separate",
+    old_logprobs="recompute",  # a learner forward: the first ratio is 1 by construction
     optim=OptimConfig(name="sgd", learning_rate=0.1, max_grad_norm=None),
     kl_coef=0.1,
     temperature=0.9,
@@ -100,15 +101,18 @@ def test_first_update_is_the_gradient_of_the_documented_loss(sft, reward_model, 
         (loss, (lp, v)), grads = jax.value_and_grad(documented_loss, has_aux=True)(state.params)
         expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
         new_state, metrics = ppo.update(cfg, static, state, exp)
-        return exp, lp, v, loss, expected, new_state, metrics
+        return sampled, exp, lp, v, loss, expected, new_state, metrics
 
-    exp, lp, v, loss, expected, new_state, metrics = check(state, frozen, tokens, mask)
+    sampled, exp, lp, v, loss, expected, new_state, metrics = check(state, frozen, tokens, mask)
     rmask = np.asarray(exp.response_mask)
     assert exp.tokens.shape == (B, P + R) and 0 < rmask.sum() < B * R  # some responses stop early
-    # old log-probs are the sampler's learner log-probs: the first ratio is 1 (to float rounding)
-    np.testing.assert_allclose(np.asarray(lp) * rmask, np.asarray(exp.old_logprobs), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(v) * rmask, np.asarray(exp.old_values) * rmask)
-    np.testing.assert_allclose(float(metrics["policy/ratio"]), 1.0, atol=1e-5)
+    # recomputed old log-probs equal the sampler's (to float rounding) and the first ratio is 1
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(exp.old_logprobs), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(exp.old_logprobs) * rmask, np.asarray(sampled.learner_logprobs), atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(v), np.asarray(exp.old_values), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["policy/ratio"]), 1.0, atol=1e-6)
     tree_close(new_state.params, expected, 1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
     assert float(metrics["policy/clip_frac"]) == 0.0

@@ -44,7 +44,7 @@ prompt's global index and sample index (:func:`rlhf_jax.rollout.sample`), the mi
 permutation of epoch ``e`` uses ``fold_in(perm_key, e)``. A run therefore repeats exactly, and is
 independent of how the prompts were batched.
 
-**Non-finite values** (``on_nonfinite="skip"``, the default): when a score, a reward, an
+**Non-finite values**: when a score, a reward, an
 advantage, a loss or a gradient is NaN/inf, the update that would use it is dropped inside the step
 (the old parameters and optimizer state are kept, :func:`rlhf_jax.train.apply_update`), the KL
 controller is left alone, and ``skipped = 1`` is reported; :func:`rlhf_jax.train.run_loop` then
@@ -65,7 +65,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from rlhf_jax import losses, models, presets, returns, rewards, rollout
@@ -99,7 +98,6 @@ __all__ = [
 
 _CRITICS = ("shared", "separate")
 _KL_CONTROLLERS = ("fixed", "adaptive")
-_NONFINITE = ("skip", "apply")
 _OLD_LOGPROBS = ("rollout", "recompute")
 
 
@@ -122,9 +120,6 @@ class PPOConfig:
     top_k: int = 0  # sampling top-k (static); 0 = off
     top_p: float = 1.0  # sampling nucleus mass; 1 = off (filtering changes the sampled policy)
     old_logprobs: str = "rollout"  # "rollout": sampler's learner log-probs | "recompute": forward
-    on_nonfinite: str = (
-        "skip"  # "skip": drop updates with NaN/inf, flag skipped | "apply": no check
-    )
     reward_fn: str | None = None  # "module:function" rule-based reward instead of the reward model
     optim: OptimConfig = OptimConfig(learning_rate=1e-5, eps=1e-5)  # AdamW (LMHP eps 1e-5)
     loop: LoopConfig = LoopConfig(max_steps=100)  # iterations, evaluation, stopping
@@ -161,10 +156,6 @@ class PPOConfig:
         need(
             self.old_logprobs in _OLD_LOGPROBS,
             f"old_logprobs={self.old_logprobs!r}: choose one of {_OLD_LOGPROBS}",
-        )
-        need(
-            self.on_nonfinite in _NONFINITE,
-            f"on_nonfinite={self.on_nonfinite!r}: choose one of {_NONFINITE}",
         )
         need(self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 = off)")
         need(0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]")
@@ -614,8 +605,8 @@ def update(
     ``M`` equal minibatches; each minibatch is one optimizer update of
     ``policy_loss + c_vf * value_loss`` (:func:`ppo_loss`), its gradient accumulated over
     ``optim.grad_accum_steps`` microbatches exactly (:func:`rlhf_jax.optim.accumulate`; each
-    loss divided by its whole-minibatch count). With ``on_nonfinite="skip"`` an update whose
-    experience, loss or gradient is not finite is dropped (:func:`rlhf_jax.train.apply_update`).
+    loss divided by its whole-minibatch count). An update whose experience, loss or gradient is
+    not finite is dropped (:func:`rlhf_jax.train.apply_update`) and ``skipped`` reports it.
 
     Returns:
       The new state (``step`` unchanged) and metrics over all E x M updates: ``loss``,
@@ -656,14 +647,8 @@ def update(
         counts_b = jnp.broadcast_to(counts, (mb_size, 2))  # split with the rows by accumulate
         grads, _, sums = accumulate(objective, train.params, (minibatch, counts_b), micro)
         loss = sums["policy_loss"] + hparams.vf_coef * sums["value_loss"]
-        if cfg.on_nonfinite == "skip":
-            guarded = jnp.where(exp_ok, loss, jnp.nan)
-            train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
-        else:
-            updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
-            params = optax.apply_updates(train.params, updates)
-            train = train.replace(params=params, opt_state=opt_state)
-            upd = {"grad_norm": optax.tree.norm(grads), "skipped": jnp.float32(0.0)}
+        guarded = jnp.where(exp_ok, loss, jnp.nan)  # a non-finite batch drops every update
+        train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
         totals = {k: totals[k] + v for k, v in sums.items()} | {
             "loss": totals["loss"] + loss,
             "grad_norm": totals["grad_norm"] + upd["grad_norm"],
