@@ -361,6 +361,11 @@ def _sft_result(cfg):
     from rlhf_jax import models
 
     _require(cfg.sft.model, "sft.model", "the base checkpoint the SFT stage started from")
+    final = os.path.join(cfg.run.stage_dir("sft"), FINAL_DIR)
+    if not os.path.isdir(final):
+        raise config_lib.ConfigError(
+            f"no sft result in {final}: run `rlhf-jax sft` with the same run.dir first"
+        )
     base = _load_model(cfg, cfg.sft.model)
     params, _ = _load_final(cfg, "sft", base.params, "sft")
     tok_dir = os.path.join(cfg.run.stage_dir("sft"), TOKENIZER_DIR)

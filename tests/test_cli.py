@@ -21,13 +21,23 @@ def test_top_level_help_lists_every_subcommand(capsys):
         assert f"• {sub}" in out
 
 
-@pytest.mark.parametrize("sub", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("sub", ["sft", "rm", "ppo", "quickstart"])
 def test_training_help_lists_every_config_key(capsys, sub):
+    from rlhf_jax.quickstart import QuickstartConfig
+
     assert main([sub, "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--config" in out and "--dry-run" in out and "--print-config" in out
-    for key, *_ in C._flat(C.ExperimentConfig()):
+    assert "--config" in out and "--print-config" in out
+    cfg = QuickstartConfig() if sub == "quickstart" else C.ExperimentConfig()
+    for key, *_ in C._flat(cfg):
         assert f"  {key} " in out, key
+
+
+def test_quickstart_print_config_reads_the_toy_preset(capsys):
+    toy = os.path.join(ROOT, "experiments", "configs", "toy.yaml")
+    assert main(["quickstart", "--config", toy, "seed=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "run_dir: runs/toy" in out
 
 
 def test_print_config_applies_overrides(capsys, tmp_path):
@@ -212,3 +222,31 @@ def test_dry_run_compiles_from_config_json_only(capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| sft " in out and "B=8 T=16" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft"], "sft.model is not set: a Hugging Face checkpoint directory"),
+        (["sft", "sft.model=no/such/dir"], "sft.model='no/such/dir': no such file or directory"),
+        (["sft", "sft.model=TMP"], "sft.train_file is not set"),
+        (
+            ["rm", "rm.train_file=TMP/f.jsonl", "sft.model=TMP", "run.dir=TMP/run"],
+            "no sft result in TMP/run/sft/final: run `rlhf-jax sft` with the same run.dir first",
+        ),
+        (
+            ["ppo", "ppo.prompts_file=missing.jsonl"],
+            "ppo.prompts_file='missing.jsonl': no such file",
+        ),
+        (
+            ["export", "TMP", "TMP/out"],
+            "TMP/config.yaml does not exist: RUN_DIR must be the run.dir",
+        ),
+    ],
+)
+def test_stage_errors_name_the_key_and_the_fix(capsys, tmp_path, argv, message):
+    (tmp_path / "f.jsonl").write_text("")
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.replace("TMP", str(tmp_path)) in err and "Traceback" not in err
