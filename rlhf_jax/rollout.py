@@ -386,8 +386,8 @@ def sample(
       A :class:`Rollout` with ``N = B * n`` rows, samples of one prompt contiguous.
     """
     stop_tokens = tuple(int(t) for t in stop_tokens)
-    if isinstance(key, numbers.Integral):
-        key = jnp.asarray(key, jnp.uint32)
+    if isinstance(key, numbers.Integral):  # a traced seed: one compile for every seed
+        key = jnp.asarray(key, jnp.int32 if -(2**31) <= key < 2**31 else jnp.uint32)
     return _sample(
         graphdef,
         params,

@@ -265,6 +265,10 @@ def test_stop_tokens_mask_and_truncation(lm):
         assert np.all(toks[row, length:] == 0)  # pad_token_id
     np.testing.assert_array_equal(np.asarray(ro.lengths), m.sum(-1))
     np.testing.assert_array_equal(np.asarray(ro.prompt_index), np.repeat(np.arange(4), 2))
+    # an integer seed is the typed key jax.random.key(seed)
+    np.testing.assert_array_equal(
+        np.asarray(run(lm, tokens, mask, key=jax.random.key(3)).tokens), toks
+    )
 
 
 def test_early_exit(lm):
