@@ -11,6 +11,9 @@
 
 The command line is parsed with tyro; configs are loaded by :func:`rlhf_jax.config.load_config`.
 ``rlhf-jax SUBCOMMAND --help`` lists every config key with its type, default and meaning.
+
+Exit status: 0 done; 1 bad data, an unreadable checkpoint or a non-finite loss; 2 a bad config or
+command line; 3 preempted (SIGTERM: the state was saved; run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -279,7 +282,15 @@ def _eval_rows(path, tokenizer, data_cfg, size):
     return ds.take(np.arange(min(len(ds), size)))
 
 
+def _is_writer() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _write_config(cfg) -> None:
+    if not _is_writer():
+        return
     os.makedirs(cfg.run.dir, exist_ok=True)
     path = os.path.join(cfg.run.dir, CONFIG_FILE)
     tmp = path + ".tmp"
@@ -331,7 +342,7 @@ def _save_final(cfg, stage: str, params, result, meta) -> str | None:
     path = os.path.join(cfg.run.stage_dir(stage), FINAL_DIR)
     with Checkpointer(path, save_every=0, keep=1, handle_sigterm=False) as final:
         latest = final.latest_step()
-        if latest is not None and latest != result.step:
+        if latest is not None and latest > result.step:
             raise config_lib.ConfigError(
                 f"{path} already holds the result of step {latest}, not {result.step}: this "
                 f"run.dir was used by another {stage} run; choose a new run.dir"
@@ -402,7 +413,8 @@ def run_sft(cfg: config_lib.ExperimentConfig):
     train = formats.load_dataset(st.train_file, tokenizer, data_cfg)
     eval_batch = _eval_rows(st.eval_file, tokenizer, data_cfg, st.eval_size)
     _write_config(cfg)
-    tokenizer.save_pretrained(os.path.join(cfg.run.stage_dir("sft"), TOKENIZER_DIR))
+    if _is_writer():
+        tokenizer.save_pretrained(os.path.join(cfg.run.stage_dir("sft"), TOKENIZER_DIR))
     ckpt, logger = _tools(cfg, "sft", st.trainer.loop, st.save_every)
     try:
         trained, result = sft_lib.run(
