@@ -77,10 +77,10 @@ class QuickstartConfig:
             learning_rate=3e-3,
             schedule="cosine",
             warmup_steps=20,
-            decay_steps=380,
+            decay_steps=580,
             end_lr_ratio=0.1,
         ),
-        loop=LoopConfig(max_steps=400, eval_every=100),
+        loop=LoopConfig(max_steps=600, eval_every=200),
         batch_size=64,
     )  # SFT trainer (completion tokens only)
     # -- reward model --
@@ -108,8 +108,8 @@ class QuickstartConfig:
         num_epochs=4,
         num_minibatches=4,
         critic="separate",
-        kl_coef=0.05,
-        optim=OptimConfig(learning_rate=3e-4, eps=1e-5),
+        kl_coef=0.1,
+        optim=OptimConfig(learning_rate=1e-4, eps=1e-5),
     )  # PPO trainer; response length, stop tokens, temperature and seed are set by the pipeline
     ppo_eval_every: int = 10  # gold score of fresh samples every N iterations (for the plot)
     # -- evaluation --
@@ -503,7 +503,9 @@ def run(
     finally:
         _close(logger)
     seconds["sft"] = time.perf_counter() - t0
-    sft_summary = {f"eval_{k}": v for k, v in sft_res.evals[-1].items() if k != "step"}
+    sft_summary = {"train_loss": sft_res.history[-1]["loss"]}
+    if sft_res.evals:
+        sft_summary.update({f"eval_{k}": v for k, v in sft_res.evals[-1].items() if k != "step"})
     say(f"[sft] {sft_res.step} steps in {seconds['sft']:.1f}s: {_fmt(sft_summary)}")
 
     # -- reward model: rankings of SFT samples, then normalised on fresh SFT samples --
