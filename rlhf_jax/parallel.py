@@ -330,18 +330,10 @@ def rules_for(preset: str, layout=PARAM_LAYOUT) -> Rules:
     if preset not in PRESET_AXES:
         raise ValueError(f"unknown sharding preset {preset!r}: choose one of {PRESETS}")
     axes = PRESET_AXES[preset]
+    # Trailing None entries are kept: a spec names the *trailing* dims of a parameter.
     return tuple(
-        (pattern, _trim(P(*(axes.get(a) if a else None for a in names))))
-        for pattern, names in layout
+        (pattern, P(*(axes.get(a) if a else None for a in names))) for pattern, names in layout
     )
-
-
-def _trim(spec: P) -> P:
-    """Drop trailing ``None`` entries (``P(None, None) -> P()``), which mean the same."""
-    parts = list(spec)
-    while parts and parts[-1] is None:
-        parts.pop()
-    return P(*parts)
 
 
 RULES: dict[str, Rules] = {preset: rules_for(preset) for preset in PRESETS}

@@ -96,17 +96,19 @@ def setup(mesh, preset: str, mode: str = "jit"):
 def _step(mesh, preset: str, mode: str):
     """The compiled step of :func:`problem` for one placement (cached: compiled once per test run).
 
-    AdamW with ``eps=1e-5`` (the lm-human-preferences value): Adam divides each gradient by its own
-    magnitude, so with ``eps=1e-8`` an entry whose gradient is ~1e-9 (some attention-key entries at
-    init) turns a last-bit difference from the cross-device summation order into a 1e-4 relative
-    change of its update. ``eps=1e-5`` keeps the update Lipschitz at this scale, so the 1e-5
-    comparison tests the parallelism, not Adam's conditioning.
+    AdamW with ``eps=1e-3``: Adam divides each gradient entry by its own magnitude, so an entry
+    whose gradient is far below ``eps`` moves by ``lr / eps`` times its gradient. A rounding
+    difference ``d`` in that gradient (the cross-device summation order changes the last bits)
+    becomes ``d * lr / eps`` in the parameter: 1e3 x with ``lr=1e-2, eps=1e-5``, more than the
+    1e-5 tolerance on entries near zero. ``eps=1e-3`` bounds the amplification to 10x, so the
+    comparison tests the parallelism, not Adam's conditioning; entries with larger gradients
+    still get Adam's normalised update.
     """
     from rlhf_jax import parallel
     from rlhf_jax.optim import OptimConfig, make_optimizer
 
     params, loss_fn, _ = problem()
-    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-5))
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-3))
     specs = parallel.param_specs(params, preset, mesh)
     step = parallel.make_data_parallel_step(
         loss_fn, optimizer, mesh, mode=mode, param_specs_tree=specs

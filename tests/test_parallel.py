@@ -81,8 +81,65 @@ def test_presets_differ_only_in_the_table():
     patterns = {preset: [p for p, _ in rules] for preset, rules in parallel.RULES.items()}
     assert set(patterns) == set(parallel.PRESETS)
     assert all(v == patterns["dp"] for v in patterns.values())
-    assert all(spec == P() for _, spec in parallel.RULES["dp"])
+    assert all(all(a is None for a in spec) for _, spec in parallel.RULES["dp"])
     assert parallel.RULES["dp"][-1] == (".*", P())
+
+
+ARCH_SHAPES = {  # small but with every parameter kind of each family (qkv bias, q/k norm, GQA)
+    "gpt2": dict(arch="gpt2", num_heads=4, hidden_size=32),
+    "llama": dict(arch="llama", num_heads=4, num_kv_heads=2, hidden_size=32, intermediate_size=64),
+    "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, hidden_size=32, intermediate_size=64),
+    "qwen3": dict(
+        arch="qwen3", num_heads=4, num_kv_heads=2, hidden_size=32, head_dim=16, intermediate_size=64
+    ),
+}
+
+# What the fsdp+tp table gives each kind of parameter (trailing dims; stacked layers add a None).
+EXPECTED_FSDP_TP = {
+    "embed/embedding": P("tensor", "fsdp"),
+    "pos_embed/embedding": P(None, "fsdp"),
+    "lm_head/kernel": P("fsdp", "tensor"),
+    "layers/attn/q_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/attn/q_proj/bias": P(None, "tensor"),
+    "layers/attn/k_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/attn/k_proj/bias": P(None, "tensor"),
+    "layers/attn/v_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/attn/v_proj/bias": P(None, "tensor"),
+    "layers/attn/o_proj/kernel": P(None, "tensor", "fsdp"),
+    "layers/attn/o_proj/bias": P(),
+    "layers/attn/q_norm/scale": P(),
+    "layers/mlp/gate_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/mlp/up_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/mlp/up_proj/bias": P(None, "tensor"),
+    "layers/mlp/down_proj/kernel": P(None, "tensor", "fsdp"),
+    "layers/mlp/down_proj/bias": P(),
+    "layers/attn_norm/scale": P(),
+    "final_norm/scale": P(),
+    "value_head/kernel": P("fsdp"),
+    "value_head/bias": P(),
+    "score_head/kernel": P("fsdp"),
+    "score_head/reward_gain": P(),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_SHAPES))
+def test_rules_cover_every_architecture_and_head(arch):
+    from rlhf_jax import models
+
+    config = models.ModelConfig(vocab_size=64, num_layers=2, **ARCH_SHAPES[arch])
+    _, params = parallel.abstract_model(config, value_head=True, score_head=True)
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    specs = parallel.param_specs(params, "fsdp+tp", mesh)
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    got = {parallel.path_str(path): spec for path, spec in flat}
+    for path, spec in got.items():
+        if path in EXPECTED_FSDP_TP:
+            assert spec == EXPECTED_FSDP_TP[path], (arch, path, spec)
+        else:  # only norm parameters and biases may be left out of the table above
+            assert spec == P() and path.rsplit("/", 1)[-1] in ("scale", "bias", "reward_bias"), path
+    kernels = [p for p in got if p.endswith("kernel") or p.endswith("embedding")]
+    assert all(got[p] != P() for p in kernels), arch  # every matrix is split
+    assert "value_head/kernel" in got and "score_head/kernel" in got
 
 
 def test_unmatched_parameter_is_an_error():
@@ -222,42 +279,23 @@ def test_restore_on_another_mesh_and_continue(tmp_path, one_device):
 
 
 # --------------------------------------------------------------------------------------------
-# Rollouts: token for token the same on 1 and 8 devices
-# --------------------------------------------------------------------------------------------
-
-
-def _rollout(mesh, preset):
-    from rlhf_jax import rollout
-
-    params, _, batch = mw.problem()
-    model = mw.model()
-    prompts, mask = batch["tokens"][:8, :4], batch["mask"][:8, :4][:, ::-1]  # left-padded
-    prompts = {"tokens": np.where(mask == 1, prompts, 0).astype(np.int32), "mask": mask.copy()}
-    with jax.set_mesh(mesh):
-        out = rollout.sample(
-            model.graphdef,
-            parallel.shard_params(params, mesh, preset),
-            *parallel.shard_batch(prompts, mesh).values(),
-            jax.random.key(3),
-            max_new_tokens=4,
-            sampling=rollout.SamplingConfig(temperature=1.0, top_p=0.9),
-            n=2,
-        )
-    return jax.tree.map(np.asarray, out)
-
-
-def test_rollouts_identical_on_1_and_8_devices():
-    one = _rollout(parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp")
-    eight = _rollout(parallel.make_mesh(MESHES["fsdp+tp"]), "fsdp+tp")
-    np.testing.assert_array_equal(eight.tokens, one.tokens)
-    np.testing.assert_array_equal(eight.mask, one.mask)
-    np.testing.assert_allclose(eight.learner_logprobs, one.learner_logprobs, rtol=1e-5, atol=1e-6)
-    assert len(np.unique(one.tokens)) > 2  # really sampled, not a constant
-
-
-# --------------------------------------------------------------------------------------------
 # A trainer's own jitted step runs unchanged on a sharded state and batch
 # --------------------------------------------------------------------------------------------
+
+
+def _assert_split_leaves_kept(state, shardings):
+    """Every leaf the rules split is still split as they say after a trainer's own jitted step.
+
+    The trainers jit without ``out_shardings``, so XLA may choose a layout for what the rules
+    leave replicated (it splits the [L, D] norm scales); that is allowed, a lost split is not.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    drift = [
+        (parallel.path_str(path), leaf.sharding.spec, want.spec)
+        for (path, leaf), want in zip(flat, jax.tree.leaves(shardings), strict=True)
+        if not leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    ]
+    assert all(want == P() for _, _, want in drift), drift
 
 
 def test_sft_trainer_step_on_sharded_state_equals_1_device(one_device):
@@ -273,7 +311,7 @@ def test_sft_trainer_step_on_sharded_state_equals_1_device(one_device):
     from rlhf_jax.optim import OptimConfig
 
     params, _, batch = mw.problem()
-    cfg = sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-5), batch_size=mw.GLOBAL_BATCH)
+    cfg = sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=mw.GLOBAL_BATCH)
     mesh = parallel.make_mesh(MESHES["fsdp+tp"])
     state = parallel.shard_state(sft.init_state(params, cfg), mesh, "fsdp+tp")
     shardings = parallel.state_shardings(state, mesh, "fsdp+tp")
@@ -283,18 +321,11 @@ def test_sft_trainer_step_on_sharded_state_equals_1_device(one_device):
     for _ in range(mw.STEPS):
         state, metrics = step(state, data, jax.random.key(0))
         history.append(metrics)
+        _assert_split_leaves_kept(state, shardings)
+        state = parallel.shard_state(state, mesh, "fsdp+tp")  # same layout in: no recompile
     for key in ("loss", "grad_norm"):
         got = np.asarray([float(m[key]) for m in history])
         np.testing.assert_allclose(got, one_device[key], rtol=1e-5, err_msg=key)
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    drift = [
-        (parallel.path_str(path), leaf.sharding.spec, want.spec)
-        for (path, leaf), want in zip(flat, jax.tree.leaves(shardings), strict=True)
-        if not leaf.sharding.is_equivalent_to(want, leaf.ndim)
-    ]
-    # The trainer's jit has no out_shardings, so XLA may choose a layout for what the rules leave
-    # replicated (it splits the [L, D] norm scales); every leaf the rules split keeps its spec.
-    assert all(want == P() for _, _, want in drift), drift
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,3 +353,60 @@ def test_dry_run_counts_exactly_the_sharded_state_and_batch():
     assert report.temps > 0 and report.total > report.arguments
     assert report.num_params == sum(np.prod(x.shape) for x in jax.tree.leaves(params))
     assert report.name in parallel.format_memory_table([report])
+
+
+# --------------------------------------------------------------------------------------------
+# The real PPO iteration (rollout, scoring, GAE, minibatch updates): 8 devices == 1 device
+# --------------------------------------------------------------------------------------------
+
+
+def _ppo_run(mesh, preset, iterations=2):
+    from rlhf_jax import models
+    from rlhf_jax.algorithms import ppo
+    from rlhf_jax.optim import OptimConfig
+
+    lm = mw.model()
+    rm = models.init_model(lm.config, jax.random.key(1), lm_head=False, score_head=True)
+    cfg = ppo.PPOConfig(
+        response_length=3,
+        num_epochs=1,
+        num_minibatches=2,
+        critic="separate",
+        optim=OptimConfig(name="sgd", learning_rate=0.1, max_grad_norm=None),
+        kl_coef=0.1,
+    )
+    static, params, frozen = ppo.make_models(cfg, lm, rm)
+    state = parallel.shard_state(ppo.init_state(cfg, params), mesh, preset)
+    frozen = parallel.shard_state(frozen, mesh, preset)
+    _, _, batch = mw.problem()
+    mask = batch["mask"][:8, :4][:, ::-1].copy()  # left-padded prompts
+    prompts = parallel.shard_batch(
+        {"tokens": np.where(mask == 1, batch["tokens"][:8, :4], 0), "mask": mask}, mesh
+    )
+    iterate = ppo.make_iteration(cfg, static)
+    shardings = parallel.state_shardings(state, mesh, preset)
+    history = []
+    with jax.set_mesh(mesh):
+        for _ in range(iterations):
+            state, metrics = iterate(state, frozen, prompts["tokens"], prompts["mask"])
+            history.append(jax.device_get(metrics))
+            _assert_split_leaves_kept(state, shardings)
+            state = parallel.shard_state(state, mesh, preset)  # same layout in: no recompile
+    return history, jax.device_get(state.params)
+
+
+def test_ppo_iterations_on_8_devices_equal_1_device():
+    one, params_one = _ppo_run(parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp")
+    eight, params_eight = _ppo_run(parallel.make_mesh(MESHES["fsdp"]), "fsdp")
+    for m1, m8 in zip(one, eight, strict=True):
+        for key in m1:
+            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert float(one[0]["score/mean"]) != 0.0  # the reward model really scored
+    flat_one = jax.tree_util.tree_flatten_with_path(params_one)[0]
+    mw.assert_results_close(
+        {
+            parallel.path_str(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(params_eight)[0]
+        },
+        {parallel.path_str(p): np.asarray(x) for p, x in flat_one},
+    )
