@@ -11,8 +11,9 @@ and, separately, each phase jitted alone: rollout (:func:`ppo.generate`), scorin
 log-probs + critic values + reward-model scores + shaping + GAE, :func:`ppo.score`) and the update
 (E epochs of PPO, :func:`ppo.update`). The phase sum can differ a little from the fused time
 (XLA fuses across phase boundaries in the fused program). Each figure is the median of
-``--repeats`` calls after a warm-up call; "compile" is the first call of the fused iteration minus
-its median.
+``--repeats`` calls after a warm-up call; "compile" is the first call minus the median.
+``--dtype bfloat16`` (bf16 compute, float32 parameters) and ``--critic shared`` depart from the
+issue's configuration and say so in the header line.
 
     PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
@@ -43,13 +44,14 @@ def bench_config(args) -> tuple[ppo.PPOConfig, models.ModelConfig]:
         num_layers=4,
         num_heads=4,
         max_position_embeddings=128,
+        dtype=args.dtype,
     )
     cfg = ppo.PPOConfig(
         response_length=args.response_length,
         num_samples=1,
         num_epochs=4,
         num_minibatches=1,
-        critic="separate",
+        critic=args.critic,
         kl_controller="fixed",
         stop_tokens=(),
         kl_coef=0.05,
@@ -62,6 +64,28 @@ def bench_config(args) -> tuple[ppo.PPOConfig, models.ModelConfig]:
         optim=OptimConfig(name="adamw", learning_rate=1e-5),
     )
     return cfg, model_cfg
+
+
+def matmul_gflop(cfg: ppo.PPOConfig, m: models.ModelConfig, b: int, p: int) -> dict[str, float]:
+    """Dense-matmul GFLOP of each phase (2 FLOP per multiply-add; attention scores included).
+
+    Trunk per token: ``2 L (4 D^2 + 2 D F)`` plus attention ``4 L D T_ctx``; LM head per scored
+    position: ``2 D V``. Backward = 2 x forward. Separate critic and reward model have no LM head.
+    """
+    r, t = cfg.response_length, p + cfg.response_length
+    n_layer = m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
+    trunk = lambda tokens, ctx: 2 * tokens * (n_layer + 2 * m.num_layers * m.hidden_size * ctx)  # noqa: E731
+    head = lambda positions: 2 * positions * m.hidden_size * m.vocab_size  # noqa: E731
+    n = b * cfg.num_samples
+    rollout = trunk(b * p, p / 2) + trunk(n * (r - 1), p + r / 2) + head(n * r)
+    full = trunk(n * t, t / 2)  # one trunk pass over prompt + response
+    policy = full + head(n * r)
+    critic = 0 if cfg.critic == "shared" else full
+    scoring = policy + critic + full  # reference, critic, reward model
+    if cfg.old_logprobs == "recompute":
+        scoring += policy
+    update = cfg.num_epochs * 3 * (policy + critic)
+    return {k: v / 1e9 for k, v in dict(rollout=rollout, scoring=scoring, update=update).items()}
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, float]:
@@ -85,6 +109,12 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--no-phases", action="store_true", help="time the fused iteration only")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
+    )
+    parser.add_argument(
+        "--critic", default="separate", choices=("separate", "shared"), help="critic mode"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     cfg, model_cfg = bench_config(args)
@@ -93,7 +123,8 @@ def main(argv=None) -> None:
         f"config: GPT-2 L={model_cfg.num_layers} H={model_cfg.num_heads} "
         f"d={model_cfg.hidden_size} V={model_cfg.vocab_size}; "
         f"B={args.batch} P={args.prompt_length} "
-        f"R={cfg.response_length}; E={cfg.num_epochs} M={cfg.num_minibatches}; critic={cfg.critic}"
+        f"R={cfg.response_length}; E={cfg.num_epochs} M={cfg.num_minibatches}; "
+        f"critic={cfg.critic}; compute dtype={model_cfg.dtype}"
     )
 
     sft = models.init_model(model_cfg, jax.random.PRNGKey(0))
@@ -138,10 +169,13 @@ def main(argv=None) -> None:
     fused = statistics.median(times)
     rows.append(("fused iteration", fused, first - fused))
 
+    gflop = matmul_gflop(cfg, model_cfg, args.batch, args.prompt_length)
+    gflop["fused"] = sum(gflop.values())
     width = max(len(r[0]) for r in rows)
-    print(f"{'phase':<{width}}  seconds  compile")
-    for name, t, c in rows:
-        print(f"{name:<{width}}  {t:7.3f}  {c:7.1f}")
+    print(f"{'phase':<{width}}  seconds  compile   GFLOP  GFLOP/s")
+    keys = [k for k in gflop if not args.no_phases or k == "fused"]
+    for (name, t, c), key in zip(rows, keys, strict=True):
+        print(f"{name:<{width}}  {t:7.3f}  {c:7.1f}  {gflop[key]:6.1f}  {gflop[key] / t:7.1f}")
     if len(rows) > 1:
         print(f"{'sum of phases':<{width}}  {sum(r[1] for r in rows[:-1]):7.3f}")
     print(
