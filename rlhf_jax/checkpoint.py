@@ -259,7 +259,8 @@ class Checkpointer:
         Returns:
           ``(step, state, meta)``, or None when there is no committed checkpoint. If the newest
           checkpoint cannot be read (its files were damaged after the commit), the next older one
-          is tried, with a warning.
+          is tried, with a warning; the unreadable newer ones are renamed ``<step>.unreadable``
+          (kept, never read again) so the resumed run can save those steps anew.
 
         Raises:
           CheckpointError: no checkpoint matches ``abstract_state`` (a different model size or
@@ -294,6 +295,7 @@ class Checkpointer:
                 continue
             if errors:
                 log.warning("restored the older checkpoint step %d instead", step)
+                self._set_aside([s for s, _ in errors])
             return step, out[_STATE], dict(out[_META])
         step, err = errors[0]
         raise CheckpointError(
@@ -302,6 +304,25 @@ class Checkpointer:
             "The model size, optimizer or trainer state layout probably changed since it was "
             "saved: resume with the config the run was started with, or start a new run directory."
         ) from err
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable step directories to ``<step>.unreadable`` (kept for inspection,
+        never read again), so the resumed run can save those steps anew."""
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst = f"{src}.unreadable"
+                n = 1
+                while os.path.exists(dst):
+                    dst, n = f"{src}.unreadable{n}", n + 1
+                if os.path.isdir(src):
+                    os.rename(src, dst)
+                    log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rlhf_jax.checkpoint.set_aside")
+        self._manager.reload()
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -334,9 +334,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog)
     shutil.rmtree(tmp_path / "c" / "2" / "state")  # files lost after the commit (disk trouble)
     with Checkpointer(tmp_path / "c", save_every=1) as ck:
         step, state, meta = ck.restore_latest(abstract_like(_state()))
-    assert step == 1 and meta == {"cursor": 1}
-    np.testing.assert_array_equal(state.params["w"], _state().params["w"])
-    assert "cannot be restored" in caplog.text
+        assert step == 1 and meta == {"cursor": 1}
+        np.testing.assert_array_equal(state.params["w"], _state().params["w"])
+        assert "cannot be restored" in caplog.text
+        # The damaged step is kept aside (not deleted), and the resumed run can save it anew.
+        assert (tmp_path / "c" / "2.unreadable").is_dir() and ck.all_steps() == [1]
+        assert ck.save(2, _state(3.0), {"cursor": 2}, force=True)
+        ck.wait()
+        assert ck.all_steps() == [1, 2]
 
 
 # -- the same with the real SFT trainer and run loop ---------------------------------------
