@@ -32,6 +32,7 @@ def test_tiny_pipeline_reward_rises_and_report_is_written(tmp_path):
             optim=OptimConfig(learning_rate=3e-3),
             loop=LoopConfig(max_steps=40, eval_every=40),
         ),
+        ppo=dataclasses.replace(base.ppo, optim=OptimConfig(learning_rate=3e-4, eps=1e-5)),
         ppo_iterations=12,
         ppo_eval_every=12,
         ppo_prompts=16,
