@@ -5,7 +5,7 @@ initialise the reward model from the supervised policy) and a fresh scalar head 
 one position of prompt + response (:func:`rlhf_jax.models.scores`, ``read="last_nonpad"`` by
 default; ``"last"`` is lm-human-preferences' fixed last position, see ``rlhf-formulas.md`` §5).
 
-Two losses, both from :mod:`rlhf_jax.losses` (this module does not re-derive them):
+Three losses, all from :mod:`rlhf_jax.losses` (this module does not re-derive them):
 
 - ``"pairwise"`` — Bradley-Terry on (chosen, rejected) pairs, ``-log sigmoid(r_c - r_r - margin)``
   with an optional per-example margin and optional reward centering ``c * (r_c + r_r)^2`` (TRL
