@@ -179,8 +179,10 @@ def _float_order_key(x: Array) -> Array:
     return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
-def _top_p_keep(scaled: Array, row_max: Array, top_p: Array) -> Array:
+def _top_p_keep(scaled: Array, e: Array, top_p: Array) -> Array:
     """Top-p set over the full vocabulary without sorting: [N, V] bool.
+
+    ``e`` is ``exp(scaled - max)``, the unnormalised probabilities.
 
     Bisection for the largest threshold ``tau`` with ``sum_{x_i >= tau} p_i >= top_p`` over the
     order-preserving integer image of the logits: 32 halvings of the int32 range make it exact,
@@ -188,7 +190,6 @@ def _top_p_keep(scaled: Array, row_max: Array, top_p: Array) -> Array:
     ``top_p`` -- the same set as the sort-and-cumsum definition (plus exact ties).
     """
     keys = _float_order_key(scaled)  # [N, V]
-    e = jnp.exp(scaled - row_max)  # [N, V] unnormalised probabilities
     target = top_p * jnp.sum(e, -1)  # [N]
     lo = jnp.min(keys, -1)  # mass(keys >= lo) = 1 >= top_p
     hi = jnp.max(keys, -1)  # mass(keys >= hi) >= p_max: may also pass
@@ -259,7 +260,8 @@ def sample_next(
     chex.assert_rank(u, 1)
     scaled = logits.astype(jnp.float32) / jnp.asarray(sampling.temperature, jnp.float32)
     row_max = jnp.max(scaled, -1, keepdims=True)  # [N, 1]; never filtered out
-    full_lse = row_max[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - row_max), -1))  # [N]
+    e = jnp.exp(scaled - row_max)  # [N, V] unnormalised probabilities
+    full_lse = row_max[:, 0] + jnp.log(jnp.sum(e, -1))  # [N]
     top_p = jnp.asarray(sampling.top_p, jnp.float32)
     log_min_p = jnp.log(jnp.asarray(sampling.min_p, jnp.float32))  # -inf when off
 
@@ -279,10 +281,11 @@ def sample_next(
         tokens = _pick(ids, j)
         logprobs = _pick(vals, j) - (vals[:, 0] + jnp.log(jnp.sum(w, -1)))
     else:
-        keep_all = jnp.ones(scaled.shape, bool)
-        keep = _maybe(top_p < 1, lambda k: k & _top_p_keep(scaled, row_max, top_p), keep_all)
-        keep = _maybe(log_min_p > -jnp.inf, lambda k: k & (scaled >= row_max + log_min_p), keep)
-        w = jnp.where(keep, jnp.exp(scaled - row_max), 0.0)  # [N, V]
+        # Filtered weights [N, V]: e itself when the filters are off (no mask is built).
+        w = _maybe(top_p < 1, lambda w: jnp.where(_top_p_keep(scaled, e, top_p), w, 0.0), e)
+        w = _maybe(
+            log_min_p > -jnp.inf, lambda w: jnp.where(scaled >= row_max + log_min_p, w, 0.0), w
+        )
         if sampling.greedy:
             tokens = jnp.argmax(scaled, -1).astype(jnp.int32)
         else:
