@@ -187,7 +187,10 @@ ADAM_CFG = ppo.PPOConfig(
     kl_controller="adaptive",
     kl_target=1.0,
     kl_horizon=20.0,
-    optim=OptimConfig(learning_rate=1e-2),
+    # Adam eps 1e-3: attention is invariant to the key bias, so its true gradient is 0 and the
+    # computed one is rounding noise (~1e-8), which a tiny eps would scale up to ~lr and make the
+    # vmapped and the separate programs differ by their rounding; with eps 1e-3 it stays ~1e-7.
+    optim=OptimConfig(learning_rate=1e-2, eps=1e-3),
     temperature=1.0,
 )
 
@@ -226,18 +229,10 @@ def test_vmap_over_seeds_equals_separate_runs(adam_setup, prompts):
                 np.testing.assert_allclose(
                     np.asarray(metrics[k][run]), np.asarray(v), rtol=1e-5, atol=1e-5, err_msg=k
                 )
-    # Attention is invariant to the key bias (it adds q.b to every logit of a query), so its true
-    # gradient is 0 and the computed one is rounding noise, which Adam scales up to ~lr: those
-    # leaves are not comparable between two programs. Every other parameter must agree.
     for run in range(2):
-        got = jax.tree_util.tree_leaves_with_path(states.params)
-        want = jax.tree.leaves(separate[run][0].params)
-        for (path, x), y in zip(got, want, strict=True):
-            if "k_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
-                continue
-            np.testing.assert_allclose(
-                np.asarray(x[run]), np.asarray(y), rtol=1e-5, atol=1e-5, err_msg=str(path)
-            )
+        tree_close(
+            jax.tree.map(lambda x, r=run: x[r], states.params), separate[run][0].params, 1e-5
+        )
     # the two runs really differ (different rollouts and learning rates)
     assert not np.allclose(
         separate[0][1][0]["score/mean"], separate[1][1][0]["score/mean"]
