@@ -439,6 +439,11 @@ def _sample(
     stops = jnp.asarray(tuple(stop_tokens), jnp.int32).reshape(-1)
 
     config = _model_config(graphdef, params)
+    if config.arch == "gpt2" and p + r > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {p} + max_new_tokens {r} exceeds the {config.max_position_embeddings} "
+            "learned positions of this GPT-2 model"
+        )
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0)

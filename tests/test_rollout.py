@@ -334,3 +334,9 @@ def test_vmap_over_sampling_parameters_is_a_sweep(lm):
         np.testing.assert_allclose(
             np.asarray(swept.logprobs[i]), np.asarray(want.logprobs), atol=1e-5
         )
+
+
+def test_rejects_sequences_longer_than_the_learned_positions(lm):
+    tokens, mask = prompts(4)
+    with pytest.raises(ValueError, match="learned positions"):
+        rollout.sample(*lm, tokens, mask, 0, max_new_tokens=64 - P + 1)
