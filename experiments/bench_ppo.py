@@ -101,6 +101,43 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def profile(iterate, state, args: tuple, top: int = 20) -> None:
+    """Print the XLA ops that take the most time in one fused iteration (a profiler trace).
+
+    Each op of the optimized program is named by the JAX operation it came from (the HLO
+    ``op_name`` metadata), so the LM head, an attention einsum or a layer-weight copy shows as such.
+    """
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
+    hlo = iterate.lower(state, *args).compile().as_text()
+    origin = {
+        m.group(1): m.group(2) for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)
+    }
+    state, metrics = iterate(state, *args)
+    jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        state, metrics = iterate(state, *args)
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        (trace,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in origin:
+            total[origin[e["name"]]] += e["dur"] / 1e6
+    print(f"top ops of one fused iteration, seconds (sum of op times {sum(total.values()):.3f}):")
+    for name, sec in total.most_common(top):
+        print(f"  {sec:7.3f}  {name[-110:]}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
@@ -109,6 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--no-phases", action="store_true", help="time the fused iteration only")
+    parser.add_argument("--profile", action="store_true", help="list the ops that take the time")
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
     )
@@ -117,6 +155,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
+    if jax.config.read("jax_disable_most_optimizations"):
+        raise SystemExit("benchmarks must not run with jax_disable_most_optimizations")
     cfg, model_cfg = bench_config(args)
     print(f"devices: {jax.devices()}")
     print(
@@ -182,6 +222,8 @@ def main(argv=None) -> None:
         f"last metrics: score/mean={float(metrics['score/mean']):.4f} "
         f"kl/response={float(metrics['kl/response']):.4f} skipped={float(metrics['skipped'])}"
     )
+    if args.profile:
+        profile(iterate, state, (frozen, prompts, prompt_mask, index))
     print(f"ppo seconds per iteration: {fused:.3f} (compile {first - fused:.1f} s)")
 
 
