@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models
+from rlhf_jax import models, presets
 from rlhf_jax.algorithms import ppo
 from rlhf_jax.optim import OptimConfig
 from rlhf_jax.reward_fn import RewardFunction
@@ -299,11 +299,19 @@ def test_nonfinite_scores_skip_the_update_and_frozen_params_survive(adam_setup, 
         ({"preset": "nope"}, "preset='nope'"),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"reward_fn": "m:f"}, "critic='shared'"),
+        ({"preset": "trl-ppo", "conventions_override": presets.DEFAULT}, "both set"),
     ],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ppo.PPOConfig(**kwargs)
+
+
+def test_conventions_override():
+    trl_k3 = presets.get_preset("trl-ppo").replace(kl_estimator="k3")
+    cfg = ppo.PPOConfig(conventions_override=trl_k3)
+    assert cfg.conventions == trl_k3
+    assert ppo.PPOConfig(preset="safe-rlhf").conventions == presets.get_preset("safe-rlhf")
 
 
 def test_minibatches_must_divide_the_batch(sft, reward_model, prompts):

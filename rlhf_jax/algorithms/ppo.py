@@ -112,6 +112,7 @@ class PPOConfig:
     num_minibatches: int = 1  # M: minibatches per epoch; N must be divisible by M
     critic: str = "separate"  # "separate": critic from the reward model | "shared": value head
     preset: str = "rlhf-jax"  # convention preset (rlhf_jax.presets): score slot, KL, whitening
+    conventions_override: presets.Conventions | None = None  # a whole bundle instead of preset
     kl_controller: str = "fixed"  # "fixed" beta | "adaptive" (Ziegler et al. 2019, LMHP)
     kl_target: float = 6.0  # adaptive: target KL per response, nats (LMHP default 6)
     kl_horizon: float = 10000.0  # adaptive: horizon in samples (LMHP default 10000)
@@ -166,6 +167,13 @@ class PPOConfig:
         need(0 <= self.lam <= 1, f"lam={self.lam}: must be in [0, 1]")
         need(self.temperature > 0, f"temperature={self.temperature}: must be > 0")
         need(self.vf_coef >= 0, f"vf_coef={self.vf_coef}: must be >= 0")
+        if self.conventions_override is not None and self.preset != "rlhf-jax":
+            raise ValueError(
+                f"ppo.preset={self.preset!r} and ppo.conventions_override are both set: the "
+                "override is a whole bundle (unset fields take the rlhf-jax defaults), so set "
+                "one; for a preset with one change pass "
+                "presets.get_preset(name).replace(field=value) as the override"
+            )
         if self.reward_fn is not None and self.critic == "separate":
             raise ValueError(
                 "ppo.critic='separate' initialises the critic from the reward model, but "
@@ -174,7 +182,10 @@ class PPOConfig:
 
     @property
     def conventions(self) -> presets.Conventions:
-        """The :class:`rlhf_jax.presets.Conventions` bundle named by ``preset`` (static)."""
+        """The conventions in force (static): ``conventions_override`` if set, else the bundle
+        of ``preset`` (e.g. ``get_preset("trl-ppo").replace(kl_estimator="k3")`` as override)."""
+        if self.conventions_override is not None:
+            return self.conventions_override
         return presets.get_preset(self.preset)
 
 
