@@ -300,6 +300,7 @@ def test_nonfinite_scores_skip_the_update_and_frozen_params_survive(adam_setup, 
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"reward_fn": "m:f"}, "critic='shared'"),
         ({"preset": "trl-ppo", "conventions_override": presets.DEFAULT}, "both set"),
+        ({"preset": "lm-human-preferences"}, "stop_tokens is empty"),
     ],
 )
 def test_config_errors(kwargs, match):

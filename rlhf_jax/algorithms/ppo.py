@@ -9,8 +9,8 @@ The loop the seed documents call *sample -> feedback -> learn* (Ziegler et al. 2
     scoring      token_logprobs(reference)                  ref log-probs                [N, R]
                  values(critic) / value head                old values                   [N, R]
                  scores(reward model)  or a reward function scores                       [N]
-                 rewards.kl_estimate, rewards.shape_rewards per-token rewards            [N, R]
-                 returns.gae (+ returns.whiten)             advantages, returns          [N, R]
+                 rewards.shape_rewards (-beta KL + score)   per-token rewards            [N, R]
+                 returns.ppo_advantages (GAE, whitening)    advantages, returns          [N, R]
     update       E epochs x M minibatches (lax.scan over permuted indices) of
                  loss = ppo_policy_loss + c_vf * value_loss      (sums / counts, exact accumulation)
     KL control   adaptive_kl_update(beta, KL per response)  (Ziegler et al.; "fixed" keeps beta)
@@ -26,8 +26,8 @@ through the stop token). The formulas and the conventions each source uses are i
 epochs, minibatches, critic mode, conventions, the KL-controller kind). :class:`PPOHParams` holds
 every number a sweep may vary — beta, learning rate, clip epsilon, value clip, gamma, lambda,
 temperature, c_vf, seed — as scalar arrays inside the state, so
-``jax.vmap(iteration, in_axes=(0, None, None, None, None))`` over a stacked state runs N
-experiments in one program (:func:`stack_states`).
+``jax.vmap(iteration_fn(cfg, static), in_axes=(0, None, None, None))`` over a stacked state
+(:func:`stack_states`) runs N experiments in one program.
 
 **Critic.** ``critic="shared"``: a value head on the policy trunk, one trunk pass gives log-probs
 and values (lm-human-preferences). ``critic="separate"``: a second model initialised from the
@@ -44,11 +44,11 @@ prompt's global index and sample index (:func:`rlhf_jax.rollout.sample`), the mi
 permutation of epoch ``e`` uses ``fold_in(perm_key, e)``. A run therefore repeats exactly, and is
 independent of how the prompts were batched.
 
-**Non-finite values**: when a score, a reward, an
-advantage, a loss or a gradient is NaN/inf, the update that would use it is dropped inside the step
-(the old parameters and optimizer state are kept, :func:`rlhf_jax.train.apply_update`), the KL
-controller is left alone, and ``skipped = 1`` is reported; :func:`rlhf_jax.train.run_loop` then
-stops with a message or carries on, by ``LoopConfig.on_nonfinite``.
+**Non-finite values.** When a score, a reward, an advantage, a loss or a gradient is NaN/inf, the
+update that would use it is dropped inside the step (the old parameters and optimizer state are
+kept, :func:`rlhf_jax.train.apply_update`), the KL controller is left alone, and ``skipped = 1``
+is reported; :func:`rlhf_jax.train.run_loop` then stops with a message or carries on, by
+``PPOConfig.loop.on_nonfinite``.
 
 **A Python reward function** (``PPOConfig.reward_fn = "module:function"``) replaces the reward
 model: the responses are decoded with the tokenizer and scored on the host through one
@@ -91,6 +91,11 @@ __all__ = [
     "generate",
     "score",
     "update",
+    "ppo_loss",
+    "loss_counts",
+    "kl_control",
+    "rollout_metrics",
+    "iteration_fn",
     "make_iteration",
     "make_step",
     "run",
@@ -173,6 +178,13 @@ class PPOConfig:
                 "override is a whole bundle (unset fields take the rlhf-jax defaults), so set "
                 "one; for a preset with one change pass "
                 "presets.get_preset(name).replace(field=value) as the override"
+            )
+        if self.conventions.missing_stop_penalty is not None and not self.stop_tokens:
+            raise ValueError(
+                f"ppo: the conventions penalise responses without a stop token "
+                f"(missing_stop_penalty={self.conventions.missing_stop_penalty}), but "
+                "ppo.stop_tokens is empty, so every response would be penalised: set "
+                "ppo.stop_tokens (e.g. the tokenizer's eos id)"
             )
         if self.reward_fn is not None and self.critic == "separate":
             raise ValueError(
