@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import rollout
+from rlhf_jax import models, rollout
 from rlhf_jax.rollout import SamplingConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +176,6 @@ STOPS = (3, 5, 11)  # with a near-uniform random model, ~5% per step: some rows 
 
 @pytest.fixture(scope="module")
 def lm():
-    from rlhf_jax import models
-
     config = models.ModelConfig(
         arch="gpt2",
         vocab_size=VOCAB,
@@ -203,8 +201,6 @@ def prompts(b, seed=1):
 
 
 def learner_logprobs(lm, tokens, mask, ro, temperature):
-    from rlhf_jax import models
-
     full, full_mask = rollout.full_sequences(tokens, mask, ro)
     fn = jax.jit(models.token_logprobs, static_argnums=0, static_argnames="start")
     return fn(*lm, full, full_mask, start=P, temperature=temperature)
@@ -239,8 +235,6 @@ def test_filtered_logprobs_and_learner_logprobs(lm):
 
 
 def test_greedy_equals_full_forward_argmax(lm):
-    from rlhf_jax import models
-
     tokens, mask = prompts(4)
     ro = run(lm, tokens, mask, sampling=SamplingConfig(greedy=True), stop_tokens=(), n=1)
     np.testing.assert_array_equal(np.asarray(ro.lengths), R)  # no stop tokens: all truncated
