@@ -9,8 +9,9 @@ changes between them is data, never code:
   first regex that matches a parameter's path (``re.search`` on ``"layers/attn/q_proj/kernel"``)
   gives its spec. Presets ``dp``, ``fsdp``, ``tp`` and ``fsdp+tp`` differ only in their table
   (:data:`RULES`); all are generated from one architecture layout (:data:`PARAM_LAYOUT`, a path
-  regex -> logical axis names, as in maxtext's ``logical_axis_rules``) and a per-preset map from
-  logical names to mesh axes (:data:`PRESET_AXES`);
+  regex -> logical axis names, as in maxtext's ``logical_axis_rules``), a per-preset map from
+  logical names to mesh axes (:data:`PRESET_AXES`) and whether the preset adds FSDP, which
+  splits every matrix's output dimension over ``fsdp`` (:data:`PRESET_FSDP`);
 - the **batch** is always split over ``('data', 'fsdp')`` on its leading axis (:data:`BATCH_AXES`).
 
 A spec names the *trailing* dimensions of a parameter: a parameter with more dimensions than its
@@ -302,10 +303,12 @@ PARAM_LAYOUT: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r".*", ()),
 )
 
-# Logical axis -> mesh axis, per preset. The only difference between presets.
+# Logical axis -> mesh axis (tensor parallelism, Megatron-style: column-parallel q/k/v, gate/up
+# and the LM head split their output; row-parallel o_proj, down_proj split their input), and
+# whether the preset adds FSDP. With the logical layout, these two entries make a preset's table.
 PRESET_AXES: dict[str, dict[str, str | None]] = {
     "dp": {"vocab": None, "embed": None, "heads": None, "kv_heads": None, "mlp": None},
-    "fsdp": {"vocab": None, "embed": "fsdp", "heads": None, "kv_heads": None, "mlp": None},
+    "fsdp": {"vocab": None, "embed": None, "heads": None, "kv_heads": None, "mlp": None},
     "tp": {
         "vocab": "tensor",
         "embed": None,
@@ -315,14 +318,31 @@ PRESET_AXES: dict[str, dict[str, str | None]] = {
     },
     "fsdp+tp": {
         "vocab": "tensor",
-        "embed": "fsdp",
+        "embed": None,
         "heads": "tensor",
         "kv_heads": "tensor",
         "mlp": "tensor",
     },
 }
+PRESET_FSDP = {"dp": False, "fsdp": True, "tp": False, "fsdp+tp": True}
 
 Rules = tuple[tuple[str, P], ...]
+
+
+def _with_fsdp(spec: list, names: tuple) -> list:
+    """Add ``fsdp`` to a matrix's *output* dimension (an embedding table's ``embed``).
+
+    Measured choice (``docs/scaling.md``): without activation sharding hints in the model, XLA's
+    partitioner gathers the weights (as FSDP should) when ``fsdp`` splits the output dimension,
+    but moves the batch-sharded activations when it splits the contracted input dimension (Llama
+    1B, batch 16 x 1024 on data=2, fsdp=4: 27.5 vs 45.6 GiB of temporaries per device). A
+    ``[D, 1]`` scalar-head kernel is split on ``D``. Vectors (biases, norms) stay as they are.
+    """
+    if len(names) != 2:
+        return spec
+    i = 1 if names[1] is not None else 0
+    spec[i] = "fsdp" if spec[i] is None else ("fsdp", spec[i])
+    return spec
 
 
 def rules_for(preset: str, layout=PARAM_LAYOUT) -> Rules:
@@ -330,10 +350,14 @@ def rules_for(preset: str, layout=PARAM_LAYOUT) -> Rules:
     if preset not in PRESET_AXES:
         raise ValueError(f"unknown sharding preset {preset!r}: choose one of {PRESETS}")
     axes = PRESET_AXES[preset]
-    # Trailing None entries are kept: a spec names the *trailing* dims of a parameter.
-    return tuple(
-        (pattern, P(*(axes.get(a) if a else None for a in names))) for pattern, names in layout
-    )
+    table = []
+    for pattern, names in layout:
+        spec = [axes.get(a) if a else None for a in names]
+        if PRESET_FSDP[preset]:
+            spec = _with_fsdp(spec, names)
+        # Trailing None entries are kept: a spec names the *trailing* dims of a parameter.
+        table.append((pattern, P(*spec)))
+    return tuple(table)
 
 
 RULES: dict[str, Rules] = {preset: rules_for(preset) for preset in PRESETS}
@@ -368,7 +392,7 @@ def fit_spec(
 ) -> tuple[P, list[str]]:
     """Align ``spec`` to the trailing dims of ``shape``; replicate axes the mesh does not divide.
 
-    Returns the fitted spec and the reasons for every axis replicated because of divisibility.
+    Returns the fitted spec and the reasons for every axis dropped because of divisibility.
     """
     spec = tuple(spec)
     if len(spec) > len(shape):
@@ -382,11 +406,18 @@ def fit_spec(
         if axis is not None and mesh is not None:
             n = _mesh_axis_size(mesh, axis)
             if size % n:
+                # Of a combined axis like ('fsdp', 'tensor'), keep the first one that divides.
+                parts = (
+                    [a for a in axis if size % mesh.shape[a] == 0]
+                    if isinstance(axis, tuple)
+                    else []
+                )
+                kept = parts[0] if parts else None
                 reasons.append(
                     f"{where}: dim {dim} of size {size} is not divisible by mesh axis {axis!r} "
-                    f"of size {n}; replicated"
+                    f"of size {n}; " + (f"split over {kept!r} only" if kept else "replicated")
                 )
-                axis = None
+                axis = kept
         out.append(axis)
     while out and out[-1] is None:
         out.pop()
@@ -815,6 +846,7 @@ def dry_run(
     optim=None,
     devices: Sequence[jax.Device] | None = None,
     name: str | None = None,
+    rules: Rules | None = None,
 ) -> MemoryReport:
     """Compile the SFT trainer's step for ``cfg``'s mesh and rules; its per-device memory.
 
@@ -832,6 +864,7 @@ def dry_run(
       optim: an ``OptimConfig`` (default AdamW; ``grad_accum_steps`` splits the batch).
       devices: the devices of the mesh (default all).
       name: the row's label (default from the model and the mesh).
+      rules: a rule table to use instead of ``cfg.preset``'s (to compare layouts).
     """
     from rlhf_jax.algorithms import sft
     from rlhf_jax.optim import OptimConfig, make_optimizer
@@ -855,7 +888,7 @@ def dry_run(
             step.jitted(params, batch), params, opt_state, batch, name=name, num_params=num
         )
     state = jax.eval_shape(lambda p: sft.init_state(p, sft_cfg), params)
-    state = _abstract(state, state_shardings(state, mesh, cfg.preset))
+    state = _abstract(state, state_shardings(state, mesh, rules or cfg.preset))
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = sft.make_step(graphdef, sft_cfg)
     return compile_memory(step, state, batch, key, name=name, num_params=num)

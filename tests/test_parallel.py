@@ -98,18 +98,18 @@ ARCH_SHAPES = {  # small but with every parameter kind of each family (qkv bias,
 EXPECTED_FSDP_TP = {
     "embed/embedding": P("tensor", "fsdp"),
     "pos_embed/embedding": P(None, "fsdp"),
-    "lm_head/kernel": P("fsdp", "tensor"),
-    "layers/attn/q_proj/kernel": P(None, "fsdp", "tensor"),
+    "lm_head/kernel": P(None, ("fsdp", "tensor")),
+    "layers/attn/q_proj/kernel": P(None, None, ("fsdp", "tensor")),
     "layers/attn/q_proj/bias": P(None, "tensor"),
-    "layers/attn/k_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/attn/k_proj/kernel": P(None, None, ("fsdp", "tensor")),
     "layers/attn/k_proj/bias": P(None, "tensor"),
-    "layers/attn/v_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/attn/v_proj/kernel": P(None, None, ("fsdp", "tensor")),
     "layers/attn/v_proj/bias": P(None, "tensor"),
     "layers/attn/o_proj/kernel": P(None, "tensor", "fsdp"),
     "layers/attn/o_proj/bias": P(),
     "layers/attn/q_norm/scale": P(),
-    "layers/mlp/gate_proj/kernel": P(None, "fsdp", "tensor"),
-    "layers/mlp/up_proj/kernel": P(None, "fsdp", "tensor"),
+    "layers/mlp/gate_proj/kernel": P(None, None, ("fsdp", "tensor")),
+    "layers/mlp/up_proj/kernel": P(None, None, ("fsdp", "tensor")),
     "layers/mlp/up_proj/bias": P(None, "tensor"),
     "layers/mlp/down_proj/kernel": P(None, "tensor", "fsdp"),
     "layers/mlp/down_proj/bias": P(),
@@ -155,6 +155,14 @@ def test_divisibility_fallback_replicates_and_logs(caplog):
         specs = parallel.param_specs(params, "fsdp+tp", mesh)
     assert specs["embed"]["embedding"] == P(None, "fsdp")
     assert "dim 0 of size 50257 is not divisible by mesh axis 'tensor' of size 2" in caplog.text
+
+
+def test_combined_axis_falls_back_to_the_axis_that_divides():
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    spec, why = parallel.fit_spec(P(None, ("fsdp", "tensor")), (4, 12), mesh, "w")
+    assert spec == P(None, "fsdp") and "split over 'fsdp' only" in why[0]
+    spec, why = parallel.fit_spec(P(None, ("fsdp", "tensor")), (4, 6), mesh, "w")
+    assert spec == P(None, "tensor")
 
 
 def test_stacked_layer_axis_is_replicated():
