@@ -101,7 +101,7 @@ class QuickstartConfig:
         batch_size=32,
     )  # reward-model trainer (K-wise ranking loss, normalised after training)
     # -- PPO --
-    ppo_iterations: int = 60  # PPO iterations (rollout + learn)
+    ppo_iterations: int = 60  # PPO iterations (rollout + learn); sets ppo.loop.max_steps
     ppo_prompts: int = 32  # prompts per iteration (each answered ppo.num_samples times)
     ppo: ppo_lib.PPOConfig = ppo_lib.PPOConfig(
         num_samples=4,
@@ -110,11 +110,11 @@ class QuickstartConfig:
         critic="separate",
         kl_coef=0.1,
         optim=OptimConfig(learning_rate=1e-4, eps=1e-5),
-    )  # PPO trainer; response length, stop tokens, temperature and seed are set by the pipeline
+    )  # PPO; the pipeline sets its response length, stop tokens, temperature, seed, loop length
     ppo_eval_every: int = 10  # gold score of fresh samples every N iterations (for the plot)
     # -- evaluation --
     eval_samples_per_prompt: int = 4  # samples per evaluation prompt (every prompt of the world)
-    temperature: float = 1.0  # sampling temperature of evaluation (and of PPO rollouts)
+    temperature: float = 1.0  # sampling temperature of RM data, PPO rollouts and evaluation
     shown_samples: int = 8  # samples before/after printed in the report
 
     def __post_init__(self):
