@@ -263,13 +263,6 @@ def make_mesh(
     return jax.sharding.Mesh(grid, AXES, axis_types=types)
 
 
-def mesh_from_devices(
-    devices: Sequence[jax.Device], *, data: int = -1, fsdp: int = 1, tensor: int = 1
-):
-    """Shorthand: ``make_mesh(MeshConfig(data, fsdp, tensor), devices)``."""
-    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
-
-
 # --------------------------------------------------------------------------------------------
 # Sharding rules as data
 # --------------------------------------------------------------------------------------------
