@@ -863,6 +863,12 @@ def dry_run(
     from rlhf_jax.optim import OptimConfig, make_optimizer
 
     mesh = make_mesh(cfg.mesh, devices)
+    split = _mesh_axis_size(mesh, BATCH_AXES)
+    if batch_size % split:
+        raise ValueError(
+            f"dry run: batch_size={batch_size} is not divisible by data x fsdp = {split}; "
+            "change the batch size or the mesh"
+        )
     graphdef, params = abstract_model(model_config)
     sft_cfg = sft.SFTConfig(optim=optim or OptimConfig(name="adamw"), batch_size=batch_size)
     rows = (batch_size, seq_len)

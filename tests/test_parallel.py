@@ -361,6 +361,8 @@ def test_dry_run_counts_exactly_the_sharded_state_and_batch():
     assert report.temps > 0 and report.total > report.arguments
     assert report.num_params == sum(np.prod(x.shape) for x in jax.tree.leaves(params))
     assert report.name in parallel.format_memory_table([report])
+    with pytest.raises(ValueError, match="not divisible by data x fsdp = 8"):
+        parallel.dry_run(config, cfg, batch_size=12, seq_len=mw.SEQ_LEN)
 
 
 # --------------------------------------------------------------------------------------------
