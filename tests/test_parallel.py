@@ -172,6 +172,27 @@ def test_stacked_layer_axis_is_replicated():
         parallel.fit_spec(P("fsdp", "tensor"), (8,), None)
 
 
+def test_optimizer_state_follows_the_parameters():
+    from rlhf_jax.optim import OptimConfig, make_optimizer
+
+    params, _, _ = mw.problem()
+    mesh = parallel.make_mesh(MESHES["fsdp+tp"])
+    specs = parallel.param_specs(params, "fsdp+tp", mesh)
+    optimizer = make_optimizer(OptimConfig(weight_decay=0.1))
+    opt_specs = parallel.opt_state_specs(optimizer, params, specs)
+    is_spec = lambda x: isinstance(x, P)
+    flat_params = jax.tree.leaves(specs, is_leaf=is_spec)
+    moments = [opt_specs.inner_state[1].mu, opt_specs.inner_state[1].nu]  # scale_by_adam
+    for tree in moments:
+        assert jax.tree.leaves(tree, is_leaf=is_spec) == flat_params
+    assert opt_specs.inner_state[1].count == P()
+    assert opt_specs.hyperparams["learning_rate"] == P()
+    # the whole-state rules give the same placement
+    state = jax.eval_shape(optimizer.init, params)
+    by_path = parallel.param_specs(state, "fsdp+tp", mesh)
+    assert jax.tree.leaves(by_path, is_leaf=is_spec) == jax.tree.leaves(opt_specs, is_leaf=is_spec)
+
+
 def test_batch_and_cache_specs():
     mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert parallel.batch_spec(2) == P(("data", "fsdp"), None)
