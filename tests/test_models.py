@@ -141,6 +141,66 @@ def test_prefill_then_decode_matches_full_forward(model, full_logits):
     np.testing.assert_allclose(got[real], full_logits[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCH_KW))
+def test_decode_step_matches_decode_and_full_forward(arch):
+    """The rollout's fast path (per-layer weights, [B, Hkv, S, Dh] cache, one token per row) gives
+    the logits of the scan-based ``decode`` and of the full forward, for every family (GQA, RoPE
+    scaling, qk-norm, biases)."""
+    from rlhf_jax.models import apply
+
+    model = models.init_model(make_config(arch), jax.random.key(2))
+    cfg = model.config
+    full = np.asarray(_logits(model.graphdef, model.params, TOKENS, MASK))
+    p, t_total, extra = 4, 8, 2
+    positions = np.asarray(models.positions_from_mask(MASK))
+    kv_mask = np.concatenate([MASK, np.zeros((3, extra), np.int32)], 1)
+    dec = jax.jit(models.decode, static_argnums=0, static_argnames="last_only")
+    _, cache = dec(
+        model.graphdef,
+        model.params,
+        TOKENS[:, :p],
+        positions[:, :p],
+        MASK[:, :p],
+        models.init_cache(cfg, 3, p),
+        0,
+    )
+    ref_cache = models.init_cache(cfg, 3, t_total + extra)
+    _, ref_cache = dec(
+        model.graphdef, model.params, TOKENS[:, :p], positions[:, :p], kv_mask, ref_cache, 0
+    )
+    scache = apply.step_cache(cache, t_total + extra)
+    assert len(scache) == cfg.num_layers
+    assert scache[0][0].shape == (3, cfg.num_kv_heads, t_total + extra, cfg.head_dim)
+    weights = jax.jit(apply.step_weights, static_argnums=0)(model.graphdef, model.params)
+    step = jax.jit(apply.decode_step, static_argnums=0)
+    for t in range(p, t_total):
+        got, scache = step(
+            cfg, weights, TOKENS[:, t], positions[:, t], kv_mask, scache, jnp.int32(t)
+        )
+        ref, ref_cache = dec(
+            model.graphdef,
+            model.params,
+            TOKENS[:, t : t + 1],
+            positions[:, t : t + 1],
+            kv_mask,
+            ref_cache,
+            jnp.int32(t),
+            last_only=True,
+        )
+        assert got.shape == (3, V) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+        real = MASK[:, t] > 0
+        np.testing.assert_allclose(np.asarray(got)[real], full[real, t], atol=1e-5)
+    # the caches hold the same keys/values in their two layouts, on the slots attended to (a
+    # padding slot's deeper-layer keys depend on the cache length: nothing attends to them)
+    seen = kv_mask > 0
+    for layer, (k, v) in enumerate(scache):
+        for got_kv, ref_kv in ((k, ref_cache["k"][layer]), (v, ref_cache["v"][layer])):
+            np.testing.assert_allclose(
+                np.asarray(got_kv).swapaxes(1, 2)[seen], np.asarray(ref_kv)[seen], atol=1e-5
+            )
+
+
 def test_values_alignment(model):
     start = 2
     vals = _values(model.graphdef, model.params, TOKENS, MASK, start=start)

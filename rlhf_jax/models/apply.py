@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rlhf_jax.models import transformer as _tf
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 READ_MODES = ("last_nonpad", "last")
@@ -218,6 +219,61 @@ def decode(
     if last_only:
         hidden = hidden[:, -1]
     return module.lm_logits(hidden), cache
+
+
+def step_weights(graphdef, params) -> dict:
+    """The parameters rearranged for :func:`decode_step`: per-layer (unstacked) weights with
+    q/k/v (and gate/up) kernels concatenated. One copy of the weights: call it once, outside the
+    decode loop (inside a ``lax.while_loop`` every slice of the stacked ``[L, ...]`` parameters
+    would be copied again at every step)."""
+    return _tf.step_weights(nnx.merge(graphdef, params))
+
+
+def step_cache(cache: dict, max_length: int | None = None) -> tuple:
+    """A :func:`decode` cache ``dict(k=[L, B, S0, Hkv, Dh], v)`` (e.g. after the prefill) as the
+    :func:`decode_step` cache: ``L`` pairs ``(k, v)`` of ``[B, Hkv, S, Dh]``, zero-padded to
+    ``max_length`` slots."""
+    return _tf.step_cache(cache, max_length)
+
+
+def decode_step(
+    config: ModelConfig,
+    weights: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_mask: jax.Array,
+    cache: tuple,
+    index,
+) -> tuple[jax.Array, tuple]:
+    """One new token per row with a KV cache: the fast path of the rollout's decode loop.
+
+    The same numbers as ``decode(..., tokens[:, None], positions[:, None], ..., last_only=True)``
+    on the :func:`step_weights` / :func:`step_cache` arrangement.
+
+    Args:
+      config: the model's :class:`ModelConfig`.
+      weights: :func:`step_weights`.
+      tokens, positions: ``[B]`` int32.
+      kv_mask: ``[B, S]`` 0/1 over the cache slots.
+      cache: :func:`step_cache`, ``L`` pairs of ``[B, Hkv, S, Dh]``.
+      index: the slot written (int or traced int32); the token attends to slots ``j <= index``
+        with ``kv_mask[:, j] == 1``.
+
+    Returns:
+      ``(logits [B, V] float32, new cache)``.
+    """
+    chex.assert_rank([tokens, positions], 1)
+    chex.assert_rank(kv_mask, 2)
+    hidden, cache = _tf.decode_step(
+        config,
+        weights,
+        tokens.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        kv_mask.astype(jnp.int32),
+        cache,
+        index,
+    )
+    return _tf.step_logits(config, weights, hidden), cache
 
 
 # ------------------------------------------------------------------------------------------

@@ -239,14 +239,20 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((size,), param_dtype)) if layer_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        if self.layer_norm:
-            xf = xf - jnp.mean(xf, -1, keepdims=True)
-            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-            return y.astype(self.dtype)
-        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)).astype(x.dtype)
-        return (self.scale[...].astype(self.dtype) * y).astype(self.dtype)
+        bias = self.bias[...] if self.layer_norm else None
+        return _norm_fn(x, self.scale[...], bias, self.eps, self.dtype)
+
+
+def _norm_fn(x, scale, bias, eps, dtype):
+    """:class:`Norm` as a function: LayerNorm when ``bias`` is given, else RMSNorm."""
+    xf = x.astype(jnp.float32)
+    if bias is not None:
+        xf = xf - jnp.mean(xf, -1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(dtype)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype)
+    return (scale.astype(dtype) * y).astype(dtype)
 
 
 def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs, std=0.02):
@@ -477,3 +483,192 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
     dtype = config.compute_dtype if dtype is None else dtype
     shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ------------------------------------------------------------------------------------------
+# One-token decoding: the inner loop of a rollout
+#
+# The layer ``lax.scan`` of :meth:`Transformer.__call__` is right for training and prefill, but
+# inside a decode ``while_loop`` it costs more than the arithmetic on CPU: every step XLA copies
+# each layer's weights out of the stacked ``[L, ...]`` parameters (a slice of a loop-carried
+# array is a copy, static index or not), slices and re-stacks the ``[L, B, S, Hkv, Dh]`` cache,
+# and transposes it for the attention einsum. The one-token step below runs on a different
+# arrangement of the same numbers, built once per rollout *outside* the loop:
+#
+# - :func:`step_weights`: per-layer (unstacked) weights, q/k/v kernels (and SwiGLU gate/up)
+#   concatenated into one matmul each;
+# - :func:`step_cache`: a tuple of per-layer ``(k, v)``, each ``[B, Hkv, S, Dh]``, so that the
+#   ``t = 1`` attention is a batched mat-vec over contiguous ``[S, Dh]`` blocks and each new
+#   key/value is an in-place ``dynamic_update_slice`` of one loop-carried buffer;
+# - :func:`decode_step`: a Python loop over the layers (no scan).
+#
+# The formulas are those of :class:`Attention`, :class:`MLP` and :class:`Block` (tests compare
+# the step with :func:`rlhf_jax.models.decode` and with the full forward).
+
+
+def step_weights(module: Transformer) -> dict:
+    """The parameters of ``module`` arranged for :func:`decode_step` (one copy; call it outside
+    the decode loop).
+
+    Returns a dict pytree: ``embed [V, D]``, ``pos_embed [Pmax, D]`` (GPT-2) , ``final_norm``,
+    ``lm_head [D, V]`` (untied only) and ``layers``: a tuple of ``L`` dicts with ``attn_norm``,
+    ``qkv`` (kernel ``[D, (H + 2 Hkv) Dh]``), ``o``, ``q_norm``/``k_norm`` (Qwen3), ``mlp_norm``,
+    ``up`` (SwiGLU: gate and up kernels concatenated, ``[D, 2F]``) and ``down``.
+    """
+    cfg = module.config
+    if not module.has_lm_head:
+        raise ValueError("this model was built with lm_head=False (a reward/critic model)")
+    lay = module.layers
+    att, mlp = lay.attn, lay.mlp
+
+    def val(x):
+        return None if x is None else x[...]
+
+    def norm(n, i):
+        return {"scale": n.scale[...][i], "bias": None if n.bias is None else n.bias[...][i]}
+
+    def cat(linears, i):
+        kernel = jnp.concatenate([m.kernel[...][i] for m in linears], -1)
+        biases = [val(m.bias) for m in linears]
+        bias = None if biases[0] is None else jnp.concatenate([b[i] for b in biases], -1)
+        return {"kernel": kernel, "bias": bias}
+
+    layers = []
+    for i in range(cfg.num_layers):
+        w = {
+            "attn_norm": norm(lay.attn_norm, i),
+            "qkv": cat([att.q_proj, att.k_proj, att.v_proj], i),
+            "o": cat([att.o_proj], i),
+            "mlp_norm": norm(lay.mlp_norm, i),
+            "up": cat([mlp.up_proj] if cfg.arch == "gpt2" else [mlp.gate_proj, mlp.up_proj], i),
+            "down": cat([mlp.down_proj], i),
+        }
+        if cfg.qk_norm:
+            w["q_norm"] = norm(att.q_norm, i)
+            w["k_norm"] = norm(att.k_norm, i)
+        layers.append(w)
+    out = {
+        "embed": module.embed.embedding[...],
+        "final_norm": {"scale": module.final_norm.scale[...], "bias": val(module.final_norm.bias)},
+        "layers": tuple(layers),
+    }
+    if cfg.arch == "gpt2":
+        out["pos_embed"] = module.pos_embed.embedding[...]
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = module.lm_head.kernel[...]
+    return out
+
+
+def step_cache(cache: dict, max_length: int | None = None) -> tuple:
+    """A ``dict(k=[L, B, S0, Hkv, Dh], v=...)`` cache (:func:`init_cache` layout) as the tuple of
+    per-layer ``(k, v)``, each ``[B, Hkv, S, Dh]``, that :func:`decode_step` carries; slots
+    ``S0 .. S-1`` (``max_length = S``, default ``S0``) are zeros."""
+    s0 = cache["k"].shape[2]
+    pad = ((0, 0), (0, 0), (0, (max_length or s0) - s0), (0, 0))
+
+    def one(c):  # [B, S0, Hkv, Dh] -> [B, Hkv, S, Dh]
+        return jnp.pad(jnp.swapaxes(c, 1, 2), pad)
+
+    return tuple((one(k), one(v)) for k, v in zip(cache["k"], cache["v"], strict=True))
+
+
+def init_step_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> tuple:
+    """An empty :func:`decode_step` cache: ``L`` pairs of zeros ``[B, Hkv, S, Dh]``."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    return tuple(
+        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
+    )
+
+
+def _dense(x, w, dtype):
+    """``nnx.Linear`` as a function (operands in the compute dtype)."""
+    kernel = w["kernel"].astype(dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if w["bias"] is not None:
+        y = y + w["bias"].astype(dtype)
+    return y
+
+
+def _norm_w(cfg: ModelConfig, x, w):
+    return _norm_fn(x, w["scale"], w["bias"], cfg.norm_eps, cfg.compute_dtype)
+
+
+def decode_step(
+    config: ModelConfig,
+    weights: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_mask: jax.Array,
+    cache: tuple,
+    index,
+) -> tuple[jax.Array, tuple]:
+    """One new token per row through the model: hidden ``[B, D]`` after the final norm.
+
+    Args:
+      config: the model's :class:`ModelConfig`.
+      weights: :func:`step_weights`.
+      tokens, positions: ``[B]`` int32.
+      kv_mask: ``[B, S]`` 0/1 over the cache slots.
+      cache: :func:`step_cache` (``L`` pairs of ``[B, Hkv, S, Dh]``).
+      index: the slot the new key/value goes to (int or traced int32); the token attends to
+        slots ``j <= index`` with ``kv_mask[:, j] == 1``.
+
+    Returns:
+      ``(hidden [B, D] in the compute dtype, new cache)``: equal to ``Transformer.__call__`` with
+      ``t = 1`` on the :func:`init_cache` layout.
+    """
+    cfg = config
+    cdt = cfg.compute_dtype
+    b = tokens.shape[0]
+    h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = h // hkv
+    s = cache[0][0].shape[2]
+    index = jnp.asarray(index, jnp.int32)
+    x = jnp.take(weights["embed"].astype(cdt), tokens, axis=0)
+    if cfg.arch == "gpt2":
+        x = x + jnp.take(weights["pos_embed"].astype(cdt), positions, axis=0)
+    x = x.astype(cdt)
+    inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
+    allowed = (jnp.arange(s) <= index)[None, :] & (kv_mask > 0)  # [B, S]
+    zero = jnp.zeros((), jnp.int32)
+    new_cache = []
+    for w, (ck, cv) in zip(weights["layers"], cache, strict=True):
+        qkv = _dense(_norm_w(cfg, x, w["attn_norm"]), w["qkv"], cdt)  # [B, (H + 2 Hkv) Dh]
+        q = qkv[:, : h * dh].reshape(b, h, dh)
+        k = qkv[:, h * dh : (h + hkv) * dh].reshape(b, hkv, dh)
+        v = qkv[:, (h + hkv) * dh :].reshape(b, hkv, dh)
+        if cfg.qk_norm:
+            q, k = _norm_w(cfg, q, w["q_norm"]), _norm_w(cfg, k, w["k_norm"])
+        if cfg.arch != "gpt2":
+            q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
+            k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
+        start = (zero, zero, index, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k[:, :, None].astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), start)
+        new_cache.append((ck, cv))
+        qg = q.reshape(b, hkv, g, dh)
+        att = jnp.einsum(
+            "bkgd,bksd->bkgs", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
+        ) / math.sqrt(dh)  # [B, Hkv, G, S]
+        att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(q.dtype))
+        x = x + _dense(out.reshape(b, h * dh), w["o"], cdt)
+        y = _norm_w(cfg, x, w["mlp_norm"])
+        if cfg.arch == "gpt2":
+            y = jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True)
+        else:
+            gate, up = jnp.split(_dense(y, w["up"], cdt), 2, axis=-1)
+            y = jax.nn.silu(gate) * up
+        x = x + _dense(y, w["down"], cdt)
+    return _norm_w(cfg, x, weights["final_norm"]), tuple(new_cache)
+
+
+def step_logits(config: ModelConfig, weights: dict, hidden: jax.Array) -> jax.Array:
+    """``[..., D] -> [..., V]`` float32 logits from :func:`step_weights` (as ``lm_logits``)."""
+    if config.tie_word_embeddings:
+        w = weights["embed"].astype(hidden.dtype)
+        return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    w = weights["lm_head"].astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
