@@ -745,6 +745,147 @@ def _lazy_jit(step, optimizer, mesh, param_specs_tree, opt_specs, donate_argnums
 
 
 # --------------------------------------------------------------------------------------------
+# Trainers on a mesh: placed state, placed batches, one compiled step
+# --------------------------------------------------------------------------------------------
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """``NamedSharding(mesh, P())``: the same value on every device (scalars, keys, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """One sharding for a whole batch pytree (a jit prefix): every leaf's leading axis over
+    ``('data', 'fsdp')``, its other axes replicated. Leaves must have a leading (row) axis."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_rows(num_rows: int) -> slice:
+    """The rows of a global host batch of ``num_rows`` that this process feeds to
+    :func:`shard_batch` (contiguous blocks in process order; all rows on one process)."""
+    count, index = jax.process_count(), jax.process_index()
+    if num_rows % count:
+        raise ValueError(
+            f"a global batch of {num_rows} rows does not split over {count} processes; "
+            "change the batch size"
+        )
+    per = num_rows // count
+    return slice(index * per, (index + 1) * per)
+
+
+def shard_batches(batches: Any, mesh: jax.sharding.Mesh) -> Any:
+    """A batch source (``batches(s)`` or an iterable, as :func:`rlhf_jax.train.run_loop` takes)
+    whose batches come out placed by :func:`shard_batch`. Each process's source yields only its
+    own rows (see :func:`process_rows`); already-placed global arrays pass through."""
+
+    def placed(x) -> bool:
+        want = NamedSharding(mesh, batch_spec(np.ndim(x)))
+        return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(want, x.ndim)
+
+    def place(batch):
+        return batch if all(map(placed, jax.tree.leaves(batch))) else shard_batch(batch, mesh)
+
+    if callable(batches) and not hasattr(batches, "__next__"):
+        return lambda s: place(batches(s))
+    return (place(b) for b in batches)
+
+
+def accumulate(
+    loss_fn: LossFn,
+    params: Any,
+    batch: Any,
+    num_micro: int = 1,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
+) -> tuple[Any, jax.Array, Any]:
+    """:func:`rlhf_jax.optim.accumulate` over a mesh: ``(grads, count, metric_sums)`` of the
+    *global* batch, the same numbers in both forms and without a mesh.
+
+    - ``mesh=None``: ``optim.accumulate`` as it is.
+    - ``mode='jit'``: the batch is constrained to ``('data', 'fsdp')`` (:func:`constrain_batch`)
+      and XLA inserts the collectives for the parameters' layout.
+    - ``mode='shard_map'`` (pmap style; parameters replicated, preset ``dp``): each device takes
+      the gradient *sum* of its own rows (split into ``num_micro`` microbatches), then one
+      ``lax.pmean`` over ``('data', 'fsdp')`` of gradient sums, counts and metric sums; the
+      caller's division by the global count happens once, here (the 1/N of each mean cancels).
+
+    Call it inside the trainer's jitted step, in place of ``optim.accumulate``.
+    """
+    from rlhf_jax.optim import accumulate as accumulate_local
+
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {STEP_MODES}")
+    if mesh is None:
+        return accumulate_local(loss_fn, params, batch, num_micro)
+    if mode == "jit":
+        return accumulate_local(loss_fn, params, constrain_batch(batch, mesh), num_micro)
+    n = _mesh_axis_size(mesh, BATCH_AXES)
+
+    def per_device(params, batch):
+        # Device-varying copies of the replicated params: this device's own gradient (see
+        # _shard_map_step), summed over its rows (accumulate's mean times its clamped count).
+        local = jax.lax.pcast(params, BATCH_AXES, to="varying")
+        grads, count, sums = accumulate_local(loss_fn, local, batch, num_micro)
+        count = jnp.asarray(count, jnp.float32)
+        scale = jnp.maximum(count, 1.0)
+        grad_sums = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        return jax.lax.pmean((grad_sums, count, sums), BATCH_AXES)
+
+    in_specs = (P(), jax.tree.map(lambda x: batch_spec(np.ndim(x)), batch))
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=P())
+    grad_means, count_mean, sum_means = sharded(params, batch)
+    count = count_mean * n
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g * (n / denom).astype(g.dtype), grad_means)
+    return grads, count, jax.tree.map(lambda v: v * n, sum_means)
+
+
+def jit_step(
+    step: Callable,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    *,
+    arg_shardings: Sequence[Any] | None = None,
+    donate: bool = True,
+) -> Callable:
+    """``jax.jit`` of a trainer step ``step(state, *args) -> (state, metrics)`` for ``mesh``.
+
+    Without a mesh: ``jax.jit(step, donate_argnums=0)``. With one: ``in_shardings`` and
+    ``out_shardings`` of the state are ``state_shardings`` (:func:`state_shardings` of the
+    placed state), so the updated state comes back in the layout it went in and the next step
+    reuses the same executable (no re-layout of replicated leaves, no recompilation); metrics
+    are replicated. ``arg_shardings`` places the other arguments (default
+    ``(batch_sharding(mesh), replicated(mesh))`` for the ``(batch, key)`` of the SFT and
+    reward-model steps). The state is donated. The state passed in must already be placed on
+    ``state_shardings`` (jit refuses a committed array in another layout): use
+    :func:`shard_state` once before the first step.
+    """
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    if arg_shardings is None:
+        arg_shardings = (batch_sharding(mesh), replicated(mesh))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, *arg_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=donate_argnums,
+    )
+
+
+def mesh_and_config(
+    mesh: jax.sharding.Mesh | None, cfg: ParallelConfig | None
+) -> tuple[jax.sharding.Mesh | None, ParallelConfig]:
+    """What a trainer's ``run(..., mesh=, parallel=)`` runs on: ``mesh`` (built from
+    ``cfg.mesh`` when only ``cfg`` is given; None, the plain one-device path, when neither is)
+    and the config that names the rules and the step form (default ``ParallelConfig()``)."""
+    if mesh is None and cfg is not None:
+        mesh = make_mesh(cfg.mesh)
+    return mesh, cfg or ParallelConfig()
+
+
+# --------------------------------------------------------------------------------------------
 # Dry run: compiled per-device memory from abstract shapes
 # --------------------------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax import losses, models, presets, returns, rewards, rollout
+from rlhf_jax import losses, models, parallel, presets, returns, rewards, rollout
 from rlhf_jax.optim import (
     OptimConfig,
     accumulate,
@@ -775,16 +775,20 @@ def rollout_metrics(exp: Experience, kl_coef: jax.Array) -> dict[str, jax.Array]
 
 
 def iteration_fn(
-    cfg: PPOConfig, static: PPOModels
+    cfg: PPOConfig, static: PPOModels, *, mesh: jax.sharding.Mesh | None = None
 ) -> Callable[..., tuple[PPOState, dict[str, jax.Array]]]:
     """The pure (un-jitted) iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
 
     Use it to ``jax.vmap`` over runs before jitting; :func:`make_iteration` is the jitted one.
+    With ``mesh``, the prompts and the scored experience are kept split over ``('data', 'fsdp')``
+    (:func:`rlhf_jax.parallel.constrain_batch`).
     """
+    keep = (lambda tree: tree) if mesh is None else (lambda t: parallel.constrain_batch(t, mesh))
 
     def iteration(state, frozen, prompts, prompt_mask, prompt_index=None):
+        prompts, prompt_mask, prompt_index = keep((prompts, prompt_mask, prompt_index))
         sampled = generate(cfg, static, state, prompts, prompt_mask, prompt_index)
-        exp = score(cfg, static, state, frozen, prompts, prompt_mask, sampled)
+        exp = keep(score(cfg, static, state, frozen, prompts, prompt_mask, sampled))
         metrics = rollout_metrics(exp, state.kl_coef)
         new_state, update_metrics = update(cfg, static, state, exp)
         ok = update_metrics["skipped"] == 0
@@ -795,7 +799,14 @@ def iteration_fn(
     return iteration
 
 
-def make_iteration(cfg: PPOConfig, static: PPOModels) -> Callable:
+def make_iteration(
+    cfg: PPOConfig,
+    static: PPOModels,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    frozen_shardings: Any = None,
+) -> Callable:
     """The compiled iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
 
     ``-> (state, metrics)``; the state is donated, ``frozen`` (reference and reward-model params)
@@ -803,18 +814,49 @@ def make_iteration(cfg: PPOConfig, static: PPOModels) -> Callable:
     ``value/clipfrac``, ``value_loss``, ``policy/approxkl``, ``entropy/sampled``,
     ``response/length``, ``advantages/mean``, ``advantages/std``, ``lr``, ``beta``, ``loss``,
     ``skipped`` and more (see :func:`rollout_metrics` and :func:`update`).
+
+    With ``mesh``: compiled by :func:`rlhf_jax.parallel.jit_step`, the state in and out on
+    ``state_shardings``, ``frozen`` on ``frozen_shardings`` (its own rules), the prompts over
+    ``('data', 'fsdp')``; called under ``jax.set_mesh(mesh)`` so the rollout's KV cache and
+    tokens follow the batch. The jax.jit object is the returned function's ``jitted``.
     """
-    return jax.jit(iteration_fn(cfg, static), donate_argnums=0)
+    if mesh is None:
+        return jax.jit(iteration_fn(cfg, static), donate_argnums=0)
+    rows = parallel.batch_sharding(mesh)
+    jitted = parallel.jit_step(
+        iteration_fn(cfg, static, mesh=mesh),
+        mesh,
+        state_shardings,
+        arg_shardings=(frozen_shardings, rows, rows, rows),
+    )
+
+    def iterate(state, frozen, prompts, prompt_mask, prompt_index=None):
+        with jax.set_mesh(mesh):
+            return jitted(state, frozen, prompts, prompt_mask, prompt_index)
+
+    iterate.jitted = jitted  # type: ignore[attr-defined]
+    return iterate
 
 
-def make_step(cfg: PPOConfig, static: PPOModels, frozen: FrozenParams) -> Callable:
+def make_step(
+    cfg: PPOConfig,
+    static: PPOModels,
+    frozen: FrozenParams,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    frozen_shardings: Any = None,
+) -> Callable:
     """``step(state, batch, key) -> (state, metrics)`` for :func:`rlhf_jax.train.run_loop`.
 
     ``batch`` is a dict with ``prompt_tokens`` [B, P], ``prompt_mask`` [B, P] and optionally
     ``prompt_index`` [B]. ``key`` is unused: PPO's randomness comes from the state's seed and step
     (module docstring), which is what makes runs vmappable over seeds and exactly resumable.
+    ``mesh`` and the shardings as in :func:`make_iteration` (``frozen`` placed on them already).
     """
-    iterate = make_iteration(cfg, static)
+    iterate = make_iteration(
+        cfg, static, mesh=mesh, state_shardings=state_shardings, frozen_shardings=frozen_shardings
+    )
 
     def step(state, batch, key):
         del key
@@ -836,6 +878,9 @@ def run(
     eval_fn: Callable[[PPOState], Any] | None = None,
     logger: Any = None,
     checkpointer: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    parallel_cfg: parallel.ParallelConfig | None = None,
+    frozen_rules: parallel.Rules | str | None = None,
 ) -> tuple[Any, LoopResult]:
     """Train a policy from ``sft`` with PPO against ``reward_model`` (or ``cfg.reward_fn``).
 
@@ -847,6 +892,13 @@ def run(
       tokenizer: decodes responses for ``cfg.reward_fn``.
       hparams: the run's :class:`PPOHParams` (default from ``cfg``).
       eval_fn, logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+      mesh, parallel_cfg: where to run (:func:`rlhf_jax.parallel.mesh_and_config`): the state
+        (policy, critic, optimizer) is placed by ``parallel_cfg.preset``'s rules (a checkpoint
+        restores onto that placement), each prompt batch by
+        :func:`rlhf_jax.parallel.shard_batch` (several processes: this process's rows only).
+        The iteration is always the ``jit`` form (``parallel_cfg.step`` is for SFT and RM).
+      frozen_rules: the rules (or preset) of the frozen reference and reward model; default the
+        state's preset.
 
     Returns:
       ``(policy model record, LoopResult)``; with a shared critic the record's params include the
@@ -859,9 +911,26 @@ def run(
         reward = RewardFunction.load(cfg.reward_fn, tokenizer)
         reward_model = None
     static, params, frozen = make_models(cfg, sft, reward_model, reward_fn=reward)
+    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
+    state = init_state(cfg, params, hparams)
+    shardings = frozen_shardings = None
+    if mesh is not None:
+        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
+        state = jax.device_put(state, shardings)
+        frozen_shardings = parallel.state_shardings(frozen, mesh, frozen_rules or pcfg.preset)
+        frozen = jax.device_put(frozen, frozen_shardings)
+        batches = parallel.shard_batches(batches, mesh)
+    step = make_step(
+        cfg,
+        static,
+        frozen,
+        mesh=mesh,
+        state_shardings=shardings,
+        frozen_shardings=frozen_shardings,
+    )
     result = run_loop(
-        make_step(cfg, static, frozen),
-        init_state(cfg, params, hparams),
+        step,
+        state,
         batches,
         loop=cfg.loop,
         eval_fn=eval_fn,

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import losses, models
-from rlhf_jax.optim import OptimConfig, accumulate, make_optimizer
+from rlhf_jax import losses, models, parallel
+from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
 
 __all__ = [
@@ -252,23 +252,33 @@ def init_state(params: Any, cfg: RewardModelConfig) -> TrainState:
     )
 
 
-def make_step(graphdef: nnx.GraphDef, cfg: RewardModelConfig) -> Callable:
+def make_step(
+    graphdef: nnx.GraphDef,
+    cfg: RewardModelConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    mode: str = "jit",
+) -> Callable:
     """The compiled step ``step(state, batch, key) -> (state, metrics)`` (state donated).
 
     Metrics: ``loss``, ``accuracy`` (ranked pairs ordered right), ``score_mean``, ``score_std``,
-    ``grad_norm``, ``lr``, ``skipped``. ``key`` is unused (no dropout).
+    ``grad_norm``, ``lr``, ``skipped``. ``key`` is unused (no dropout). ``mesh``,
+    ``state_shardings`` and ``mode`` as in :func:`rlhf_jax.algorithms.sft.make_step`.
     """
     optimizer = make_optimizer(cfg.optim)
     loss_fn = lambda params, batch: rm_loss(graphdef, params, batch, cfg)  # noqa: E731
 
     def step(state: TrainState, batch, key):
         del key
-        grads, count, sums = accumulate(loss_fn, state.params, batch, cfg.optim.grad_accum_steps)
+        grads, count, sums = parallel.accumulate(
+            loss_fn, state.params, batch, cfg.optim.grad_accum_steps, mesh=mesh, mode=mode
+        )
         metrics = _summary(count, sums)
         state, update_metrics = apply_update(optimizer, state, grads, metrics["loss"], cfg.optim)
         return state, {**metrics, **update_metrics}
 
-    return jax.jit(step, donate_argnums=0)
+    return parallel.jit_step(step, mesh, state_shardings)
 
 
 def make_eval(graphdef: nnx.GraphDef, cfg: RewardModelConfig) -> Callable:
@@ -339,6 +349,8 @@ def run(
     normalize_on: Mapping[str, Any] | None = None,
     logger: Any = None,
     checkpointer: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    parallel_cfg: parallel.ParallelConfig | None = None,
 ) -> tuple[Any, LoopResult, dict[str, float]]:
     """Train a reward model initialised from ``sft_model`` on comparison ``batches``.
 
@@ -352,6 +364,7 @@ def run(
       normalize_on: ``{"tokens", "attention_mask"}`` ``[B, T]``: prompts + responses *sampled from
         the SFT policy*; with ``cfg.normalize`` the head is normalised on their scores.
       logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+      mesh, parallel_cfg: where to run, as in :func:`rlhf_jax.algorithms.sft.run`.
 
     Returns:
       ``(reward model record, LoopResult, info)``; ``info`` holds the held-out ``eval_*`` metrics
@@ -360,7 +373,14 @@ def run(
     key = jax.random.PRNGKey(0) if key is None else key
     init_key, loop_key = jax.random.split(key)
     rm = init_reward_model(sft_model, init_key)
-    step = make_step(rm.graphdef, cfg)
+    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
+    state = init_state(rm.params, cfg)
+    shardings = None
+    if mesh is not None:
+        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
+        state = jax.device_put(state, shardings)
+        batches = parallel.shard_batches(batches, mesh)
+    step = make_step(rm.graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=pcfg.step)
     evaluate = make_eval(rm.graphdef, cfg)
     eval_fn = None
     if eval_batch is not None:
@@ -368,7 +388,7 @@ def run(
         eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
     result = run_loop(
         step,
-        init_state(rm.params, cfg),
+        state,
         batches,
         loop=cfg.loop,
         key=loop_key,

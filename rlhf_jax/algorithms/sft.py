@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import models
-from rlhf_jax.optim import OptimConfig, accumulate, make_optimizer
+from rlhf_jax import models, parallel
+from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
 
 __all__ = [
@@ -179,11 +179,21 @@ def init_state(params: Any, cfg: SFTConfig) -> TrainState:
     )
 
 
-def make_step(graphdef: nnx.GraphDef, cfg: SFTConfig) -> Callable:
+def make_step(
+    graphdef: nnx.GraphDef,
+    cfg: SFTConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    mode: str = "jit",
+) -> Callable:
     """The compiled SFT step ``step(state, batch, key) -> (state, metrics)`` (state donated).
 
     ``key`` is unused (the models have no dropout); it is there so every trainer's step has the
-    signature :func:`rlhf_jax.train.run_loop` calls.
+    signature :func:`rlhf_jax.train.run_loop` calls. With ``mesh`` the step is compiled for it
+    (:func:`rlhf_jax.parallel.jit_step`: the state in and out on ``state_shardings``, the batch
+    over ``('data', 'fsdp')``) and ``mode`` picks the gradient's form
+    (:func:`rlhf_jax.parallel.accumulate`: ``'jit'`` or the pmap-style ``'shard_map'``).
     """
     optimizer = make_optimizer(cfg.optim)
     loss_fn = lambda params, batch: sft_loss(  # noqa: E731
@@ -192,7 +202,9 @@ def make_step(graphdef: nnx.GraphDef, cfg: SFTConfig) -> Callable:
 
     def step(state: TrainState, batch, key):
         del key
-        grads, count, sums = accumulate(loss_fn, state.params, batch, cfg.optim.grad_accum_steps)
+        grads, count, sums = parallel.accumulate(
+            loss_fn, state.params, batch, cfg.optim.grad_accum_steps, mesh=mesh, mode=mode
+        )
         denom = jnp.maximum(count, 1.0)
         loss = sums["nll"] / denom
         state, update_metrics = apply_update(optimizer, state, grads, loss, cfg.optim)
@@ -204,7 +216,7 @@ def make_step(graphdef: nnx.GraphDef, cfg: SFTConfig) -> Callable:
         }
         return state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return parallel.jit_step(step, mesh, state_shardings)
 
 
 def make_eval(
@@ -249,6 +261,8 @@ def run(
     eval_batch: Mapping[str, Any] | None = None,
     logger: Any = None,
     checkpointer: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    parallel_cfg: parallel.ParallelConfig | None = None,
 ) -> tuple[Any, LoopResult]:
     """Fine-tune ``model`` (a :class:`rlhf_jax.models.Model` record) on ``batches``.
 
@@ -260,11 +274,22 @@ def run(
       eval_batch: a held-out batch evaluated every ``cfg.loop.eval_every`` steps
         (``eval/loss``, ``eval/token_accuracy``, ``eval/perplexity``).
       logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
+      mesh, parallel_cfg: where to run (:func:`rlhf_jax.parallel.mesh_and_config`): the state is
+        placed by ``parallel_cfg.preset``'s rules (a checkpoint restores onto that placement),
+        each batch by :func:`rlhf_jax.parallel.shard_batch` (with several processes ``batches``
+        yields this process's rows only), and ``parallel_cfg.step`` picks the step's form.
 
     Returns:
       ``(trained model record, LoopResult)``.
     """
-    step = make_step(model.graphdef, cfg)
+    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
+    state = init_state(model.params, cfg)
+    shardings = None
+    if mesh is not None:
+        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
+        state = jax.device_put(state, shardings)
+        batches = parallel.shard_batches(batches, mesh)
+    step = make_step(model.graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=pcfg.step)
     eval_fn = None
     if eval_batch is not None:
         evaluate = make_eval(model.graphdef, completion_only=cfg.completion_only)
@@ -272,7 +297,7 @@ def run(
         eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
     result = run_loop(
         step,
-        init_state(model.params, cfg),
+        state,
         batches,
         loop=cfg.loop,
         key=key,
