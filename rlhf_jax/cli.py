@@ -246,8 +246,11 @@ def _deterministic_batches(dataset, batch_size: int, seed: int, rename=None):
     """``batches(s)``: batch ``s`` of the seeded epoch order, so a resumed run sees the same data.
 
     Step ``s`` reads epoch ``s // batches_per_epoch``, chunk ``s % batches_per_epoch`` of
-    :func:`rlhf_jax.data.formats.epoch_permutation` (the data cursor is the step itself).
+    :func:`rlhf_jax.data.formats.epoch_permutation` (the data cursor is the step itself). Each
+    process reads only its own rows of that global batch (:func:`rlhf_jax.parallel.process_rows`);
+    the trainer assembles the global arrays with ``jax.make_array_from_process_local_data``.
     """
+    from rlhf_jax import parallel
     from rlhf_jax.data import formats
 
     n = len(dataset)
@@ -257,6 +260,7 @@ def _deterministic_batches(dataset, batch_size: int, seed: int, rename=None):
             "stage's batch_size or give more data"
         )
     per_epoch = n // batch_size
+    mine = parallel.process_rows(batch_size)
     cache: dict[int, np.ndarray] = {}
 
     def get(s: int):
@@ -264,7 +268,7 @@ def _deterministic_batches(dataset, batch_size: int, seed: int, rename=None):
         if epoch not in cache:
             cache.clear()
             cache[epoch] = formats.epoch_permutation(n, seed, epoch)
-        batch = dataset.take(cache[epoch][i * batch_size : (i + 1) * batch_size])
+        batch = dataset.take(cache[epoch][i * batch_size : (i + 1) * batch_size][mine])
         for old, new in (rename or {}).items():
             batch[new] = batch.pop(old)
         return batch
@@ -391,11 +395,20 @@ def _rm_template(sft_model, seed: int):
     return rm_lib.init_reward_model(sft_model, jax.random.PRNGKey(seed))
 
 
-def run_sft(cfg: config_lib.ExperimentConfig):
+def _mesh(cfg, devices):
+    """The stage's mesh from ``cfg.parallel.mesh`` over ``devices`` (default all of the job's)."""
+    from rlhf_jax import parallel
+
+    return parallel.make_mesh(cfg.parallel.mesh, devices)
+
+
+def run_sft(cfg: config_lib.ExperimentConfig, *, devices=None):
     """Stage 1 on a Hugging Face checkpoint; returns the trained model record (None if preempted).
 
     Writes ``<run.dir>/sft/``: ``metrics.jsonl``, TensorBoard events, ``checkpoints/``, ``final/``
-    (the result) and ``tokenizer/``.
+    (the result) and ``tokenizer/``. Runs on the mesh of ``cfg.parallel`` over ``devices``
+    (default every device of the job): state placed by ``parallel.preset``, batches split over
+    ``('data', 'fsdp')``, ``parallel.step`` picks the ``jit`` or ``shard_map`` step.
     """
     import jax
 
@@ -407,6 +420,7 @@ def run_sft(cfg: config_lib.ExperimentConfig):
     _require(st.model, "sft.model", "a Hugging Face checkpoint directory, e.g. sft.model=gpt2-dir")
     _require(st.train_file, "sft.train_file", "a JSONL/JSON/Parquet file of prompt/completion rows")
     parallel.initialize_distributed(cfg.parallel.distributed)
+    mesh = _mesh(cfg, devices)
     tokenizer = models.load_tokenizer(st.tokenizer or st.model)
     model = _load_model(cfg, st.model)
     data_cfg = _with_vocab(st.data, model)
@@ -425,6 +439,8 @@ def run_sft(cfg: config_lib.ExperimentConfig):
             eval_batch=eval_batch,
             logger=logger,
             checkpointer=ckpt,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         logger.close()
@@ -460,10 +476,11 @@ def _sample_for_normalization(model, tokenizer, dataset, n: int, max_new_tokens:
     }
 
 
-def run_rm(cfg: config_lib.ExperimentConfig):
+def run_rm(cfg: config_lib.ExperimentConfig, *, devices=None):
     """Stage 2: a reward model from this run's SFT result (or ``rm.model``); returns its record.
 
-    Writes ``<run.dir>/rm/``: logs, ``checkpoints/`` and ``final/`` (the normalised result).
+    Writes ``<run.dir>/rm/``: logs, ``checkpoints/`` and ``final/`` (the normalised result). Runs
+    on the mesh of ``cfg.parallel`` over ``devices``, as :func:`run_sft`.
     """
     import jax
 
@@ -474,6 +491,7 @@ def run_rm(cfg: config_lib.ExperimentConfig):
     st = cfg.rm
     _require(st.train_file, "rm.train_file", "a JSONL/JSON/Parquet file of comparison rows")
     parallel.initialize_distributed(cfg.parallel.distributed)
+    mesh = _mesh(cfg, devices)
     if st.model is None:
         sft_model, tokenizer = _sft_result(cfg)
     else:
@@ -507,6 +525,8 @@ def run_rm(cfg: config_lib.ExperimentConfig):
             normalize_on=normalize_on,
             logger=logger,
             checkpointer=ckpt,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         logger.close()
@@ -530,10 +550,13 @@ def _policy_params(params):
     return params
 
 
-def run_ppo(cfg: config_lib.ExperimentConfig):
+def run_ppo(cfg: config_lib.ExperimentConfig, *, devices=None):
     """Stage 3: PPO from this run's SFT result against its reward model; returns the policy.
 
     Writes ``<run.dir>/ppo/``: logs, ``checkpoints/`` and ``final/`` (the policy, LM head only).
+    Runs on the mesh of ``cfg.parallel`` over ``devices``: policy, critic, optimizer state and
+    the frozen reference and reward model placed by ``parallel.preset``, prompts split over
+    ``('data', 'fsdp')``; the iteration is the ``jit`` form whatever ``parallel.step``.
     """
     from rlhf_jax import parallel
     from rlhf_jax.algorithms import ppo as ppo_lib
@@ -542,6 +565,7 @@ def run_ppo(cfg: config_lib.ExperimentConfig):
     st = cfg.ppo
     _require(st.prompts_file, "ppo.prompts_file", "a JSONL/JSON/Parquet file of prompt rows")
     parallel.initialize_distributed(cfg.parallel.distributed)
+    mesh = _mesh(cfg, devices)
     sft_model, tokenizer = _sft_result(cfg)
     rm_model = None if st.trainer.reward_fn else _rm_result(cfg, sft_model)
     trainer = st.trainer
@@ -563,6 +587,8 @@ def run_ppo(cfg: config_lib.ExperimentConfig):
             tokenizer=tokenizer,
             logger=logger,
             checkpointer=ckpt,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         logger.close()

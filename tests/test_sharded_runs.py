@@ -1,0 +1,185 @@
+"""The real entry points (``rlhf_jax.cli.run_sft`` / ``run_rm`` / ``run_ppo``) on 8 fake CPU devices.
+
+Each stage builds its mesh from ``parallel.*`` of the config and runs born sharded: the same
+metrics as on one device (float32, 1e-5 relative), the trained parameters placed as the preset's
+rules say, one compiled step for the whole run (a resumed one included), and the ``shard_map``
+step form equal to the ``jit`` form. Tiny models and few steps: compile time dominates.
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import cli, parallel
+from rlhf_jax import config as C
+from rlhf_jax.logging import read_metrics
+
+STAGES = ("sft", "rm", "ppo")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny GPT-2 checkpoint for the toy vocabulary and TRL-format data files."""
+    from rlhf_jax import models, quickstart
+    from rlhf_jax.data import toy
+
+    out = str(tmp_path_factory.mktemp("sharded_runs"))
+    base = os.path.join(out, "base")
+    tok = toy.load_tokenizer(toy.build_tokenizer(base))
+    qcfg = quickstart.QuickstartConfig(hidden_size=16, num_layers=1, num_heads=2)
+    models.save_pretrained(
+        models.init_model(quickstart.policy_config(qcfg, tok), jax.random.PRNGKey(0)), base
+    )
+    tok.save_pretrained(base)
+    toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
+    toy.write_jsonl(os.path.join(out, "pairs.jsonl"), toy.preference_records(32, seed=1))
+    prompts = [{"prompt": p} for p in toy.all_prompts()]
+    toy.write_jsonl(os.path.join(out, "prompts.jsonl"), prompts)
+    return out
+
+
+def _config(files, run, *overrides):
+    settings = [
+        f"run.dir={run}",
+        "run.tensorboard=false",
+        "run.progress=false",
+        f"sft.model={files}/base",
+        f"sft.train_file={files}/sft.jsonl",
+        "sft.data.max_prompt_length=4",
+        "sft.data.max_completion_length=10",
+        "sft.trainer.batch_size=8",
+        "sft.trainer.loop.max_steps=3",
+        "sft.save_every=0",
+        f"rm.train_file={files}/pairs.jsonl",
+        "rm.data.kind=preference",
+        "rm.data.max_prompt_length=4",
+        "rm.data.max_completion_length=10",
+        "rm.normalize_samples=8",
+        "rm.trainer.loss=pairwise",
+        "rm.trainer.batch_size=8",
+        "rm.trainer.loop.max_steps=2",
+        "rm.save_every=0",
+        f"ppo.prompts_file={files}/prompts.jsonl",
+        "ppo.data.kind=prompt",
+        "ppo.data.max_prompt_length=4",
+        "ppo.batch_size=8",
+        "ppo.trainer.response_length=4",
+        "ppo.trainer.critic=shared",
+        "ppo.trainer.num_epochs=1",
+        "ppo.trainer.num_minibatches=1",
+        "ppo.trainer.optim.learning_rate=1e-3",
+        "ppo.trainer.loop.max_steps=2",
+        "ppo.save_every=0",
+        *overrides,
+    ]
+    return C.load_config(None, settings)
+
+
+ONE_DEVICE = ("parallel.mesh.data=1",)
+FSDP = ("parallel.mesh.data=2", "parallel.mesh.fsdp=4", "parallel.preset=fsdp")
+SHARD_MAP = ("parallel.mesh.data=8", "parallel.preset=dp", "parallel.step=shard_map")
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Every step ``parallel.jit_step`` compiles during the test (to count their executables)."""
+    made = []
+    original = parallel.jit_step
+
+    def recording(*args, **kwargs):
+        jitted = original(*args, **kwargs)
+        made.append(jitted)
+        return jitted
+
+    monkeypatch.setattr(parallel, "jit_step", recording)
+    return made
+
+
+@pytest.fixture(scope="module")
+def one_device(files, tmp_path_factory):
+    """SFT, RM and PPO on a one-device mesh: the reference run directory."""
+    run = str(tmp_path_factory.mktemp("one_device") / "run")
+    cfg = _config(files, run, *ONE_DEVICE)
+    for stage in STAGES:
+        assert getattr(cli, f"run_{stage}")(cfg, devices=jax.devices()[:1]) is not None, stage
+    return run
+
+
+def _metrics(run, stage):
+    records = read_metrics(os.path.join(run, stage))
+    drop = ("wall_time", "step")
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time/") and k not in drop} for r in records
+    ]
+
+
+def _assert_same_metrics(run, reference, stage, steps):
+    got, want = _metrics(run, stage), _metrics(reference, stage)
+    assert len(got) == len(want) == steps, (len(got), len(want))
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in w:
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _assert_placed(params, mesh, preset):
+    """Every parameter sits on ``mesh`` as ``preset``'s rules say; some are really split."""
+    specs = parallel.param_specs(params, preset, mesh)
+    split = 0
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for leaf, spec in zip(jax.tree.leaves(params), flat_specs, strict=True):
+        want = NamedSharding(mesh, spec)
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, spec)
+        split += not leaf.sharding.is_fully_replicated
+    assert split > 0 or preset == "dp"
+
+
+def _copy_stages(src, dst, stages):
+    for stage in stages:
+        shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
+
+
+def test_sft_fsdp_resumed_on_the_mesh_equals_one_device(files, one_device, tmp_path, compiled):
+    """SFT on (data=2, fsdp=4) with the fsdp rules, killed after step 2 and resumed (the
+    checkpoint restores onto the mesh's shardings): the metrics of the one-device run, the
+    trained parameters split as the rules say, one executable per compiled step."""
+    run = str(tmp_path / "run")
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
+    first = _config(files, run, *FSDP, "sft.trainer.loop.max_steps=2")
+    assert cli.run_sft(first) is not None
+    trained = cli.run_sft(_config(files, run, *FSDP))
+    _assert_same_metrics(run, one_device, "sft", steps=3)
+    _assert_placed(trained.params, mesh, "fsdp")
+    assert len(compiled) == 2 and all(f._cache_size() == 1 for f in compiled)
+
+
+def test_shard_map_sft_and_rm_equal_one_device(files, one_device, tmp_path, compiled):
+    """``parallel.step=shard_map`` (per-device gradient sums, explicit pmean) on data=8: SFT and
+    the reward model give the one-device (jit form) metrics; the parameters stay replicated."""
+    run = str(tmp_path / "run")
+    cfg = _config(files, run, *SHARD_MAP)
+    trained = cli.run_sft(cfg)
+    _assert_same_metrics(run, one_device, "sft", steps=3)
+    _assert_placed(trained.params, parallel.make_mesh(cfg.parallel.mesh), "dp")
+    # The reward model trains from the reference run's SFT result (the same starting point).
+    rm_run = str(tmp_path / "rm_run")
+    _copy_stages(one_device, rm_run, ["sft"])
+    assert cli.run_rm(_config(files, rm_run, *SHARD_MAP)) is not None
+    _assert_same_metrics(rm_run, one_device, "rm", steps=2)
+    assert len(compiled) == 2 and all(f._cache_size() == 1 for f in compiled)
+
+
+def test_ppo_fsdp_equals_one_device(files, one_device, tmp_path, compiled):
+    """PPO on (data=2, fsdp=4) with the fsdp rules (policy, value head, optimizer state and the
+    frozen reference and reward model): the one-device metrics, one executable for the run."""
+    run = str(tmp_path / "run")
+    _copy_stages(one_device, run, ["sft", "rm"])
+    policy = cli.run_ppo(_config(files, run, *FSDP))
+    _assert_same_metrics(run, one_device, "ppo", steps=2)
+    _assert_placed(policy.params, parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4)), "fsdp")
+    assert len(compiled) == 1 and compiled[0]._cache_size() == 1
