@@ -60,7 +60,6 @@ from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import models
 from rlhf_jax.models import apply as _apply
 
 Array = jax.Array
@@ -449,27 +448,24 @@ def _sample(
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0)
 
-    # Prefill on the B prompts into a P-slot cache; then the decode cache of P prompt slots and
-    # R - 1 response slots (the last sampled token is never fed back), in the per-layer
-    # [N, Hkv, S, Dh] layout of models.apply.decode_step, with the weights unstacked once here,
-    # outside the loop (see docs/rollout.md, "Speed").
+    # The model's weights unstacked once, outside the loop, and a per-layer [B, Hkv, S, Dh] cache
+    # (models.apply.decode_step; see docs/rollout.md, "Speed") of P prompt slots and R - 1
+    # response slots (the last sampled token is never fed back). Prefill on the B prompts.
     s = p + r - 1
-    cache = models.init_cache(config, b, p)
-    cache = jax.tree.map(lambda c: _constrain_batch(c, axis=1), cache)
-    logits, cache = models.decode(
-        graphdef, params, prompt_tokens, positions, prompt_mask, cache, 0, last_only=True
-    )  # [B, V]
+    weights = _apply.step_weights(graphdef, params)
+    cache = jax.tree.map(_constrain_batch, _apply.init_step_cache(config, b, s))
     kv_mask = jnp.concatenate([prompt_mask, _constrain_batch(jnp.ones((b, r - 1), jnp.int32))], 1)
+    logits, cache = _apply.decode_step(
+        config, weights, prompt_tokens, positions, kv_mask, cache, 0, last_only=True
+    )  # [B, V]
 
     # n samples per prompt: repeat rows, samples of one prompt contiguous.
     def rep(x, axis=0):
         return _constrain_batch(jnp.repeat(x, n, axis=axis), axis)
 
     if n > 1:
-        cache = jax.tree.map(lambda c: rep(c, 1), cache)
+        cache = jax.tree.map(rep, cache)
         logits, kv_mask = rep(logits), rep(kv_mask)
-    cache = jax.tree.map(_constrain_batch, _apply.step_cache(cache, s))
-    weights = _apply.step_weights(graphdef, params)
     next_pos = jnp.sum(rep(prompt_mask), -1).astype(jnp.int32)  # [N] position of response token 0
     # All uniforms up front, u[row, t] from fold_in(row key, t): one vectorised threefry instead
     # of a small one per step (that costs more than the sampling itself on CPU).
@@ -515,7 +511,14 @@ def _sample(
     def body(carry):
         t, tok, cache, bufs, done = carry
         logits, cache = _apply.decode_step(
-            config, weights, tok, next_pos + t - 1, kv_mask, cache, p + t - 1
+            config,
+            weights,
+            tok[:, None],
+            (next_pos + t - 1)[:, None],
+            kv_mask,
+            cache,
+            p + t - 1,
+            last_only=True,
         )
         tok, lp, llp = draw(logits, t)
         bufs, done = record(bufs, done, t, tok, lp, llp)

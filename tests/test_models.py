@@ -172,10 +172,17 @@ def test_decode_step_matches_decode_and_full_forward(arch):
     assert len(scache) == cfg.num_layers
     assert scache[0][0].shape == (3, cfg.num_kv_heads, t_total + extra, cfg.head_dim)
     weights = jax.jit(apply.step_weights, static_argnums=0)(model.graphdef, model.params)
-    step = jax.jit(apply.decode_step, static_argnums=0)
+    step = jax.jit(apply.decode_step, static_argnums=0, static_argnames="last_only")
     for t in range(p, t_total):
         got, scache = step(
-            cfg, weights, TOKENS[:, t], positions[:, t], kv_mask, scache, jnp.int32(t)
+            cfg,
+            weights,
+            TOKENS[:, t : t + 1],
+            positions[:, t : t + 1],
+            kv_mask,
+            scache,
+            jnp.int32(t),
+            last_only=True,
         )
         ref, ref_cache = dec(
             model.graphdef,

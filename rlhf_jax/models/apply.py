@@ -236,6 +236,11 @@ def step_cache(cache: dict, max_length: int | None = None) -> tuple:
     return _tf.step_cache(cache, max_length)
 
 
+def init_step_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> tuple:
+    """An empty :func:`decode_step` cache: ``L`` pairs ``(k, v)`` of zeros ``[B, Hkv, S, Dh]``."""
+    return _tf.init_step_cache(config, batch_size, max_length, dtype)
+
+
 def decode_step(
     config: ModelConfig,
     weights: dict,
@@ -244,26 +249,30 @@ def decode_step(
     kv_mask: jax.Array,
     cache: tuple,
     index,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, tuple]:
-    """One new token per row with a KV cache: the fast path of the rollout's decode loop.
-
-    The same numbers as ``decode(..., tokens[:, None], positions[:, None], ..., last_only=True)``
-    on the :func:`step_weights` / :func:`step_cache` arrangement.
+    """:func:`decode` on the rollout's arrangement: :func:`step_weights` and the per-layer
+    :func:`init_step_cache` / :func:`step_cache` cache. The same numbers, without the layer scan:
+    a Python loop over unstacked layers, so that inside a ``while_loop`` nothing is copied per step
+    but the new keys/values (in-place updates of the loop-carried cache).
 
     Args:
       config: the model's :class:`ModelConfig`.
       weights: :func:`step_weights`.
-      tokens, positions: ``[B]`` int32.
-      kv_mask: ``[B, S]`` 0/1 over the cache slots.
-      cache: :func:`step_cache`, ``L`` pairs of ``[B, Hkv, S, Dh]``.
-      index: the slot written (int or traced int32); the token attends to slots ``j <= index``
-        with ``kv_mask[:, j] == 1``.
+      tokens, positions: ``[B, t]`` int32 (prefill: ``t = P``, ``index = 0``; decode: ``t = 1``).
+      kv_mask: ``[B, S]`` 0/1 over all cache slots.
+      cache: ``L`` pairs of ``[B, Hkv, S, Dh]``.
+      index: first slot written (int or traced int32): keys/values go to ``[index, index+t)``;
+        query ``i`` attends to slots ``j <= index + i`` with ``kv_mask[:, j] == 1``.
+      last_only: return only the logits of the last new token, ``[B, V]``.
 
     Returns:
-      ``(logits [B, V] float32, new cache)``.
+      ``(logits [B, t, V] or [B, V] float32, new cache)``.
     """
-    chex.assert_rank([tokens, positions], 1)
-    chex.assert_rank(kv_mask, 2)
+    chex.assert_rank([tokens, positions, kv_mask], 2)
+    chex.assert_equal_shape([tokens, positions])
+    chex.assert_shape(kv_mask, (tokens.shape[0], cache[0][0].shape[2]))
     hidden, cache = _tf.decode_step(
         config,
         weights,
@@ -273,6 +282,8 @@ def decode_step(
         cache,
         index,
     )
+    if last_only:
+        hidden = hidden[:, -1]
     return _tf.step_logits(config, weights, hidden), cache
 
 

@@ -603,24 +603,24 @@ def decode_step(
     cache: tuple,
     index,
 ) -> tuple[jax.Array, tuple]:
-    """One new token per row through the model: hidden ``[B, D]`` after the final norm.
+    """``t`` new tokens per row through the model on the :func:`step_weights` arrangement.
 
     Args:
       config: the model's :class:`ModelConfig`.
       weights: :func:`step_weights`.
-      tokens, positions: ``[B]`` int32.
+      tokens, positions: ``[B, t]`` int32 (``t = 1`` in the decode loop, ``t = P`` to prefill).
       kv_mask: ``[B, S]`` 0/1 over the cache slots.
-      cache: :func:`step_cache` (``L`` pairs of ``[B, Hkv, S, Dh]``).
-      index: the slot the new key/value goes to (int or traced int32); the token attends to
-        slots ``j <= index`` with ``kv_mask[:, j] == 1``.
+      cache: :func:`init_step_cache` / :func:`step_cache` (``L`` pairs of ``[B, Hkv, S, Dh]``).
+      index: the first slot written (int or traced int32): keys/values go to ``[index, index+t)``;
+        query ``i`` attends to slots ``j <= index + i`` with ``kv_mask[:, j] == 1``.
 
     Returns:
-      ``(hidden [B, D] in the compute dtype, new cache)``: equal to ``Transformer.__call__`` with
-      ``t = 1`` on the :func:`init_cache` layout.
+      ``(hidden [B, t, D] in the compute dtype, new cache)``: what ``Transformer.__call__``
+      computes on the :func:`init_cache` layout.
     """
     cfg = config
     cdt = cfg.compute_dtype
-    b = tokens.shape[0]
+    b, t = tokens.shape
     h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // hkv
     s = cache[0][0].shape[2]
@@ -630,31 +630,32 @@ def decode_step(
         x = x + jnp.take(weights["pos_embed"].astype(cdt), positions, axis=0)
     x = x.astype(cdt)
     inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
-    allowed = (jnp.arange(s) <= index)[None, :] & (kv_mask > 0)  # [B, S]
+    qpos = index + jnp.arange(t)  # [t] slot of each query
+    allowed = (jnp.arange(s)[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
     zero = jnp.zeros((), jnp.int32)
     new_cache = []
     for w, (ck, cv) in zip(weights["layers"], cache, strict=True):
-        qkv = _dense(_norm_w(cfg, x, w["attn_norm"]), w["qkv"], cdt)  # [B, (H + 2 Hkv) Dh]
-        q = qkv[:, : h * dh].reshape(b, h, dh)
-        k = qkv[:, h * dh : (h + hkv) * dh].reshape(b, hkv, dh)
-        v = qkv[:, (h + hkv) * dh :].reshape(b, hkv, dh)
+        qkv = _dense(_norm_w(cfg, x, w["attn_norm"]), w["qkv"], cdt)  # [B, t, (H+2Hkv) Dh]
+        q = qkv[..., : h * dh].reshape(b, t, h, dh)
+        k = qkv[..., h * dh : (h + hkv) * dh].reshape(b, t, hkv, dh)
+        v = qkv[..., (h + hkv) * dh :].reshape(b, t, hkv, dh)
         if cfg.qk_norm:
             q, k = _norm_w(cfg, q, w["q_norm"]), _norm_w(cfg, k, w["k_norm"])
         if cfg.arch != "gpt2":
-            q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
-            k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
         start = (zero, zero, index, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[:, :, None].astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), start)
+        ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), start)
         new_cache.append((ck, cv))
-        qg = q.reshape(b, hkv, g, dh)
+        qg = q.reshape(b, t, hkv, g, dh)
         att = jnp.einsum(
-            "bkgd,bksd->bkgs", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
-        ) / math.sqrt(dh)  # [B, Hkv, G, S]
+            "btkgd,bksd->bkgts", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
+        ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
         att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(q.dtype))
-        x = x + _dense(out.reshape(b, h * dh), w["o"], cdt)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, cv.astype(q.dtype))
+        x = x + _dense(out.reshape(b, t, h * dh), w["o"], cdt)
         y = _norm_w(cfg, x, w["mlp_norm"])
         if cfg.arch == "gpt2":
             y = jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True)
