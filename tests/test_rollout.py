@@ -334,3 +334,22 @@ def test_rejects_sequences_longer_than_the_learned_positions(lm):
     tokens, mask = prompts(4)
     with pytest.raises(ValueError, match="learned positions"):
         rollout.sample(*lm, tokens, mask, 0, max_new_tokens=64 - P + 1)
+
+
+def test_decode_loop_copies_no_cache(lm):
+    """The speed contract of the decode loop (docs/rollout.md): the KV cache is updated in place in
+    the ``while_loop`` carry, so the compiled rollout holds no copy of a buffer as large as one
+    layer's cache (the layer-scan decode copied the whole ``[L, N, S, Hkv, Dh]`` cache every step)."""
+    import math
+    import re
+
+    tokens, mask = prompts(4)
+    n = 2
+    fn = jax.jit(lambda p: rollout.sample(lm[0], p, tokens, mask, 0, max_new_tokens=R, n=n))
+    hlo = fn.lower(lm[1]).compile().as_text()
+    layer_cache = 4 * n * 4 * (P + R - 1) * 8  # N * Hkv * S * Dh
+    big = []
+    for shape in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", hlo):
+        if math.prod(int(d) for d in shape.split(",")) >= layer_cache:
+            big.append(shape)
+    assert not big, f"copies of cache-sized buffers: {big}"
