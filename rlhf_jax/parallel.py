@@ -263,6 +263,14 @@ def make_mesh(
     return jax.sharding.Mesh(grid, AXES, axis_types=types)
 
 
+def mesh_devices(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> list:
+    """The devices a mesh of ``cfg`` takes: all of ``devices`` (default ``jax.devices()``) when
+    an axis is ``-1``, else the first ``data x fsdp x tensor`` (``MeshConfig(data=1)``: one
+    device, the trivial mesh, whatever the machine holds)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return devices if -1 in cfg.sizes else devices[: math.prod(cfg.sizes)]
+
+
 # --------------------------------------------------------------------------------------------
 # Sharding rules as data
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from rlhf_jax.algorithms import reward_model as rm_lib
 from rlhf_jax.algorithms import sft as sft_lib
 from rlhf_jax.data import toy
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.parallel import MeshConfig, ParallelConfig, make_mesh, mesh_devices
 from rlhf_jax.train import LoopConfig
 
 __all__ = [
@@ -116,6 +117,10 @@ class QuickstartConfig:
     eval_samples_per_prompt: int = 4  # samples per evaluation prompt (every prompt of the world)
     temperature: float = 1.0  # sampling temperature of RM data, PPO rollouts and evaluation
     shown_samples: int = 8  # samples before/after printed in the report
+    # -- placement (rlhf_jax.parallel; docs/scaling.md) --
+    parallel: ParallelConfig = ParallelConfig(
+        mesh=MeshConfig(data=1)
+    )  # mesh, rules and step form of the SFT, RM and PPO trainers; default one device
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -479,6 +484,7 @@ def run(
     say = print if verbose else (lambda *a, **k: None)
     key = jax.random.PRNGKey(cfg.seed)
     k_init, k_sft, k_rm, k_norm, k_eval = jax.random.split(key, 5)
+    mesh = make_mesh(cfg.parallel.mesh, mesh_devices(cfg.parallel.mesh))
 
     # -- tokenizer and model --
     tokenizer = toy.load_tokenizer(toy.build_tokenizer(os.path.join(cfg.run_dir, "tokenizer")))
@@ -499,6 +505,8 @@ def run(
             key=k_sft,
             eval_batch=held_out,
             logger=logger,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         _close(logger)
@@ -542,6 +550,8 @@ def run(
             eval_batch=rank_eval,
             normalize_on={"tokens": norm_tokens, "attention_mask": norm_mask},
             logger=logger,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         _close(logger)
@@ -561,7 +571,7 @@ def run(
     )
     before = evaluate((sft_model.graphdef, sft_model.params))
     t0 = time.perf_counter()
-    policy, ppo_res, curve = _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log)
+    policy, ppo_res, curve = _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log, mesh)
     b0 = before.summary()
     curve.insert(0, {"iteration": 0, "reward": b0["reward"], "kl": 0.0, "gold": b0["gold"]})
     seconds["ppo"] = time.perf_counter() - t0
@@ -613,7 +623,7 @@ def run(
     return report
 
 
-def _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log):
+def _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log, mesh=None):
     """PPO from the SFT model against the reward model; returns (policy, LoopResult, curve)."""
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
@@ -647,7 +657,14 @@ def _run_ppo(cfg, tokenizer, sft_model, rm_model, evaluate, log):
     logger = _logger(cfg, "ppo", cfg.ppo_iterations, log)
     try:
         policy, res = ppo_lib.run(
-            ppo_cfg, sft_model, rm_model, batches, eval_fn=eval_fn, logger=logger
+            ppo_cfg,
+            sft_model,
+            rm_model,
+            batches,
+            eval_fn=eval_fn,
+            logger=logger,
+            mesh=mesh,
+            parallel_cfg=cfg.parallel,
         )
     finally:
         _close(logger)
