@@ -308,50 +308,49 @@ def test_restore_on_another_mesh_and_continue(tmp_path, one_device):
 
 
 # --------------------------------------------------------------------------------------------
-# A trainer's own jitted step runs unchanged on a sharded state and batch
+# A trainer's own step compiled for the mesh: same numbers, same layout, one executable
 # --------------------------------------------------------------------------------------------
 
 
-def _assert_split_leaves_kept(state, shardings):
-    """Every leaf the rules split is still split as they say after a trainer's own jitted step.
-
-    The trainers jit without ``out_shardings``, so XLA may choose a layout for what the rules
-    leave replicated (it splits the [L, D] norm scales); that is allowed, a lost split is not.
-    """
+def _assert_layout_kept(state, shardings):
+    """Every leaf is placed exactly as ``shardings`` say (the step's out_shardings)."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     drift = [
-        (parallel.path_str(path), leaf.sharding.spec, want.spec)
+        (parallel.path_str(path), leaf.sharding, want.spec)
         for (path, leaf), want in zip(flat, jax.tree.leaves(shardings), strict=True)
         if not leaf.sharding.is_equivalent_to(want, leaf.ndim)
     ]
-    assert all(want == P() for _, _, want in drift), drift
+    assert not drift, drift
 
 
-def test_sft_trainer_step_on_sharded_state_equals_1_device(one_device):
-    """The SFT trainer's step (its own ``jax.jit``), fed a state placed by ``shard_state`` and a
-    batch placed by ``shard_batch``, on (fsdp=4, tensor=2): the objective and optimizer of
-    ``mw.problem``, so the same losses and gradient norms as the one-device reference at every
-    step, and every leaf the rules split stays split as they say. (The trainer computes the
-    token NLL from the full logits, the reference from ``token_logprobs``: equal to float
-    rounding, so parameters are compared through the losses they give, not entry by entry after
-    Adam's per-entry normalisation.)
+@pytest.mark.parametrize("preset, mode", [("fsdp+tp", "jit"), ("dp", "shard_map")])
+def test_sft_trainer_step_on_the_mesh_equals_1_device(preset, mode, one_device):
+    """The SFT trainer's step compiled for the mesh (``make_step(mesh=, state_shardings=,
+    mode=)``), on a state placed by the rules and batches placed by ``shard_batch``: the
+    objective and optimizer of ``mw.problem``, so the same losses and gradient norms as the
+    one-device reference at every step, every leaf back in its layout after each step, and one
+    executable for all steps. ``shard_map`` (per-device gradient sums, explicit pmean) runs on
+    (data=4, fsdp=2). (The trainer computes the token NLL from the full logits, the reference
+    from ``token_logprobs``: equal to float rounding, so parameters are compared through the
+    losses they give, not entry by entry after Adam's per-entry normalisation.)
     """
     from rlhf_jax.algorithms import sft
     from rlhf_jax.optim import OptimConfig
 
     params, _, batch = mw.problem()
     cfg = sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=mw.GLOBAL_BATCH)
-    mesh = parallel.make_mesh(MESHES["fsdp+tp"])
-    state = parallel.shard_state(sft.init_state(params, cfg), mesh, "fsdp+tp")
-    shardings = parallel.state_shardings(state, mesh, "fsdp+tp")
-    data = parallel.shard_batch(sft.corpus_batch(batch["tokens"], batch["mask"]), mesh)
-    step = sft.make_step(mw.model().graphdef, cfg)
+    mesh = parallel.make_mesh(MESHES[preset] if mode == "jit" else MeshConfig(data=4, fsdp=2))
+    state = sft.init_state(params, cfg)
+    shardings = parallel.state_shardings(state, mesh, preset)
+    state = jax.device_put(state, shardings)
+    data = sft.corpus_batch(batch["tokens"], batch["mask"])
+    step = sft.make_step(mw.model().graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=mode)
     history = []
     for _ in range(mw.STEPS):
-        state, metrics = step(state, data, jax.random.key(0))
+        state, metrics = step(state, parallel.shard_batch(data, mesh), jax.random.key(0))
         history.append(metrics)
-        _assert_split_leaves_kept(state, shardings)
-        state = parallel.shard_state(state, mesh, "fsdp+tp")  # same layout in: no recompile
+        _assert_layout_kept(state, shardings)
+    assert step._cache_size() == 1
     for key in ("loss", "grad_norm"):
         got = np.asarray([float(m[key]) for m in history])
         np.testing.assert_allclose(got, one_device[key], rtol=1e-5, err_msg=key)
@@ -407,22 +406,25 @@ def _ppo_run(mesh, preset, iterations=2):
         kl_coef=0.1,
     )
     static, params, frozen = ppo.make_models(cfg, lm, rm)
-    state = parallel.shard_state(ppo.init_state(cfg, params), mesh, preset)
-    frozen = parallel.shard_state(frozen, mesh, preset)
+    state = ppo.init_state(cfg, params)
+    shardings = parallel.state_shardings(state, mesh, preset)
+    state = jax.device_put(state, shardings)
+    frozen_shardings = parallel.state_shardings(frozen, mesh, preset)
+    frozen = jax.device_put(frozen, frozen_shardings)
     _, _, batch = mw.problem()
     mask = batch["mask"][:8, :4][:, ::-1].copy()  # left-padded prompts
     prompts = parallel.shard_batch(
         {"tokens": np.where(mask == 1, batch["tokens"][:8, :4], 0), "mask": mask}, mesh
     )
-    iterate = ppo.make_iteration(cfg, static)
-    shardings = parallel.state_shardings(state, mesh, preset)
+    iterate = ppo.make_iteration(
+        cfg, static, mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings
+    )
     history = []
-    with jax.set_mesh(mesh):
-        for _ in range(iterations):
-            state, metrics = iterate(state, frozen, prompts["tokens"], prompts["mask"])
-            history.append(jax.device_get(metrics))
-            _assert_split_leaves_kept(state, shardings)
-            state = parallel.shard_state(state, mesh, preset)  # same layout in: no recompile
+    for _ in range(iterations):
+        state, metrics = iterate(state, frozen, prompts["tokens"], prompts["mask"])
+        history.append(jax.device_get(metrics))
+        _assert_layout_kept(state, shardings)
+    assert iterate.jitted._cache_size() == 1
     return history, jax.device_get(state.params)
 
 

@@ -59,7 +59,7 @@ def _config(files, run, *overrides):
         "rm.data.kind=preference",
         "rm.data.max_prompt_length=4",
         "rm.data.max_completion_length=10",
-        "rm.normalize_samples=8",
+        "rm.normalize_samples=0",
         "rm.trainer.loss=pairwise",
         "rm.trainer.batch_size=8",
         "rm.trainer.loop.max_steps=2",
@@ -144,18 +144,24 @@ def _copy_stages(src, dst, stages):
         shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
 
 
-def test_sft_fsdp_resumed_on_the_mesh_equals_one_device(files, one_device, tmp_path, compiled):
-    """SFT on (data=2, fsdp=4) with the fsdp rules, killed after step 2 and resumed (the
-    checkpoint restores onto the mesh's shardings): the metrics of the one-device run, the
-    trained parameters split as the rules say, one executable per compiled step."""
+def test_sft_fsdp_equals_one_device_and_restores_onto_the_mesh(
+    files, one_device, tmp_path, compiled
+):
+    """SFT on (data=2, fsdp=4) with the fsdp rules: the metrics of the one-device run, the
+    trained parameters split as the rules say, one executable for the 3 steps; run again, the
+    loop restores the last checkpoint onto the mesh's shardings (the placed state's)."""
     run = str(tmp_path / "run")
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
-    first = _config(files, run, *FSDP, "sft.trainer.loop.max_steps=2")
-    assert cli.run_sft(first) is not None
-    trained = cli.run_sft(_config(files, run, *FSDP))
+    cfg = _config(files, run, *FSDP, "sft.save_every=3")
+    trained = cli.run_sft(cfg)
     _assert_same_metrics(run, one_device, "sft", steps=3)
     _assert_placed(trained.params, mesh, "fsdp")
-    assert len(compiled) == 2 and all(f._cache_size() == 1 for f in compiled)
+    assert len(compiled) == 1 and compiled[0]._cache_size() == 1
+    restored = cli.run_sft(cfg)  # resumes at step 3 = max_steps: the restored state, no step
+    _assert_placed(restored.params, mesh, "fsdp")
+    pairs = zip(jax.tree.leaves(restored.params), jax.tree.leaves(trained.params), strict=True)
+    for got, want in pairs:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_shard_map_sft_and_rm_equal_one_device(files, one_device, tmp_path, compiled):
