@@ -28,6 +28,12 @@ Multi-host: :func:`initialize_distributed` starts ``jax.distributed`` from a con
 environment; :func:`shard_batch` builds global arrays from each host's *local* rows with
 ``jax.make_array_from_process_local_data``.
 
+Trainers on a mesh: each trainer's ``run(..., mesh=, parallel_cfg=)`` places its state by the
+rules (:func:`state_shardings`), compiles its step once with :func:`jit_step` (state in and out
+on those shardings, donated; batch over ``BATCH_AXES``), computes gradients with
+:func:`accumulate` (``jit`` form, or the ``shard_map`` form for ``ParallelConfig.step``) and
+places each batch with :func:`shard_batches`.
+
 Memory before running: :func:`dry_run` compiles a train step from abstract shapes only
 (``jax.eval_shape`` of the model init, no weights allocated) and reads
 ``compiled.memory_analysis()``. See ``docs/scaling.md``.
@@ -482,7 +488,8 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules | str) -> 
     The rule regexes match path *suffixes*, so ``params/layers/attn/q_proj/kernel`` and Adam's
     ``opt_state/.../mu/layers/attn/q_proj/kernel`` get the same spec, and scalars (``step``, the
     optimizer count, the learning rate) fall to the replicated catch-all. This places a trainer's
-    ``TrainState`` (or PPO's state) in one call; the trainer's jitted step then runs unchanged.
+    ``TrainState`` (or PPO's state) in one call; the same shardings are the ``in_shardings`` and
+    ``out_shardings`` of its step (:func:`jit_step`).
     """
     return param_shardings(state, mesh, rules)
 
