@@ -6,7 +6,9 @@ run the same weights. Both sample from the full softmax (temperature 1, no top-k
 ``do_sample=True, top_k=0``) with a KV cache, and neither stops early (no EOS / stop tokens), so
 both generate exactly ``--new-tokens`` tokens per row. Figures are new tokens per second, the
 median of ``--runs`` timed runs after one warm-up run; the compile time of the rlhf-jax program is
-reported separately (first call minus a steady-state call).
+reported separately (first call minus a steady-state call). Each size also prints the median CPU
+time of the process (all threads) per call and the load average, since wall-clock figures on a
+shared machine measure the other jobs too.
 
     python experiments/bench_rollout.py            # tiny and small, 5 timed runs each
     python experiments/bench_rollout.py --quick    # 2 timed runs, 16 new tokens: a smoke run
@@ -23,6 +25,7 @@ This script must not run with ``jax_disable_most_optimizations`` (the test setti
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -72,17 +75,23 @@ def make_checkpoint(size: str, directory: str, seed: int) -> None:
     transformers.GPT2LMHeadModel(config).save_pretrained(directory)
 
 
-def median_time(fn, runs: int) -> tuple[float, list[float]]:
-    times = []
+def median_time(fn, runs: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) of ``runs`` calls of ``fn``.
+
+    The CPU time (all threads of the process) is the steadier figure on a loaded machine: wall
+    time there measures the other jobs as much as this one.
+    """
+    walls, cpus = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def bench_transformers(path: str, prompts: np.ndarray, args: Args) -> float:
-    """Median seconds of one ``generate`` call (after one warm-up call)."""
+def bench_transformers(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]:
+    """(median wall, median CPU) seconds of one ``generate`` call (after one warm-up call)."""
     import torch
     import transformers
 
@@ -109,12 +118,11 @@ def bench_transformers(path: str, prompts: np.ndarray, args: Args) -> float:
         assert out.shape == (ids.shape[0], ids.shape[1] + args.new_tokens), out.shape
 
     run()  # warm-up
-    sec, _ = median_time(run, args.runs)
-    return sec
+    return median_time(run, args.runs)
 
 
-def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]:
-    """(median seconds of one ``sample`` call, compile seconds)."""
+def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float, float]:
+    """(median wall, median CPU seconds of one ``sample`` call, compile seconds)."""
     model = models.from_pretrained(path)
     tokens = jnp.asarray(prompts, jnp.int32)
     mask = jnp.ones_like(tokens)
@@ -140,8 +148,8 @@ def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]
     t0 = time.perf_counter()
     run()  # compile + run
     first = time.perf_counter() - t0
-    sec, _ = median_time(run, args.runs)
-    return sec, max(first - sec, 0.0)
+    sec, cpu = median_time(run, args.runs)
+    return sec, cpu, max(first - sec, 0.0)
 
 
 def profile_rollout(path: str, prompts: np.ndarray, args: Args, top: int = 15) -> None:
@@ -216,10 +224,11 @@ def main(args: Args) -> None:
         rng = np.random.default_rng(args.seed)
         prompts = rng.integers(0, SIZES[size]["vocab_size"], (b, args.prompt_len))
         new = b * args.new_tokens
+        load0 = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as path:
             make_checkpoint(size, path, args.seed)
-            jax_sec, compile_sec = bench_jax(path, prompts, args)
-            hf_sec = bench_transformers(path, prompts, args)
+            jax_sec, jax_cpu, compile_sec = bench_jax(path, prompts, args)
+            hf_sec, hf_cpu = bench_transformers(path, prompts, args)
             if args.profile:
                 profile_rollout(path, prompts, args)
         speedups[size] = hf_sec / jax_sec
@@ -228,6 +237,11 @@ def main(args: Args) -> None:
             f"rlhf-jax {new / jax_sec:9.1f} tok/s ({jax_sec * 1e3:8.1f} ms, "
             f"compile {compile_sec:5.1f} s)   transformers {new / hf_sec:9.1f} tok/s "
             f"({hf_sec * 1e3:8.1f} ms)   ratio {speedups[size]:5.2f}x"
+        )
+        print(
+            f"{'':6s} CPU time (all threads): rlhf-jax {jax_cpu * 1e3:.1f} ms, transformers "
+            f"{hf_cpu * 1e3:.1f} ms (ratio {hf_cpu / jax_cpu:.2f}x); load average "
+            f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
     print(
         "rollout speedup vs transformers: "
