@@ -185,9 +185,14 @@ def profile_rollout(path: str, prompts: np.ndarray, args: Args, top: int = 15) -
 
     key = jax.random.key(0)
     hlo = run.lower(model.params, key).compile().as_text()
-    origin = {
-        m.group(1): m.group(2) for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)
-    }
+    # Every instruction, named by its JAX operation where the HLO says (op_name), else by its
+    # shape and opcode: some ops (e.g. the batched attention dots) carry no op_name.
+    origin = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) ([\w-]+)\(", line)
+        if m:
+            name = re.search(r'op_name="([^"]*)"', line)
+            origin[m.group(1)] = name.group(1) if name else f"{m.group(3)} -> {m.group(2)}"
     jax.block_until_ready(run(model.params, key))
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
