@@ -323,28 +323,27 @@ def _assert_layout_kept(state, shardings):
     assert not drift, drift
 
 
-@pytest.mark.parametrize("preset, mode", [("fsdp+tp", "jit"), ("dp", "shard_map")])
-def test_sft_trainer_step_on_the_mesh_equals_1_device(preset, mode, one_device):
-    """The SFT trainer's step compiled for the mesh (``make_step(mesh=, state_shardings=,
-    mode=)``), on a state placed by the rules and batches placed by ``shard_batch``: the
-    objective and optimizer of ``mw.problem``, so the same losses and gradient norms as the
-    one-device reference at every step, every leaf back in its layout after each step, and one
-    executable for all steps. ``shard_map`` (per-device gradient sums, explicit pmean) runs on
-    (data=4, fsdp=2). (The trainer computes the token NLL from the full logits, the reference
-    from ``token_logprobs``: equal to float rounding, so parameters are compared through the
-    losses they give, not entry by entry after Adam's per-entry normalisation.)
+def test_sft_trainer_step_on_the_mesh_equals_1_device(one_device):
+    """The SFT trainer's step compiled for the mesh (``make_step(mesh=, state_shardings=)``) on
+    (fsdp=4, tensor=2) with the fsdp+tp rules, on a state placed by the rules and batches placed
+    by ``shard_batch``: the objective and optimizer of ``mw.problem``, so the same losses and
+    gradient norms as the one-device reference at every step, every leaf back in its layout
+    after each step, and one executable for all steps. (The trainer computes the token NLL from
+    the full logits, the reference from ``token_logprobs``: equal to float rounding, so
+    parameters are compared through the losses they give, not entry by entry after Adam's
+    per-entry normalisation.)
     """
     from rlhf_jax.algorithms import sft
     from rlhf_jax.optim import OptimConfig
 
     params, _, batch = mw.problem()
     cfg = sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=mw.GLOBAL_BATCH)
-    mesh = parallel.make_mesh(MESHES[preset] if mode == "jit" else MeshConfig(data=4, fsdp=2))
+    mesh = parallel.make_mesh(MESHES["fsdp+tp"])
     state = sft.init_state(params, cfg)
-    shardings = parallel.state_shardings(state, mesh, preset)
+    shardings = parallel.state_shardings(state, mesh, "fsdp+tp")
     state = jax.device_put(state, shardings)
     data = sft.corpus_batch(batch["tokens"], batch["mask"])
-    step = sft.make_step(mw.model().graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=mode)
+    step = sft.make_step(mw.model().graphdef, cfg, mesh=mesh, state_shardings=shardings)
     history = []
     for _ in range(mw.STEPS):
         state, metrics = step(state, parallel.shard_batch(data, mesh), jax.random.key(0))
@@ -354,6 +353,50 @@ def test_sft_trainer_step_on_the_mesh_equals_1_device(preset, mode, one_device):
     for key in ("loss", "grad_norm"):
         got = np.asarray([float(m[key]) for m in history])
         np.testing.assert_allclose(got, one_device[key], rtol=1e-5, err_msg=key)
+
+
+def test_reward_model_shard_map_step_equals_plain_step():
+    """``parallel.step=shard_map`` for the reward-model trainer: its step in the per-device form
+    (gradient sums and the loss, accuracy and score sums pmean-ed over data x fsdp) on
+    (data=2, fsdp=2), against the same step jitted on one device: the same metrics at every
+    step (the pairwise loss, accuracy, score mean and spread, gradient norm)."""
+    from rlhf_jax.algorithms import reward_model as rm_lib
+    from rlhf_jax.optim import OptimConfig
+
+    _, _, batch = mw.problem()
+    rm = rm_lib.init_reward_model(mw.model(), jax.random.key(1))
+    tokens, mask = batch["tokens"], batch["mask"]
+    pairs = {
+        "prompt_tokens": tokens[:, :3],
+        "prompt_mask": np.ones_like(tokens[:, :3]),
+        "chosen_tokens": tokens[:, 3:],
+        "chosen_mask": mask[:, 3:],
+        "rejected_tokens": tokens[::-1, 3:],
+        "rejected_mask": mask[::-1, 3:],
+    }
+    cfg = rm_lib.RewardModelConfig(
+        loss="pairwise", optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=16
+    )
+
+    def run(mesh, mode):
+        state = rm_lib.init_state(rm.params, cfg)
+        shardings = None if mesh is None else parallel.state_shardings(state, mesh, "dp")
+        state = state if mesh is None else jax.device_put(state, shardings)
+        step = rm_lib.make_step(rm.graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=mode)
+        data = pairs if mesh is None else parallel.shard_batch(pairs, mesh)
+        history = []
+        for _ in range(2):
+            state, metrics = step(state, data, jax.random.key(0))
+            history.append(jax.device_get(metrics))
+        assert step._cache_size() == 1
+        return history
+
+    plain = run(None, "jit")
+    four = jax.devices()[:4]  # both batch axes, and a faster compile than on 8 devices
+    per_device = run(parallel.make_mesh(MeshConfig(data=2, fsdp=2), four), "shard_map")
+    for want, got in zip(plain, per_device, strict=True):
+        for key in ("loss", "accuracy", "score_mean", "score_std", "grad_norm"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 # --------------------------------------------------------------------------------------------
