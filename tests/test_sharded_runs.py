@@ -2,8 +2,9 @@
 
 Each stage builds its mesh from ``parallel.*`` of the config and runs born sharded: the same
 metrics as on one device (float32, 1e-5 relative), the trained parameters placed as the preset's
-rules say, one compiled step for the whole run (a resumed one included), and the ``shard_map``
-step form equal to the ``jit`` form. Tiny models and few steps: compile time dominates.
+rules say, one executable for the whole run, a rerun's checkpoint restored onto the mesh's
+shardings, and the ``shard_map`` step form equal to the ``jit`` form. Tiny models and few steps:
+compile time dominates.
 """
 
 import os
