@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.presets import AGGREGATIONS, DEFAULT, Conventions
+from rlhf_jax.rewards import _float, _scalar
 
 __all__ = [
     "aggregate",
@@ -42,18 +43,6 @@ __all__ = [
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo")
 RANKING_MODES = ("pairs", "best_of_k")
-
-
-def _float(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _scalar(name: str, x) -> jax.Array:
-    x = _float(x)
-    if x.ndim != 0:
-        raise ValueError(f"{name} must be a scalar (vmap over runs for a sweep), got {x.shape}")
-    return x
 
 
 def _mask(mask, like) -> jax.Array:

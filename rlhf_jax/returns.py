@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.presets import DEFAULT, MASK_HOLES, Conventions
-from rlhf_jax.rewards import policy_mask, value_mask
+from rlhf_jax.rewards import _float, _scalar, policy_mask, value_mask
 
 __all__ = [
     "gae",
@@ -34,18 +34,6 @@ __all__ = [
 
 GROUP_METHODS = ("grpo", "rloo")
 GROUP_SCALES = ("group", "batch", "none")
-
-
-def _float(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _scalar(name: str, x) -> jax.Array:
-    x = _float(x)
-    if x.ndim != 0:
-        raise ValueError(f"{name} must be a scalar (vmap over runs for a sweep), got {x.shape}")
-    return x
 
 
 def _reverse_scan(step, carry, xs):
