@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.optim import current_learning_rate
+from rlhf_jax.optim import OptimConfig, current_learning_rate, make_optimizer
 
 __all__ = [
     "LoopConfig",
@@ -99,6 +99,13 @@ class TrainState:
     params: Any
     opt_state: Any
     step: jax.Array
+
+    @classmethod
+    def create(cls, params: Any, optim: OptimConfig) -> TrainState:
+        """A fresh state: a copy of ``params`` (the caller's pytree is never donated) and a new
+        optimizer state from :func:`rlhf_jax.optim.make_optimizer`."""
+        params = jax.tree.map(jnp.array, params)
+        return cls(params=params, opt_state=make_optimizer(optim).init(params), step=jnp.int32(0))
 
 
 class NonFiniteError(FloatingPointError):

@@ -246,10 +246,7 @@ def _summary(count: jax.Array, sums: Mapping[str, jax.Array]) -> dict[str, jax.A
 
 def init_state(params: Any, cfg: RewardModelConfig) -> TrainState:
     """The reward-model state: a copy of ``params`` and a fresh optimizer state."""
-    params = jax.tree.map(jnp.array, params)
-    return TrainState(
-        params=params, opt_state=make_optimizer(cfg.optim).init(params), step=jnp.int32(0)
-    )
+    return TrainState.create(params, cfg.optim)
 
 
 def make_step(

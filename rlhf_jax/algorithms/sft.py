@@ -173,10 +173,7 @@ def sft_loss(
 
 def init_state(params: Any, cfg: SFTConfig) -> TrainState:
     """The SFT state: a copy of ``params`` (never donated) and a fresh optimizer state."""
-    params = jax.tree.map(jnp.array, params)
-    return TrainState(
-        params=params, opt_state=make_optimizer(cfg.optim).init(params), step=jnp.int32(0)
-    )
+    return TrainState.create(params, cfg.optim)
 
 
 def make_step(
