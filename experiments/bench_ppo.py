@@ -45,6 +45,7 @@ def bench_config(args) -> tuple[ppo.PPOConfig, models.ModelConfig]:
         num_heads=4,
         max_position_embeddings=128,
         dtype=args.dtype,
+        scan_unroll=4 if args.unroll else 1,
     )
     cfg = ppo.PPOConfig(
         response_length=args.response_length,
@@ -153,6 +154,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--critic", default="separate", choices=("separate", "shared"), help="critic mode"
     )
+    parser.add_argument(
+        "--unroll",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="unroll the 4-layer scan (ModelConfig.scan_unroll=4; --no-unroll: scan)",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     if jax.config.read("jax_disable_most_optimizations"):
@@ -164,7 +171,8 @@ def main(argv=None) -> None:
         f"d={model_cfg.hidden_size} V={model_cfg.vocab_size}; "
         f"B={args.batch} P={args.prompt_length} "
         f"R={cfg.response_length}; E={cfg.num_epochs} M={cfg.num_minibatches}; "
-        f"critic={cfg.critic}; compute dtype={model_cfg.dtype}"
+        f"critic={cfg.critic}; compute dtype={model_cfg.dtype}; "
+        f"scan_unroll={model_cfg.scan_unroll}"
     )
 
     sft = models.init_model(model_cfg, jax.random.PRNGKey(0))

@@ -233,7 +233,12 @@ def _require(value, key: str, what: str) -> None:
 def _load_model(cfg, path: str):
     from rlhf_jax import models
 
-    return models.from_pretrained(path, dtype=cfg.run.dtype, param_dtype=cfg.run.param_dtype)
+    return models.from_pretrained(
+        path,
+        dtype=cfg.run.dtype,
+        param_dtype=cfg.run.param_dtype,
+        scan_unroll=cfg.run.scan_unroll,
+    )
 
 
 def _with_vocab(data, model):
@@ -662,7 +667,11 @@ def dry_run(stage: str, cfg: config_lib.ExperimentConfig) -> str:
     _require(config_file, "sft.model", "a Hugging Face checkpoint directory with config.json")
     with open(config_file, encoding="utf-8") as f:
         model_config = hf.config_from_hf(
-            json.load(f), dtype=cfg.run.dtype, param_dtype=cfg.run.param_dtype, source=config_file
+            json.load(f),
+            dtype=cfg.run.dtype,
+            param_dtype=cfg.run.param_dtype,
+            scan_unroll=cfg.run.scan_unroll,
+            source=config_file,
         )
     if stage == "sft":
         batch = cfg.sft.trainer.batch_size

@@ -515,6 +515,9 @@ class RunConfig:
     keep_checkpoints: int = 3  # committed checkpoints kept per stage (older ones are deleted)
     dtype: str | None = None  # compute dtype, "float32" | "bfloat16"; None = the checkpoint's
     param_dtype: str | None = None  # parameter dtype, "float32" | "bfloat16"; None = checkpoint's
+    # layers per iteration of the models' layer scan; = num_layers unrolls it (faster steps on CPU
+    # for small models, longer compile). Not saved with checkpoints.
+    scan_unroll: int = 1
     # Resuming is per stage: <stage>.trainer.loop.resume (default true) continues from the
     # stage's latest checkpoint in <dir>/<stage>/checkpoints.
 
@@ -527,6 +530,8 @@ class RunConfig:
                 raise ValueError(f"run.{name}={value!r}: choose 'float32', 'bfloat16' or null")
         if self.keep_checkpoints < 1:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        if self.scan_unroll < 1:
+            raise ValueError(f"run.scan_unroll={self.scan_unroll}: must be >= 1")
 
     def stage_dir(self, stage: str) -> str:
         """The directory of one stage (``sft``, ``rm``, ``ppo``) of this run."""

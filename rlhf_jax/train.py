@@ -13,7 +13,7 @@ flat dict of scalars) and :func:`run_loop` does the slow host-side things around
   seen by the checkpointer: save and return), or on a non-finite loss (``on_nonfinite="stop"``).
 
 **Non-finite values never reach the parameters.** A step builds its update with
-:func:`apply_update`, which keeps the old parameters and optimizer state (``jnp.where`` inside the
+:func:`apply_update`, which keeps the old parameters and optimizer state (``lax.cond`` inside the
 compiled step, so nothing is ever written with a NaN) when the loss or the gradient is not finite,
 and reports ``skipped = 1``. The loop then either stops with a message naming the step and the
 metric (``"stop"``, the default) or carries on with the next batch (``"skip"``), up to
@@ -159,8 +159,8 @@ def apply_update(
     """One optimizer update of ``state``, dropped when ``loss`` or ``grads`` are not finite.
 
     Call it inside the compiled step. When ``loss`` or the global gradient norm is NaN/inf the
-    returned state keeps the old ``params`` and ``opt_state`` (selected with ``jnp.where``, so the
-    bad values never touch the parameters or the Adam moments) and only ``step`` advances.
+    returned state keeps the old ``params`` and ``opt_state`` (a ``lax.cond`` skips the update, so
+    the bad values never touch the parameters or the Adam moments) and only ``step`` advances.
 
     Args:
       optimizer: the optax transformation (from :func:`rlhf_jax.optim.make_optimizer`).
@@ -180,16 +180,20 @@ def apply_update(
         lr = current_learning_rate(optim_cfg, state.opt_state)
     else:
         lr = jnp.asarray(state.opt_state.hyperparams["learning_rate"])
-    # Zero the gradients first so the update itself is computed on finite numbers.
-    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    new_state = state.replace(
-        params=jax.tree.map(keep, new_params, state.params),
-        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
-        step=state.step + 1,
-    )
+
+    def step(operands):
+        params, opt_state, grads = operands
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    def skip(operands):
+        params, opt_state, _ = operands
+        return params, opt_state
+
+    # A branch, not a select of both results: the update is not computed when it is dropped, and
+    # a kept one is written once (under vmap the branch becomes a select of both, as before).
+    new_params, new_opt = jax.lax.cond(ok, step, skip, (state.params, state.opt_state, grads))
+    new_state = state.replace(params=new_params, opt_state=new_opt, step=state.step + 1)
     metrics = {
         "grad_norm": grad_norm,
         "lr": jnp.asarray(lr, jnp.float32),

@@ -85,7 +85,9 @@ def _get(hf: dict, *names, default=None):
     return default
 
 
-def config_from_hf(hf: dict, *, dtype=None, param_dtype=None, source: str = "config.json"):
+def config_from_hf(
+    hf: dict, *, dtype=None, param_dtype=None, scan_unroll: int = 1, source: str = "config.json"
+):
     """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 rope keys)."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
@@ -97,6 +99,7 @@ def config_from_hf(hf: dict, *, dtype=None, param_dtype=None, source: str = "con
         arch=kind,
         dtype=dtype or "float32",
         param_dtype=param_dtype or "float32",
+        scan_unroll=scan_unroll,
         bos_token_id=_first(hf.get("bos_token_id")),
         eos_token_id=_first(hf.get("eos_token_id")),
         pad_token_id=_first(hf.get("pad_token_id")),
@@ -358,6 +361,7 @@ def from_pretrained(
     *,
     dtype: str | None = None,
     param_dtype: str | None = None,
+    scan_unroll: int = 1,
     shardings: Any = None,
     lm_head: bool = True,
     value_head: bool = False,
@@ -369,6 +373,8 @@ def from_pretrained(
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
       dtype, param_dtype: compute / parameter dtype (``'float32'`` default, or ``'bfloat16'``).
+      scan_unroll: layers per iteration of the layer scan (:class:`ModelConfig`; a run-time
+        choice, not read from the checkpoint).
       shardings: where to place each parameter: None (default device), one ``Sharding`` for all,
         a callable ``(path 'layers/attn/q_proj/kernel', shape) -> Sharding``, or a pytree of
         shardings with the params' structure (e.g. ``rlhf_jax.parallel.param_shardings``).
@@ -385,7 +391,9 @@ def from_pretrained(
         raise FileNotFoundError(f"{cfg_file} not found: a checkpoint directory needs config.json")
     with open(cfg_file) as f:
         hf_cfg = json.load(f)
-    config = config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype, source=cfg_file)
+    config = config_from_hf(
+        hf_cfg, dtype=dtype, param_dtype=param_dtype, scan_unroll=scan_unroll, source=cfg_file
+    )
     store = _SafetensorsDir(path)
     heads = dict(lm_head=lm_head, value_head=value_head, score_head=score_head)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), **heads))

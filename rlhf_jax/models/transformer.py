@@ -94,6 +94,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Layers per iteration of the layer ``lax.scan`` (a run-time choice, not saved with the
+    # checkpoint): 1 compiles one layer; ``num_layers`` unrolls the stack, which removes the
+    # scan's per-layer slicing and stacking of activations and gradients (PPO iteration of the
+    # 4-layer benchmark ~7% faster on CPU) at the price of a longer compile.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         def put(name, value):
@@ -101,7 +106,7 @@ class ModelConfig:
 
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig.arch={self.arch!r}: use one of {ARCHS}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "scan_unroll"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be positive")
         for name in ("dtype", "param_dtype"):
@@ -463,7 +468,7 @@ class Transformer(nnx.Module):
             xs = (layer_state, None, None)
         else:
             xs = (layer_state, cache["k"], cache["v"])
-        x, (ks, vs) = jax.lax.scan(body, x, xs)
+        x, (ks, vs) = jax.lax.scan(body, x, xs, unroll=min(cfg.scan_unroll, cfg.num_layers))
         new_cache = None if cache is None else {"k": ks, "v": vs}
         return self.final_norm(x), new_cache
 
