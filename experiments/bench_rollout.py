@@ -14,6 +14,11 @@ shared machine measure the other jobs too.
     python experiments/bench_rollout.py --quick    # 2 timed runs, 16 new tokens: a smoke run
     python experiments/bench_rollout.py --sizes tiny --profile   # where a decode step's time goes
 
+With ``--floor`` (the default) each size also prints the rollout floor of ``bench_floor.py``: the
+matmuls of a decode step alone, at the best rate jax, numpy or torch reach for those shapes here,
+times the new tokens, plus the prefill at the peak GEMM rate; transformers' time over that floor
+is the largest speed-up any implementation of the same arithmetic could show in this run.
+
 Sizes (the issue's): tiny = GPT-2 with 4 layers, 4 heads, width 256, vocabulary 8192, batch 16;
 small = GPT-2 small (12 layers, 12 heads, width 768, vocabulary 50257), batch 8; prompts of 32
 tokens. PyTorch runs with ``torch.set_num_threads(--threads)`` (2 by default). The last line is
@@ -30,6 +35,7 @@ import statistics
 import tempfile
 import time
 
+import bench_floor
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +58,7 @@ class Args:
     threads: int = 2  # torch.set_num_threads
     quick: bool = False  # 2 runs and 16 new tokens: checks the script, not the speed
     profile: bool = False  # also list the ops that dominate a decode step (a profiler trace)
+    floor: bool = True  # also time the decode matmuls alone (bench_floor.py): the speed-up bound
     seed: int = 0
 
 
@@ -236,6 +243,13 @@ def main(args: Args) -> None:
             hf_sec, hf_cpu = bench_transformers(path, prompts, args)
             if args.profile:
                 profile_rollout(path, prompts, args)
+        floor_ms = None
+        if args.floor and args.prompt_len == bench_floor.PROMPT:
+            per_step = bench_floor.decode_matmul_seconds(size, steps=16, repeats=args.runs)
+            peak = max(bench_floor.peak_gflops(args.runs).values())
+            floor_ms = bench_floor.rollout_floor_ms(
+                size, min(per_step.values()), peak, args.new_tokens
+            )
         speedups[size] = hf_sec / jax_sec
         print(
             f"{size:6s} batch {b:3d} prompt {args.prompt_len} new {args.new_tokens}: "
@@ -248,6 +262,13 @@ def main(args: Args) -> None:
             f"{hf_cpu * 1e3:.1f} ms (ratio {hf_cpu / jax_cpu:.2f}x); load average "
             f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
+        if floor_ms is not None:
+            print(
+                f"{'':6s} floor (decode matmuls alone, best of jax/numpy/torch; prefill at "
+                f"peak): "
+                f"{floor_ms:.1f} ms = at most {hf_sec * 1e3 / floor_ms:.2f}x transformers; "
+                f"rlhf-jax takes {jax_sec * 1e3 / floor_ms:.2f}x the floor"
+            )
     print(
         "rollout speedup vs transformers: "
         + " ".join(f"{size}={ratio:.2f}" for size, ratio in speedups.items())
