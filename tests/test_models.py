@@ -208,30 +208,6 @@ def test_decode_step_matches_decode_and_full_forward(arch):
             )
 
 
-def test_step_logits_tied_head_layouts(model, monkeypatch):
-    """A tied LM head is read from a [D, V] copy (small embeddings) or from the [V, D] embedding
-    itself (large ones): the same logits, ``h @ embed.T`` (``h @ lm_head`` when untied)."""
-    from rlhf_jax.models import apply
-    from rlhf_jax.models import transformer as tf
-
-    cfg = model.config
-    hidden = jax.random.normal(jax.random.key(3), (3, cfg.hidden_size), jnp.float32)
-    copied = apply.step_weights(model.graphdef, model.params)
-    assert copied["lm_head"].shape == (cfg.hidden_size, V)
-    monkeypatch.setattr(tf, "_HEAD_COPY_MAX_BYTES", 0)
-    shared = apply.step_weights(model.graphdef, model.params)
-    if cfg.tie_word_embeddings:
-        assert "lm_head" not in shared
-        head = np.asarray(shared["embed"], np.float64).T
-    else:  # an untied head is always its own [D, V] kernel
-        head = np.asarray(shared["lm_head"], np.float64)
-        np.testing.assert_array_equal(head, np.asarray(copied["lm_head"]))
-    want = np.asarray(hidden, np.float64) @ head
-    for weights in (copied, shared):
-        got = np.asarray(tf.step_logits(cfg, weights, hidden))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_values_alignment(model):
     start = 2
     vals = _values(model.graphdef, model.params, TOKENS, MASK, start=start)

@@ -511,18 +511,14 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
 # the step with :func:`rlhf_jax.models.decode` and with the full forward).
 
 
-_HEAD_COPY_MAX_BYTES = 16 * 2**20  # tied embeddings up to this size get a [D, V] copy
-
-
 def step_weights(module: Transformer) -> dict:
     """The parameters of ``module`` arranged for :func:`decode_step` (one copy; call it outside
     the decode loop).
 
     Returns a dict pytree: ``embed [V, D]``, ``pos_embed [Pmax, D]`` (GPT-2) , ``final_norm``,
-    ``lm_head [D, V]`` (untied, or a copy of a tied embedding of at most 16 MiB) and
-    ``layers``: a tuple of ``L`` dicts with ``attn_norm``, ``qkv`` (kernel
-    ``[D, (H + 2 Hkv) Dh]``), ``o``, ``q_norm``/``k_norm`` (Qwen3), ``mlp_norm``, ``up``
-    (SwiGLU: gate and up kernels concatenated, ``[D, 2F]``) and ``down``.
+    ``lm_head [D, V]`` (untied only) and ``layers``: a tuple of ``L`` dicts with ``attn_norm``,
+    ``qkv`` (kernel ``[D, (H + 2 Hkv) Dh]``), ``o``, ``q_norm``/``k_norm`` (Qwen3), ``mlp_norm``,
+    ``up`` (SwiGLU: gate and up kernels concatenated, ``[D, 2F]``) and ``down``.
     """
     cfg = module.config
     if not module.has_lm_head:
@@ -565,12 +561,6 @@ def step_weights(module: Transformer) -> dict:
         out["pos_embed"] = module.pos_embed.embedding[...]
     if not cfg.tie_word_embeddings:
         out["lm_head"] = module.lm_head.kernel[...]
-    elif module.embed.embedding[...].nbytes <= _HEAD_COPY_MAX_BYTES:
-        # Tied head: a [D, V] copy of a cache-sized embedding makes the per-step [B, D] x [D, V]
-        # matmul ~1.5x faster on CPU (tiny GPT-2: 0.79 vs 1.24 ms); a large one streams from
-        # memory at the same speed in either layout, so it is not copied (no second copy of a
-        # big embedding either).
-        out["lm_head"] = module.embed.embedding[...].T
     return out
 
 
@@ -683,7 +673,7 @@ def decode_step(
 
 def step_logits(config: ModelConfig, weights: dict, hidden: jax.Array) -> jax.Array:
     """``[..., D] -> [..., V]`` float32 logits from :func:`step_weights` (as ``lm_logits``)."""
-    if "lm_head" not in weights:  # tied, not copied: the embedding itself, [V, D]
+    if config.tie_word_embeddings:
         w = weights["embed"].astype(hidden.dtype)
         return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
     w = weights["lm_head"].astype(hidden.dtype)
