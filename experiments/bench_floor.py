@@ -25,28 +25,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import timeit
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The two rollout benchmark sizes (bench_rollout.SIZES) and its prompt / new-token lengths.
-SIZES = {
-    "tiny": dict(layers=4, d=256, vocab=8192, batch=16),
-    "small": dict(layers=12, d=768, vocab=50257, batch=8),
-}
-PROMPT, NEW = 32, 64
-
 
 def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def peak_gflops(repeats: int) -> dict[str, float]:
@@ -62,24 +51,22 @@ def peak_gflops(repeats: int) -> dict[str, float]:
     }
 
 
-def decode_shapes(size: str) -> list[tuple[int, int]]:
-    """``(K, N)`` of each weight one decode step multiplies, in order (GPT-2: F = 4 D)."""
-    s = SIZES[size]
-    d = s["d"]
+def decode_shapes(spec: dict) -> list[tuple[int, int]]:
+    """``(K, N)`` of each weight one decode step of the GPT-2 ``spec`` (a ``bench_rollout.SIZES``
+    entry) multiplies, in order (F = 4 D)."""
+    d = spec["n_embd"]
     layer = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
-    return layer * s["layers"] + [(d, s["vocab"])]
+    return layer * spec["n_layer"] + [(d, spec["vocab_size"])]
 
 
-def decode_matmul_seconds(size: str, steps: int, repeats: int) -> dict[str, float]:
+def decode_matmul_seconds(spec: dict, steps: int, repeats: int) -> dict[str, float]:
     """Seconds per decode step of the matmuls alone, per library (weights distinct per layer)."""
     import torch
 
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
-    shapes = decode_shapes(size)
-    b = SIZES[size]["batch"]
-    weights = [rng.standard_normal(kn, np.float32) * 0.02 for kn in shapes]
-    x0 = rng.standard_normal((b, SIZES[size]["d"]), np.float32)
+    weights = [rng.standard_normal(kn, np.float32) * 0.02 for kn in decode_shapes(spec)]
+    x0 = rng.standard_normal((spec["batch"], spec["n_embd"]), np.float32)
 
     # Each matmul's input is the previous output cut or tiled to its K, so that nothing can run
     # ahead; the cut / tile is a few microseconds against a matmul's tens or thousands.
@@ -133,15 +120,20 @@ def decode_matmul_seconds(size: str, steps: int, repeats: int) -> dict[str, floa
     }
 
 
-def rollout_floor_ms(size: str, step_seconds: float, peak_gflops: float, new: int = NEW) -> float:
-    """``new`` decode steps of ``step_seconds`` plus the prompt's prefill at the peak rate."""
-    s = SIZES[size]
-    params = sum(k * n for k, n in decode_shapes(size))
-    prefill = 2 * s["batch"] * PROMPT * params / 1e9 / peak_gflops
+def rollout_floor_ms(
+    spec: dict, step_seconds: float, peak_gflops: float, prompt: int, new: int
+) -> float:
+    """``new`` decode steps of ``step_seconds`` plus the prefill of ``prompt`` tokens per row at
+    the peak rate."""
+    params = sum(k * n for k, n in decode_shapes(spec))
+    prefill = 2 * spec["batch"] * prompt * params / 1e9 / peak_gflops
     return (step_seconds * new + prefill) * 1e3
 
 
 def main(argv=None) -> None:
+    from bench_rollout import SIZES, Args
+
+    prompt, new = Args.prompt_len, Args.new_tokens
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure (median)")
@@ -179,13 +171,12 @@ def main(argv=None) -> None:
     )
     for size in args.sizes:
         s = SIZES[size]
-        per_step = decode_matmul_seconds(size, steps=16, repeats=args.repeats)
+        per_step = decode_matmul_seconds(s, steps=16, repeats=args.repeats)
         best = min(per_step.values())
-        shapes = decode_shapes(size)
-        params = sum(k * n for k, n in shapes)
+        params = sum(k * n for k, n in decode_shapes(s))
         mb = 4 * params / 1e6
         gflop_step = 2 * s["batch"] * params / 1e9
-        floor_ms = rollout_floor_ms(size, best, best_peak)
+        floor_ms = rollout_floor_ms(s, best, best_peak, prompt, new)
         ratio = f"{hf_ms[size] / floor_ms:.2f}x" if size in hf_ms else "-"
         print(
             f"{size:6s} {s['batch']:5d} {mb:10.1f} {per_step['jax'] * 1e3:8.3f} "

@@ -231,6 +231,7 @@ def main(args: Args) -> None:
         raise SystemExit("benchmarks must not run with jax_disable_most_optimizations")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {args}")
     speedups = {}
+    peak = max(bench_floor.peak_gflops(args.runs).values()) if args.floor else None
     for size in args.sizes:
         b = SIZES[size]["batch"]
         rng = np.random.default_rng(args.seed)
@@ -244,11 +245,11 @@ def main(args: Args) -> None:
             if args.profile:
                 profile_rollout(path, prompts, args)
         floor_ms = None
-        if args.floor and args.prompt_len == bench_floor.PROMPT:
-            per_step = bench_floor.decode_matmul_seconds(size, steps=16, repeats=args.runs)
-            peak = max(bench_floor.peak_gflops(args.runs).values())
+        if args.floor:
+            spec = SIZES[size]
+            per_step = bench_floor.decode_matmul_seconds(spec, steps=16, repeats=args.runs)
             floor_ms = bench_floor.rollout_floor_ms(
-                size, min(per_step.values()), peak, args.new_tokens
+                spec, min(per_step.values()), peak, args.prompt_len, args.new_tokens
             )
         speedups[size] = hf_sec / jax_sec
         print(
