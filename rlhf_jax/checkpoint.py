@@ -50,6 +50,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.errors import UserError
+
 __all__ = ["Checkpointer", "CheckpointError", "abstract_like", "to_jsonable"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ _STATE = "state"
 _META = "meta"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message says which and what to do."""
 
 

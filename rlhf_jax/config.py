@@ -41,6 +41,7 @@ from rlhf_jax.algorithms.ppo import PPOConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.errors import UsageError
 from rlhf_jax.parallel import ParallelConfig
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file, override or value is wrong; the message says where and what to change."""
 
 

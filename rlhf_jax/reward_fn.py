@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "RewardFunctionError",
     "RewardFunction",
@@ -58,7 +60,7 @@ __all__ = [
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError, ValueError):
     """A reward-function spec cannot be loaded, or the function returned unusable scores."""
 
 

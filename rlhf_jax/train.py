@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.optim import OptimConfig, current_learning_rate, make_optimizer
 
 __all__ = [
@@ -108,7 +109,7 @@ class TrainState:
         return cls(params=params, opt_state=make_optimizer(optim).init(params), step=jnp.int32(0))
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A step produced a non-finite loss or metric and the loop was told to stop.
 
     ``state`` is the state after that step, whose parameters are those of the step before

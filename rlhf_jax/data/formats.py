@@ -56,6 +56,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "KINDS",
     "DataConfig",
@@ -75,7 +77,7 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "
 _MAX_ERRORS_KEPT = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem located by ``source``, ``row`` (1-based, or None), ``field`` (or None)."""
 
     def __init__(
