@@ -8,7 +8,7 @@ the docstring (token metrics divide by ``metrics['token_count']``, per-example m
 
 Indexing: ``logprobs[b, t] = log pi(a_t | s_t)`` of the t-th response token, ``mask[b, t]`` 1 on
 the tokens that count. Equations and the source of each convention are in the docstrings and in
-``shared/reference/rlhf-formulas.md`` (§4 PPO, §5 reward models, §6 DPO, §7 GRPO/RLOO, §8 Safe
+``docs/formulas.md`` (§4 PPO, §5 reward models, §6 DPO, §7 GRPO/RLOO, §8 Safe
 RLHF). Inputs of any float dtype are computed in float32 (float64 under x64). Every function is
 jittable, vmappable and differentiable; hyperparameters (clip ranges, beta, coefficients) may be
 traced scalars, options and loss types are static.
@@ -54,7 +54,7 @@ def aggregate(
 ) -> tuple[jax.Array, jax.Array]:
     """``(sum, count)`` of a per-token loss under an aggregation mode; the loss is sum / count.
 
-    With ``l`` [B, T] and ``m`` [B, T] (rlhf-formulas.md §4, §7, §9.5):
+    With ``l`` [B, T] and ``m`` [B, T] (docs/formulas.md §4, §7, §9.5):
 
     * ``'token_mean'`` / ``'dapo'``: ``(sum l m, sum m)``, the global masked token mean (LMHP
       with an all-ones mask, TRL-legacy, TRL-PPO, DSCHAT; TRL GRPO ``dapo`` normalises by the
@@ -167,7 +167,7 @@ def ppo_policy_loss(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Clipped surrogate policy loss (Schulman et al. 2017), per convention.
 
-    With the ratio ``rho_t = exp(logprobs_t - old_logprobs_t)`` (rlhf-formulas.md §4):
+    With the ratio ``rho_t = exp(logprobs_t - old_logprobs_t)`` (docs/formulas.md §4):
 
         l_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_lo, 1 + eps_hi))
 
@@ -213,7 +213,7 @@ def value_loss(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Critic loss ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``.
 
-    Every PPO source clips (c = 0.2; SAFE c = 5) and halves (rlhf-formulas.md §4, §9.4).
+    Every PPO source clips (c = 0.2; SAFE c = 5) and halves (docs/formulas.md §4, §9.4).
     ``options.clip_value=False`` gives the unclipped ``0.5 (V - R)^2``. Aggregated with
     ``options.loss_aggregation`` over ``mask``, which should be
     :func:`rlhf_jax.rewards.value_mask` (it includes the post-stop slot under ``'after_stop'``,
@@ -399,7 +399,7 @@ def dpo_loss(
     """The DPO loss family (Rafailov et al. 2023), as TRL 1.16.0 ``DPOTrainer`` computes it.
 
     With sequence log-probs (:func:`sequence_logps`) and
-    ``Delta = (pi_c - ref_c) - (pi_r - ref_r)`` (rlhf-formulas.md §6):
+    ``Delta = (pi_c - ref_c) - (pi_r - ref_r)`` (docs/formulas.md §6):
 
     * ``'sigmoid'``: ``-log sigmoid(beta Delta)`` (TRL default);
     * ``'hinge'``: ``relu(1 - beta Delta)`` (SLiC, Zhao et al. 2023);
@@ -485,7 +485,7 @@ def grpo_loss(
               + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)  -  entropy_coef * H_t
 
     The KL term is the k3 estimator *in the loss* (not in the reward), >= 0 per token
-    (rlhf-formulas.md §7). Ratio level, dual clip and aggregation (``'dapo'`` = ``'token_mean'``
+    (docs/formulas.md §7). Ratio level, dual clip and aggregation (``'dapo'`` = ``'token_mean'``
     is TRL's default; ``'grpo'``, ``'bnpo'``, ``'dr_grpo'``) come from ``options``. With one
     iteration per generation, ``old_logprobs`` is ``stop_gradient(logprobs)`` and rho = 1.
 
@@ -518,7 +518,7 @@ def cost_model_loss(
     """Safe RLHF cost-model loss (``values/cost/trainer.py:CostTrainer.loss``, sequence-wise).
 
     With ``s`` = +1 for a safe and -1 for an unsafe response and the cost sign ``-s``
-    (rlhf-formulas.md §8):
+    (docs/formulas.md §8):
 
         l_i = -log sig(c_unsafer - c_safer) - log sig(-s_safer c_safer)
               - log sig(-s_unsafer c_unsafer) + reg_coef * (c_safer^2 + c_unsafer^2) / 2

@@ -1,7 +1,7 @@
 """Convention options of the RLHF math, and one named preset per public implementation.
 
 Public RLHF implementations agree on the outline of PPO for language models and disagree on a
-dozen details (``shared/reference/rlhf-formulas.md`` §9). :class:`Conventions` names every one of
+dozen details (``docs/formulas.md`` §9). :class:`Conventions` names every one of
 those details as a field; the functions of :mod:`rlhf_jax.rewards`, :mod:`rlhf_jax.returns` and
 :mod:`rlhf_jax.losses` take it as their keyword ``options`` and read the fields they need, so a
 trainer passes one bundle straight through. A :class:`Conventions` is frozen and hashable: it is
@@ -71,7 +71,7 @@ def _positive_or_none(name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Conventions:
-    """Every convention on which the public implementations disagree (rlhf-formulas.md §9).
+    """Every convention on which the public implementations disagree (docs/formulas.md §9).
 
     Reward shaping (:func:`rlhf_jax.rewards.shape_rewards`), §1 and §9.1-9.3, 9.7:
 
@@ -173,7 +173,7 @@ DEFAULT = Conventions()
 
 @dataclasses.dataclass(frozen=True)
 class SourceDefaults:
-    """The source's default hyperparameters (rlhf-formulas.md §2-§4, §8), for reference runs."""
+    """The source's default hyperparameters (docs/formulas.md §2-§4, §8), for reference runs."""
 
     kl_coef: float
     kl_controller: str = "fixed"  # 'fixed' | 'adaptive' (Ziegler et al.)

@@ -1,6 +1,6 @@
 """Returns and advantages: GAE over masked responses, whitening, group baselines (GRPO, RLOO).
 
-Indexing (rlhf-formulas.md §3): ``rewards[b, t]`` is the reward after the t-th response token,
+Indexing (docs/formulas.md §3): ``rewards[b, t]`` is the reward after the t-th response token,
 ``values[b, t]`` the critic's value of the state *before* it (``rlhf_jax.models.values``), so
 ``V_T := 0`` (no bootstrap past the last column, as in every source) and
 
@@ -212,7 +212,7 @@ def group_advantages(
 ) -> jax.Array:
     """Critic-free advantages from G samples per prompt (contiguous rows, TRL ``view(-1, G)``).
 
-    * ``method='grpo'`` (Shao et al. 2024; TRL ``grpo_trainer.py``, rlhf-formulas.md §7):
+    * ``method='grpo'`` (Shao et al. 2024; TRL ``grpo_trainer.py``, docs/formulas.md §7):
       ``A_i = (r_i - mean_g(r)) / (std + eps)``, with ``scale`` choosing the std:
       ``'group'`` unbiased std within the group (TRL default), ``'batch'`` unbiased std over all
       rows, ``'none'`` no division (Dr. GRPO).  TRL's eps is 1e-4.

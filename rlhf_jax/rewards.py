@@ -2,7 +2,7 @@
 
 The *feedback* phase of RLHF turns a sequence-level score ``s`` (from a reward model or a rule)
 and the log-probs of the sampled tokens under the policy and the frozen reference into a reward
-per response token (``shared/reference/rlhf-formulas.md`` §1):
+per response token (``docs/formulas.md`` §1):
 
     r_t = -beta * KL_t * [KL charged at t] + s * [t = t*]
 
@@ -61,7 +61,7 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator: str = "k1") -> 
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
 
     With ``d_t = logprobs - ref_logprobs`` and ``r_t = pi_ref / pi = exp(-d_t)`` (Schulman,
-    "Approximating KL divergence", 2020; rlhf-formulas.md §1):
+    "Approximating KL divergence", 2020; docs/formulas.md §1):
 
     * ``'k1'``:  d_t                         unbiased, can be negative per token (LMHP, DSCHAT,
       SAFE, TRL-PPO default, TRL RLOO summed per sequence)
@@ -110,7 +110,7 @@ def last_token_index(mask) -> jax.Array:
 
 
 def score_slot(mask, *, options: Conventions = DEFAULT) -> jax.Array:
-    """[B, T] float32 one-hot of the slot t* that receives the score (rlhf-formulas.md §1, §9.1).
+    """[B, T] float32 one-hot of the slot t* that receives the score (docs/formulas.md §1, §9.1).
 
     With ``L`` = :func:`last_token_index` (the last real token):
 
@@ -184,7 +184,7 @@ def shape_rewards(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token rewards ``r_t = -beta * KL_t + s' * [t = t*]``, clipped per the conventions.
 
-    The steps, in the order the sources apply them (rlhf-formulas.md §1, §9.1-9.3, 9.7):
+    The steps, in the order the sources apply them (docs/formulas.md §1, §9.1-9.3, 9.7):
 
     1. ``KL_t = kl_estimate(logprobs, ref_logprobs)`` (``options.kl_estimator``), charged where
        ``mask`` is 1 (``kl_on='real'``: TRL, SAFE) or on every slot (``'all'``: LMHP, DSCHAT);
@@ -252,7 +252,7 @@ def shape_costs(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token costs for Safe RLHF's cost critic: ``c_t = +beta * KL_t + c * [t = t*]``.
 
-    SAFE ``ppo_lag/trainer.py:add_kl_divergence_regularization`` (l.258-287; rlhf-formulas.md
+    SAFE ``ppo_lag/trainer.py:add_kl_divergence_regularization`` (l.258-287; docs/formulas.md
     §1, §8) adds the KL penalty to the cost with the opposite sign of the reward's, at the same
     slot, with the same ±``reward_clip`` clamp. This is ``-shape_rewards(-costs, ...)``; the
     missing-stop penalty is not applied to costs.
@@ -327,7 +327,7 @@ def adaptive_kl_update(
     """Ziegler et al. (2019) proportional KL controller, one update per rollout batch.
 
     LMHP ``train_policy.py:AdaptiveKLController.update`` and TRL-legacy
-    ``trainer/utils.py:AdaptiveKLController.update`` (identical; rlhf-formulas.md §2):
+    ``trainer/utils.py:AdaptiveKLController.update`` (identical; docs/formulas.md §2):
 
         e = clip(KL_cur / KL_target - 1, -0.2, 0.2)
         beta <- beta * (1 + e * n_steps / horizon)
@@ -355,7 +355,7 @@ def adaptive_kl_update(
 def sequence_kl_reward(scores, logprobs, ref_logprobs, mask, kl_coef) -> jax.Array:
     """Sequence-level reward with the KL folded in: ``s - beta * sum_t m_t (logp_t - ref_t)``.
 
-    TRL ``rloo_trainer.py`` (1.16.0 l.1669-1673; rlhf-formulas.md §7): the k1 estimate summed
+    TRL ``rloo_trainer.py`` (1.16.0 l.1669-1673; docs/formulas.md §7): the k1 estimate summed
     over the response and subtracted from the scalar reward, before the leave-one-out baseline.
 
     Args:

@@ -33,7 +33,7 @@ Randomness is positional: sample ``i`` of global prompt ``g`` uses the key
 one uniform draw picks the token by inverting the CDF. A response therefore does not depend on the
 batch size, the batch order, or the number of devices (up to float rounding of the logits).
 
-Truncation (``shared/reference/rlhf-formulas.md`` §1, 6): a response with no stop token within
+Truncation (``docs/formulas.md`` §1, 6): a response with no stop token within
 ``max_new_tokens`` has ``truncated = True``; its mask covers all ``max_new_tokens`` tokens. Reward
 shaping decides what to do with it (LMHP's ``penalty_reward_value``, TRL's ``missing_eos_penalty``,
 GRPO's ``mask_truncated_completions``).

@@ -1,7 +1,7 @@
 """Plain-numpy float64 loop references for the RLHF math, written from the formulas.
 
 Each function is a direct, element-by-element transcription of an equation in
-``shared/reference/rlhf-formulas.md`` (or of the docstring of the function it checks), with
+``docs/formulas.md`` (or of the docstring of the function it checks), with
 explicit Python loops over the batch and time, so it shares no code path with the vectorised JAX
 implementation in ``rlhf_jax``. Nothing here imports ``rlhf_jax``.
 """

@@ -83,7 +83,7 @@ def test_first_update_is_the_gradient_of_the_documented_loss(sft, reward_model, 
     def check(state, frozen, tokens, mask):
         sampled = ppo.generate(cfg, static, state, tokens, mask)
         exp = ppo.score(cfg, static, state, frozen, tokens, mask, sampled)
-        # The loss written out (rlhf-formulas.md §3-4; the default preset: token means over the
+        # The loss written out (docs/formulas.md §3-4; the default preset: token means over the
         # response mask, value loss halved): at the first step ratio = 1 and values = old values,
         # so neither clip is active and the clipped losses have the unclipped ones' gradients.
         m = exp.response_mask.astype(jnp.float32)

@@ -3,7 +3,7 @@
 For every source, ``_source_*`` below is an independent numpy float64 transcription of what the
 source computes for one PPO batch, written in the source's own layout and indexing (token ids with
 padding after the stop token, the sources' masks, slices and in-place edits), from
-``shared/reference/rlhf-formulas.md`` §1-§4 and §8:
+``docs/formulas.md`` §1-§4 and §8:
 
 * LMHP ``train_policy.py``: ``compute_rewards``, ``PPOTrainer.loss``, ``utils/core.py:whiten``;
 * TRL-PPO ``trl/experimental/ppo/ppo_trainer.py:train`` (``first_true_indices``,
@@ -121,7 +121,7 @@ def _rlhf_jax(conv: Conventions, hp: HP, x):
 
 
 def _gae_loop(rewards_, values, gamma, lam, start=0):
-    """The GAE loop every source writes (rlhf-formulas.md §3)."""
+    """The GAE loop every source writes (docs/formulas.md §3)."""
     length = rewards_.shape[1]
     lastgaelam = 0.0
     rev = []
@@ -280,7 +280,7 @@ def _source_trl_ppo(x, hp: HP, kl_estimator="k1", missing_eos_penalty=None, whit
     pg_losses2 = -advantages * np.clip(ratio, 1.0 - hp.clip_eps, 1.0 + hp.clip_eps)
     pg_loss = _masked_mean(np.maximum(pg_losses, pg_losses2), ~padding_mask)
     pg_clipfrac = _masked_mean((pg_losses2 > pg_losses).astype(float), ~padding_mask)
-    approxkl = 0.5 * np.mean(np.square(logprobs_diff))  # unmasked (rlhf-formulas.md §9.10)
+    approxkl = 0.5 * np.mean(np.square(logprobs_diff))  # unmasked (docs/formulas.md §9.10)
     return dict(
         rewards=rewards_, advantages=advantages, returns=returns_, pg_loss=pg_loss,
         vf_loss=vf_loss, clip_frac=pg_clipfrac, vf_clip_frac=vf_clipfrac, approxkl=approxkl,

@@ -52,7 +52,7 @@ def test_gae_lambda_gamma_one_is_reward_to_go_minus_value():
 
 
 def test_score_slot_matters_only_when_lambda_below_one():
-    """Score on the stop token vs one slot after it (rlhf-formulas.md §1): the same advantages on
+    """Score on the stop token vs one slot after it (docs/formulas.md §1): the same advantages on
     real tokens when gamma = lam = 1, different ones when lam < 1."""
     rng = np.random.default_rng(3)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int32)

@@ -18,7 +18,7 @@ The loop the seed documents call *sample -> feedback -> learn* (Ziegler et al. 2
 ``N = B * n`` (``n = PPOConfig.num_samples`` responses per prompt, contiguous), ``P`` the static
 prompt length (left-padded), ``R = PPOConfig.response_length`` (right-padded, 1 on real tokens
 through the stop token). The formulas and the conventions each source uses are in
-``shared/reference/rlhf-formulas.md``; the convention options come from :mod:`rlhf_jax.presets`
+``docs/formulas.md``; the convention options come from :mod:`rlhf_jax.presets`
 (``PPOConfig.preset``), and the math lives in :mod:`rlhf_jax.rewards`, :mod:`rlhf_jax.returns` and
 :mod:`rlhf_jax.losses` — this module only composes them.
 
@@ -466,7 +466,7 @@ def score(
 ) -> Experience:
     """Phase 2, feedback: reference log-probs, values, scores, shaped rewards and GAE.
 
-    Per-token reward (``shared/reference/rlhf-formulas.md`` §1):
+    Per-token reward (``docs/formulas.md`` §1):
     ``r_t = -beta * KL_t + score * [t = t*]``, the estimator, the slot ``t*`` and the masking by
     the preset (:func:`rlhf_jax.rewards.shape_rewards`); then :func:`rlhf_jax.returns.gae` with
     the state's gamma and lambda, and advantage whitening when the preset says so.

@@ -3,7 +3,7 @@
 The trunk starts from the SFT model (InstructGPT, lm-human-preferences, TRL, DeepSpeed-Chat all
 initialise the reward model from the supervised policy) and a fresh scalar head reads the score at
 one position of prompt + response (:func:`rlhf_jax.models.scores`, ``read="last_nonpad"`` by
-default; ``"last"`` is lm-human-preferences' fixed last position, see ``rlhf-formulas.md`` §5).
+default; ``"last"`` is lm-human-preferences' fixed last position, see ``docs/formulas.md`` §5).
 
 Three losses, all from :mod:`rlhf_jax.losses` (this module does not re-derive them):
 

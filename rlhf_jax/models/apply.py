@@ -156,7 +156,7 @@ def read_index(attention_mask: jax.Array, read: str = "last_nonpad") -> jax.Arra
     ``last_nonpad``: the last position with ``mask == 1`` (Safe RLHF ``end_index``, TRL
     ``get_reward`` with ``first_true_indices(pad) - 1``; a row with no real token reads 0).
     ``last``: ``T - 1`` whatever the mask (lm-human-preferences reads the last token of the
-    fixed-length query+response). See rlhf-formulas.md §5.
+    fixed-length query+response). See docs/formulas.md §5.
     """
     if read not in READ_MODES:
         raise ValueError(f"read={read!r}: use one of {READ_MODES}")
