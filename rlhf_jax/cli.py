@@ -29,6 +29,7 @@ import numpy as np
 import tyro
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import pipeline
 
 __all__ = [
     "main",
@@ -125,7 +126,7 @@ def _print_help_keys(sub: str) -> None:
 
         cfg = QuickstartConfig()
     else:
-        cfg = config_lib.ExperimentConfig()
+        cfg = pipeline.ExperimentConfig()
     print()
     print(_EPILOG)
     print(config_lib.describe(cfg))
@@ -407,7 +408,7 @@ def _mesh(cfg, devices):
     return parallel.make_mesh(cfg.parallel.mesh, devices)
 
 
-def run_sft(cfg: config_lib.ExperimentConfig, *, devices=None):
+def run_sft(cfg: pipeline.ExperimentConfig, *, devices=None):
     """Stage 1 on a Hugging Face checkpoint; returns the trained model record (None if preempted).
 
     Writes ``<run.dir>/sft/``: ``metrics.jsonl``, TensorBoard events, ``checkpoints/``, ``final/``
@@ -481,7 +482,7 @@ def _sample_for_normalization(model, tokenizer, dataset, n: int, max_new_tokens:
     }
 
 
-def run_rm(cfg: config_lib.ExperimentConfig, *, devices=None):
+def run_rm(cfg: pipeline.ExperimentConfig, *, devices=None):
     """Stage 2: a reward model from this run's SFT result (or ``rm.model``); returns its record.
 
     Writes ``<run.dir>/rm/``: logs, ``checkpoints/`` and ``final/`` (the normalised result). Runs
@@ -555,7 +556,7 @@ def _policy_params(params):
     return params
 
 
-def run_ppo(cfg: config_lib.ExperimentConfig, *, devices=None):
+def run_ppo(cfg: pipeline.ExperimentConfig, *, devices=None):
     """Stage 3: PPO from this run's SFT result against its reward model; returns the policy.
 
     Writes ``<run.dir>/ppo/``: logs, ``checkpoints/`` and ``final/`` (the policy, LM head only).
@@ -651,7 +652,7 @@ def export(
     return written
 
 
-def dry_run(stage: str, cfg: config_lib.ExperimentConfig) -> str:
+def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
     """Compile the stage's train step from abstract shapes on ``cfg.parallel`` and report memory.
 
     Uses :func:`rlhf_jax.parallel.dry_run` (an SFT-style token-loss step of the stage's model,

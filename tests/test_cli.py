@@ -10,6 +10,7 @@ import pytest
 from rlhf_jax import config as C
 from rlhf_jax.cli import main
 from rlhf_jax.logging import RunLogger, read_metrics
+from rlhf_jax.pipeline import ExperimentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def test_training_help_lists_every_config_key(capsys, sub):
     assert main([sub, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config" in out and "--print-config" in out
-    cfg = QuickstartConfig() if sub == "quickstart" else C.ExperimentConfig()
+    cfg = QuickstartConfig() if sub == "quickstart" else ExperimentConfig()
     for key, *_ in C._flat(cfg):
         assert f"  {key} " in out, key
 

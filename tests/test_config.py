@@ -8,6 +8,7 @@ import pytest
 
 from rlhf_jax import config as C
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.pipeline import ExperimentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.yaml")))
@@ -31,7 +32,7 @@ def test_layers_defaults_yaml_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run:\n  seed: 5\n  dir: runs/x\nparallel:\n  mesh:\n    data: 2\n")
     cfg = C.load_config(f, ["run.seed=7", "parallel.preset=fsdp", "run.wandb_project=null"])
-    assert isinstance(cfg, C.ExperimentConfig)
+    assert isinstance(cfg, ExperimentConfig)
     assert cfg.run.seed == 7 and cfg.run.dir == "runs/x" and cfg.parallel.mesh.data == 2
     assert cfg.parallel.preset == "fsdp" and cfg.run.wandb_project is None
     assert cfg.run.tensorboard is True  # untouched default
@@ -77,7 +78,7 @@ def test_presets_load(path):
         assert cfg.run_dir == "runs/toy"
     else:
         cfg = C.load_config(path)
-        assert isinstance(cfg, C.ExperimentConfig)
+        assert isinstance(cfg, ExperimentConfig)
         assert cfg.sft.model and cfg.rm.train_file and cfg.ppo.prompts_file
     assert C.from_dict(type(cfg), C.to_dict(cfg)) == cfg
 
@@ -163,7 +164,7 @@ def test_bad_files(tmp_path):
     f = _bad_yaml(tmp_path, None, raw=b"run:\n  dir: \xff\xfe\n")
     with pytest.raises(C.ConfigError, match="not UTF-8"):
         C.load_config(f)
-    assert C.load_config(_bad_yaml(tmp_path, "", name="empty.yaml")) == C.ExperimentConfig()
+    assert C.load_config(_bad_yaml(tmp_path, "", name="empty.yaml")) == ExperimentConfig()
 
 
 def test_local_bad_types():
