@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.masks import as_float, as_scalar
 from rlhf_jax.presets import AGGREGATIONS, DEFAULT, Conventions
-from rlhf_jax.rewards import _float, _scalar
 
 __all__ = [
     "aggregate",
@@ -79,7 +79,7 @@ def aggregate(
         raise ValueError(f"aggregation mode {mode!r}: choose one of {AGGREGATIONS}")
     chex.assert_rank(per_token, 2)
     chex.assert_equal_shape([per_token, mask])
-    x = _float(per_token)
+    x = as_float(per_token)
     m = _mask(mask, x)
     masked = jnp.where(m > 0, x, 0.0)  # not x * m: a NaN/inf on a masked slot must not leak
     if mode in ("token_mean", "dapo"):
@@ -108,15 +108,15 @@ def _policy_terms(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_h
     """Per-token clipped surrogate and its metrics (shared by PPO and GRPO)."""
     chex.assert_rank(logprobs, 2)
     chex.assert_equal_shape([logprobs, old_logprobs, mask])
-    lp, old = _float(logprobs), _float(old_logprobs)
+    lp, old = as_float(logprobs), as_float(old_logprobs)
     m = _mask(mask, lp)
-    adv = _float(advantages)
+    adv = as_float(advantages)
     if adv.ndim == 1:
         chex.assert_equal_shape_prefix([adv, lp], 1)
         adv = jnp.broadcast_to(adv[:, None], lp.shape)
     chex.assert_equal_shape([adv, lp])
-    eps_lo = _scalar("clip_eps", clip_eps)
-    eps_hi = eps_lo if clip_eps_high is None else _scalar("clip_eps_high", clip_eps_high)
+    eps_lo = as_scalar("clip_eps", clip_eps)
+    eps_hi = eps_lo if clip_eps_high is None else as_scalar("clip_eps_high", clip_eps_high)
     ratio = jnp.exp(_log_ratio(lp, old, m, options.ratio_level))
     clipped = jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi)
     pg1 = -adv * ratio
@@ -148,9 +148,9 @@ def _entropy_bonus(loss, m, metrics, entropies, entropy_coef, logprobs):
     if entropies is None:
         return loss
     chex.assert_equal_shape([entropies, logprobs])
-    ent = jnp.where(m > 0, _float(entropies), 0.0)
+    ent = jnp.where(m > 0, as_float(entropies), 0.0)
     metrics["entropy"] = jnp.sum(ent)
-    return loss - _scalar("entropy_coef", entropy_coef) * ent
+    return loss - as_scalar("entropy_coef", entropy_coef) * ent
 
 
 def ppo_policy_loss(
@@ -185,7 +185,7 @@ def ppo_policy_loss(
       logprobs: [B, T] log-probs under the current policy (differentiated).
       old_logprobs: [B, T] log-probs at rollout time (constants).
       advantages: [B, T], or [B] per-sequence (GRPO, RLOO), broadcast over tokens.
-      mask: [B, T] 0/1 policy mask (:func:`rlhf_jax.rewards.policy_mask`).
+      mask: [B, T] 0/1 policy mask (:func:`rlhf_jax.masks.policy_mask`).
       clip_eps: scalar eps (eps_lo). clip_eps_high: optional scalar eps_hi.
       entropies: optional [B, T] per-token entropies (:func:`entropy`), logged as ``entropy``;
         with ``entropy_coef`` != 0 also a bonus ``l_t -= entropy_coef * H_t`` (no PPO source
@@ -216,7 +216,7 @@ def value_loss(
     Every PPO source clips (c = 0.2; SAFE c = 5) and halves (docs/formulas.md §4, §9.4).
     ``options.clip_value=False`` gives the unclipped ``0.5 (V - R)^2``. Aggregated with
     ``options.loss_aggregation`` over ``mask``, which should be
-    :func:`rlhf_jax.rewards.value_mask` (it includes the post-stop slot under ``'after_stop'``,
+    :func:`rlhf_jax.masks.value_mask` (it includes the post-stop slot under ``'after_stop'``,
     TRL-PPO ``~padding_mask_p1``).
 
     Args:
@@ -232,11 +232,11 @@ def value_loss(
     """
     chex.assert_rank(values, 2)
     chex.assert_equal_shape([values, old_values, returns, mask])
-    v, old, ret = _float(values), _float(old_values), _float(returns)
+    v, old, ret = as_float(values), as_float(old_values), as_float(returns)
     m = _mask(mask, v)
     vf1 = jnp.square(v - ret)
     if options.clip_value:
-        c = _scalar("value_clip", value_clip)
+        c = as_scalar("value_clip", value_clip)
         vf2 = jnp.square(jnp.clip(v, old - c, old + c) - ret)
         per_token = 0.5 * jnp.maximum(vf1, vf2)
         clip_frac = jnp.sum((vf2 > vf1) * m)
@@ -268,7 +268,7 @@ def entropy(logits, mask=None) -> jax.Array:
       in the PPO loss, TRL GRPO's ``entropy_coef`` is in :func:`grpo_loss`).
     """
     chex.assert_rank(logits, 3)
-    z = _float(logits)
+    z = as_float(logits)
     p = jax.nn.softmax(z, axis=-1)
     ent = jax.nn.logsumexp(z, axis=-1) - jnp.sum(p * z, axis=-1)
     if mask is not None:
@@ -298,10 +298,10 @@ def pairwise_rm_loss(
     """
     chex.assert_rank(chosen, 1)
     chex.assert_equal_shape([chosen, rejected])
-    rc, rr = _float(chosen), _float(rejected)
+    rc, rr = as_float(chosen), as_float(rejected)
     diff = rc - rr
-    logits = diff if margin is None else diff - _float(margin)
-    per_pair = -jax.nn.log_sigmoid(logits) + _scalar("center_coef", center_coef) * jnp.square(
+    logits = diff if margin is None else diff - as_float(margin)
+    per_pair = -jax.nn.log_sigmoid(logits) + as_scalar("center_coef", center_coef) * jnp.square(
         rc + rr
     )
     n = jnp.asarray(rc.shape[0], rc.dtype)
@@ -346,7 +346,7 @@ def ranking_rm_loss(
     if mode not in RANKING_MODES:
         raise ValueError(f"ranking mode {mode!r}: choose one of {RANKING_MODES}")
     chex.assert_rank(rewards, 2)
-    r = _float(rewards)
+    r = as_float(rewards)
     n, k = r.shape
     valid = jnp.ones_like(r) if mask is None else _mask(mask, r)
     if mask is not None:
@@ -367,7 +367,7 @@ def ranking_rm_loss(
     i, j = jnp.triu_indices(k, k=1)  # all C(K, 2) pairs, i better than j
     ri, rj = r[:, i], r[:, j]  # [N, P]
     pair_ok = valid[:, i] * valid[:, j]
-    l2 = _scalar("l2_coef", l2_coef) * 0.5 * (jnp.square(ri) + jnp.square(rj))
+    l2 = as_scalar("l2_coef", l2_coef) * 0.5 * (jnp.square(ri) + jnp.square(rj))
     per_pair = -jax.nn.log_sigmoid(ri - rj) + l2
     num = jnp.sum(pair_ok, axis=1)
     has = (num > 0).astype(r.dtype)
@@ -381,7 +381,7 @@ def sequence_logps(token_logps, mask) -> jax.Array:
     """[N] ``sum_t m_t logp_t``: the log-probability of each completion (TRL ``_compute_loss``)."""
     chex.assert_rank(token_logps, 2)
     chex.assert_equal_shape([token_logps, mask])
-    return jnp.sum(jnp.where(jnp.asarray(mask) != 0, _float(token_logps), 0.0), axis=1)
+    return jnp.sum(jnp.where(jnp.asarray(mask) != 0, as_float(token_logps), 0.0), axis=1)
 
 
 def dpo_loss(
@@ -428,9 +428,9 @@ def dpo_loss(
         raise ValueError(f"loss_type={loss_type!r}: choose one of {DPO_LOSS_TYPES}")
     chex.assert_rank(policy_chosen, 1)
     chex.assert_equal_shape([policy_chosen, policy_rejected, ref_chosen, ref_rejected])
-    b = _scalar("beta", beta)
-    d_c = _float(policy_chosen) - _float(ref_chosen)
-    d_r = _float(policy_rejected) - _float(ref_rejected)
+    b = as_scalar("beta", beta)
+    d_c = as_float(policy_chosen) - as_float(ref_chosen)
+    d_r = as_float(policy_rejected) - as_float(ref_rejected)
     z = b * (d_c - d_r)
     if loss_type == "sigmoid":
         per = -jax.nn.log_sigmoid(z)
@@ -443,11 +443,11 @@ def dpo_loss(
                 "completion token counts, e.g. mask.sum(1)): IPO averages log-ratios per token"
             )
         chex.assert_equal_shape([policy_chosen, chosen_length, rejected_length])
-        lc = jnp.maximum(_float(chosen_length), 1.0)
-        lr = jnp.maximum(_float(rejected_length), 1.0)
+        lc = jnp.maximum(as_float(chosen_length), 1.0)
+        lr = jnp.maximum(as_float(rejected_length), 1.0)
         per = jnp.square(d_c / lc - d_r / lr - 1.0 / (2.0 * b))
     else:
-        e = _scalar("label_smoothing", label_smoothing)
+        e = as_scalar("label_smoothing", label_smoothing)
         pos, neg = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
         if loss_type == "robust":
             per = (-(1.0 - e) * pos + e * neg) / (1.0 - 2.0 * e)
@@ -503,9 +503,9 @@ def grpo_loss(
     loss, m, metrics = _policy_terms(
         logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, options
     )
-    d = jnp.where(m > 0, _float(ref_logprobs) - _float(logprobs), 0.0)
+    d = jnp.where(m > 0, as_float(ref_logprobs) - as_float(logprobs), 0.0)
     k3 = jnp.expm1(d) - d
-    loss = loss + _scalar("beta", beta) * k3
+    loss = loss + as_scalar("beta", beta) * k3
     metrics["kl"] = jnp.sum(k3 * m)
     loss = _entropy_bonus(loss, m, metrics, entropies, entropy_coef, logprobs)
     total, count = aggregate(loss, m, options.loss_aggregation)
@@ -538,13 +538,13 @@ def cost_model_loss(
     """
     chex.assert_rank(safer_costs, 1)
     chex.assert_equal_shape([safer_costs, unsafer_costs, safer_sign, unsafer_sign])
-    cs, cu = _float(safer_costs), _float(unsafer_costs)
-    ss, su = _float(safer_sign), _float(unsafer_sign)
+    cs, cu = as_float(safer_costs), as_float(unsafer_costs)
+    ss, su = as_float(safer_sign), as_float(unsafer_sign)
     per = (
         -jax.nn.log_sigmoid(cu - cs)
         - jax.nn.log_sigmoid(-ss * cs)
         - jax.nn.log_sigmoid(-su * cu)
-        + _scalar("reg_coef", reg_coef) * 0.5 * (jnp.square(cs) + jnp.square(cu))
+        + as_scalar("reg_coef", reg_coef) * 0.5 * (jnp.square(cs) + jnp.square(cu))
     )
     n = jnp.asarray(cs.shape[0], cs.dtype)
     sign_ok = 0.5 * ((-ss * cs > 0).astype(cs.dtype) + (-su * cu > 0).astype(cs.dtype))
@@ -569,8 +569,8 @@ def lagrangian_advantages(reward_advantages, cost_advantages, log_lambda) -> jax
       float32 advantages of the same shape, for :func:`ppo_policy_loss`.
     """
     chex.assert_equal_shape([reward_advantages, cost_advantages])
-    lam = jnp.exp(lax.stop_gradient(_scalar("log_lambda", log_lambda)))
-    return (_float(reward_advantages) - lam * _float(cost_advantages)) / (1.0 + lam)
+    lam = jnp.exp(lax.stop_gradient(as_scalar("log_lambda", log_lambda)))
+    return (as_float(reward_advantages) - lam * as_float(cost_advantages)) / (1.0 + lam)
 
 
 def log_lambda_update(log_lambda, episode_cost, threshold, lr, *, log_lambda_max=None) -> jax.Array:
@@ -591,9 +591,9 @@ def log_lambda_update(log_lambda, episode_cost, threshold, lr, *, log_lambda_max
     Returns:
       the new log lambda, a float32 scalar.
     """
-    ll = _scalar("log_lambda", log_lambda)
-    gap = _scalar("episode_cost", episode_cost) - _scalar("threshold", threshold)
-    new = ll + _scalar("lr", lr) * gap * jnp.exp(ll)
+    ll = as_scalar("log_lambda", log_lambda)
+    gap = as_scalar("episode_cost", episode_cost) - as_scalar("threshold", threshold)
+    new = ll + as_scalar("lr", lr) * gap * jnp.exp(ll)
     if log_lambda_max is not None:
         new = jnp.minimum(new, log_lambda_max)
     return new

@@ -84,7 +84,7 @@ class Conventions:
       extra slot is then kept in GAE and in the value loss); ``'last_fixed'`` slot T-1 of the
       fixed-length response, always (LMHP; every slot is a step).
     * ``kl_on``: ``'real'`` charges the KL only where the response mask is 1 (TRL, SAFE, GRPO);
-      ``'all'`` on every GAE step (:func:`rlhf_jax.rewards.value_mask`): all T slots with
+      ``'all'`` on every GAE step (:func:`rlhf_jax.masks.value_mask`): all T slots with
       ``'last_fixed'`` (LMHP), the response plus the post-stop slot with ``'after_stop'``
       (DSCHAT charges the KL of that slot too).
     * ``score_clip``: clip the score to ±c before adding it (DSCHAT c=5), None = off.
@@ -111,7 +111,7 @@ class Conventions:
       ``grpo``, also accepted as ``'grpo'``); ``'dr_grpo'`` token sum over B * T; ``'bnpo'`` the
       token mean of each microbatch, averaged over microbatches.
     * ``clip_value``: clip the new values around the old ones in the value loss (every source).
-    * ``value_loss_on``: the tokens of the value loss (:func:`rlhf_jax.rewards.value_loss_mask`):
+    * ``value_loss_on``: the tokens of the value loss (:func:`rlhf_jax.masks.value_loss_mask`):
       ``'steps'`` every GAE step, including the post-stop slot under ``'after_stop'`` (TRL-PPO
       ``~padding_mask_p1``); ``'response'`` the policy mask only (DSCHAT ``critic_loss_fn`` gets
       ``action_mask``, so the post-stop value is used in GAE but never trained).

@@ -6,7 +6,7 @@ Indexing (docs/formulas.md §3): ``rewards[b, t]`` is the reward after the t-th 
 
     delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t.
 
-Which slots are time steps comes from the conventions (:func:`rlhf_jax.rewards.value_mask`):
+Which slots are time steps comes from the conventions (:func:`rlhf_jax.masks.value_mask`):
 the response mask, the response mask plus the slot after the stop token (TRL-PPO, DSCHAT), or all
 T slots (LMHP). ``gamma`` and ``lam`` may be traced scalars. Everything is computed in float32
 (float64 under x64) whatever the input dtype.
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.masks import as_float, as_scalar, policy_mask, value_mask
 from rlhf_jax.presets import DEFAULT, MASK_HOLES, Conventions
-from rlhf_jax.rewards import _float, _scalar, policy_mask, value_mask
 
 __all__ = [
     "gae",
@@ -80,7 +80,7 @@ def gae(
 
         delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t
 
-    with ``V_T = A_T = 0``. The time steps are :func:`rlhf_jax.rewards.value_mask` of ``mask``
+    with ``V_T = A_T = 0``. The time steps are :func:`rlhf_jax.masks.value_mask` of ``mask``
     under ``options.score_position``: with ``'after_stop'`` (TRL-PPO, DSCHAT) the slot after the
     stop token is a step of its own, which holds the score; with ``'last_fixed'`` (LMHP) all T
     slots are. Outside the steps, rewards and values are ignored and A = R = 0.
@@ -107,11 +107,11 @@ def gae(
     steps = value_mask(mask, options=options)
     _holes(options.mask_holes)
     return _gae_masked(
-        _float(rewards),
-        _float(values),
+        as_float(rewards),
+        as_float(values),
         steps,
-        _scalar("gamma", gamma),
-        _scalar("lam", lam),
+        as_scalar("gamma", gamma),
+        as_scalar("lam", lam),
         options.mask_holes,
     )
 
@@ -129,11 +129,11 @@ def discounted_returns(rewards, mask, gamma, *, mask_holes: str = "skip") -> jax
     """
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape([rewards, mask])
-    r = _float(rewards)
+    r = as_float(rewards)
     steps = (jnp.asarray(mask) != 0).astype(r.dtype)
     _holes(mask_holes)
     adv, _ = _gae_masked(
-        r, jnp.zeros_like(r), steps, _scalar("gamma", gamma), jnp.ones((), r.dtype), mask_holes
+        r, jnp.zeros_like(r), steps, as_scalar("gamma", gamma), jnp.ones((), r.dtype), mask_holes
     )
     return adv
 
@@ -156,7 +156,7 @@ def whiten(x, mask=None, *, shift_mean: bool = True, unbiased: bool = False, eps
     Returns:
       whitened x, float32 (float64 under x64), 0 where masked.
     """
-    x = _float(x)
+    x = as_float(x)
     m = jnp.ones_like(x) if mask is None else (jnp.asarray(mask) != 0).astype(x.dtype)
     if mask is not None:
         chex.assert_equal_shape([x, mask])
@@ -180,7 +180,7 @@ def ppo_advantages(
        (LMHP default, over all B x T; TRL ``whiten_rewards`` over ``~padding_mask_p1``);
     2. ``advantages, returns = gae(...)`` (returns from the un-whitened advantages: every source);
     3. if ``options.whiten_advantages``: advantages whitened (mean removed) over
-       :func:`rlhf_jax.rewards.policy_mask` (LMHP over B x T, TRL over real tokens);
+       :func:`rlhf_jax.masks.policy_mask` (LMHP over B x T, TRL over real tokens);
        DSCHAT and SAFE do not whiten;
     4. advantages set to 0 outside the policy mask (TRL-PPO zero-fills padding).
 
@@ -249,7 +249,7 @@ def group_advantages(
         )
     if scale == "batch" and method == "grpo" and n < 2:
         raise ValueError(f"scale='batch' needs >= 2 rewards for an unbiased std, got {n}")
-    r = _float(rewards).reshape(n // group_size, group_size)
+    r = as_float(rewards).reshape(n // group_size, group_size)
     mean = jnp.mean(r, axis=1, keepdims=True)
     if method == "rloo":
         return (group_size / (group_size - 1) * (r - mean)).reshape(n)

@@ -9,7 +9,8 @@ per response token (``docs/formulas.md`` §1):
 Indexing: ``logprobs[b, t] = log pi(a_t | s_t)`` for the t-th response token, ``mask[b, t]`` is 1
 on real tokens (through the first stop token) and 0 on padding; responses are right-padded to a
 static length T. Which KL estimator, where ``t*`` is and where the KL is charged are convention
-options (:class:`rlhf_jax.presets.Conventions`), one per public implementation.
+options (:class:`rlhf_jax.presets.Conventions`), one per public implementation; the slot ``t*``
+and the masks derived from ``mask`` are :mod:`rlhf_jax.masks`.
 
 All functions are pure, jittable and vmappable; ``kl_coef`` and the controller's numbers may be
 traced arrays (a sweep vmaps over them). Inputs of any float dtype are computed in float32 (or
@@ -22,15 +23,16 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.masks import as_float, as_scalar, score_slot, value_mask
+
+# Re-exported only for callers not yet switched to rlhf_jax.masks (algorithms/ppo.py,
+# tests/test_presets.py); these functions live in rlhf_jax.masks. Remove when they are gone.
+from rlhf_jax.masks import policy_mask as policy_mask
+from rlhf_jax.masks import value_loss_mask as value_loss_mask
 from rlhf_jax.presets import DEFAULT, KL_ESTIMATORS, Conventions
 
 __all__ = [
     "kl_estimate",
-    "last_token_index",
-    "score_slot",
-    "value_mask",
-    "policy_mask",
-    "value_loss_mask",
     "shape_rewards",
     "shape_costs",
     "sequence_kl_reward",
@@ -39,22 +41,6 @@ __all__ = [
     "fixed_kl_update",
     "adaptive_kl_update",
 ]
-
-
-def _float(x) -> jax.Array:
-    """``x`` as an array of at least float32 precision (bf16/fp16 inputs accumulate in f32)."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _scalar(name: str, x) -> jax.Array:
-    x = _float(x)
-    if x.ndim != 0:
-        raise ValueError(
-            f"{name} must be a scalar (a float or a 0-d array; vmap over runs for a sweep), "
-            f"got shape {x.shape}"
-        )
-    return x
 
 
 def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator: str = "k1") -> jax.Array:
@@ -82,7 +68,7 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator: str = "k1") -> 
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}: choose one of {KL_ESTIMATORS}")
     chex.assert_equal_shape([logprobs, ref_logprobs])
-    d = _float(logprobs) - _float(ref_logprobs)
+    d = as_float(logprobs) - as_float(ref_logprobs)
     if estimator == "k1":
         kl = d
     elif estimator == "k2":
@@ -95,81 +81,6 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator: str = "k1") -> 
         chex.assert_equal_shape([logprobs, mask])
         kl = jnp.where(jnp.asarray(mask) != 0, kl, 0.0)
     return kl
-
-
-def last_token_index(mask) -> jax.Array:
-    """[B] int32 index of the last 1 in each row of ``mask`` [B, T]; -1 for an all-zero row.
-
-    This is the stop token of a response that sampled one (the last real token), and T-1 for a
-    response truncated at the length limit. Holes inside the mask do not matter.
-    """
-    chex.assert_rank(mask, 2)
-    t = mask.shape[1]
-    idx = jnp.arange(t, dtype=jnp.int32)
-    return jnp.max(jnp.where(jnp.asarray(mask) != 0, idx, -1), axis=1)
-
-
-def score_slot(mask, *, options: Conventions = DEFAULT) -> jax.Array:
-    """[B, T] float32 one-hot of the slot t* that receives the score (docs/formulas.md §1, §9.1).
-
-    With ``L`` = :func:`last_token_index` (the last real token):
-
-    * ``'last_token'``: t* = L (TRL-legacy ``mask.nonzero()[-1]``, SAFE ``end_index``);
-    * ``'after_stop'``: t* = min(L + 1, T - 1), the first padding slot after the stop token, or
-      the last slot of a response that fills T (TRL-PPO ``seq_len + 1``, DSCHAT ``ends - 1``);
-    * ``'last_fixed'``: t* = T - 1 for every row, whatever the mask (LMHP ``rewards[:, -1]``).
-
-    An all-zero mask row gets no score under the first two conventions (a zero row).
-    """
-    chex.assert_rank(mask, 2)
-    t = mask.shape[1]
-    last = last_token_index(mask)
-    if options.score_position == "last_fixed":
-        slot = jnp.full_like(last, t - 1)
-    elif options.score_position == "after_stop":
-        slot = jnp.where(last >= 0, jnp.minimum(last + 1, t - 1), -1)
-    else:
-        slot = last
-    return (jnp.arange(t, dtype=jnp.int32)[None, :] == slot[:, None]).astype(jnp.float32)
-
-
-def value_mask(mask, *, options: Conventions = DEFAULT) -> jax.Array:
-    """[B, T] float32 mask of the time steps that enter GAE and the value loss.
-
-    * ``'last_token'``: the response mask itself;
-    * ``'after_stop'``: the response mask plus the score slot one past the stop token (TRL-PPO
-      ``~padding_mask_p1``, DSCHAT ``[start, ends)``): the critic learns a value for that
-      post-stop state and GAE carries the score back from it;
-    * ``'last_fixed'``: all T slots (LMHP has no mask: every sampled token is a step).
-
-    The policy loss always uses the response mask (TRL-PPO ``~padding_mask``).
-    """
-    chex.assert_rank(mask, 2)
-    m = (jnp.asarray(mask) != 0).astype(jnp.float32)
-    if options.score_position == "last_fixed":
-        return jnp.ones_like(m)
-    if options.score_position == "after_stop":
-        return jnp.maximum(m, score_slot(mask, options=options))
-    return m
-
-
-def policy_mask(mask, *, options: Conventions = DEFAULT) -> jax.Array:
-    """[B, T] float32 mask of the tokens the policy loss and advantage whitening average over.
-
-    The response mask (TRL-PPO ``~padding_mask``, TRL-legacy, DSCHAT, SAFE), or all T slots for
-    ``score_position='last_fixed'`` (LMHP: plain means over B x T).
-    """
-    chex.assert_rank(mask, 2)
-    m = (jnp.asarray(mask) != 0).astype(jnp.float32)
-    return jnp.ones_like(m) if options.score_position == "last_fixed" else m
-
-
-def value_loss_mask(mask, *, options: Conventions = DEFAULT) -> jax.Array:
-    """[B, T] float32 mask of the value loss: :func:`value_mask` (``value_loss_on='steps'``,
-    TRL-PPO) or :func:`policy_mask` (``'response'``, DSCHAT trains the critic on real tokens)."""
-    if options.value_loss_on == "response":
-        return policy_mask(mask, options=options)
-    return value_mask(mask, options=options)
 
 
 def shape_rewards(
@@ -191,10 +102,10 @@ def shape_rewards(
     2. missing stop token (``truncated``): ``s' = s - p`` (``'subtract'``, TRL-PPO
        ``missing_eos_penalty``) or ``s' = p`` (``'replace'``, LMHP ``penalty_reward_value``);
     3. ``s' = clip(s', -c, c)`` with ``c = options.score_clip`` (DSCHAT ``clip_reward_value=5``);
-    4. ``r_t = -beta * KL_t + s' * onehot(t*)``, t* from :func:`score_slot`;
+    4. ``r_t = -beta * KL_t + s' * onehot(t*)``, t* from :func:`rlhf_jax.masks.score_slot`;
     5. ``r_t = clip(r_t, -c, c)`` with ``c = options.reward_clip`` (SAFE ``clip_range_score=50``);
-    6. ``r_t = 0`` outside :func:`value_mask` (slots that never reach GAE: TRL-PPO, DSCHAT and
-       SAFE zero them before GAE).
+    6. ``r_t = 0`` outside :func:`rlhf_jax.masks.value_mask` (slots that never reach GAE:
+       TRL-PPO, DSCHAT and SAFE zero them before GAE).
 
     Args:
       scores: [B] sequence scores s from the reward model or a reward function.
@@ -209,21 +120,21 @@ def shape_rewards(
     Returns:
       ``(rewards [B, T] float32, metrics)`` where metrics holds arrays, not scalars:
       ``'kl'`` [B, T] the KL estimate as charged (0 where not charged, and outside
-      :func:`value_mask`, whose slots never reach GAE), ``'kl_sum'`` [B] its sum
+      :func:`rlhf_jax.masks.value_mask`, whose slots never reach GAE), ``'kl_sum'`` [B] its sum
       per response (what the adaptive controller averages), ``'scores'`` [B] the score s' as
       added (after the penalty and the clip), ``'non_score_reward'`` [B] = -beta * kl_sum.
     """
     chex.assert_rank([scores, logprobs], [1, 2])
     chex.assert_equal_shape([logprobs, ref_logprobs, mask])
     chex.assert_equal_shape_prefix([scores, logprobs], 1)
-    beta = _scalar("kl_coef", kl_coef)
+    beta = as_scalar("kl_coef", kl_coef)
     kl = kl_estimate(
         logprobs,
         ref_logprobs,
         mask if options.kl_on == "real" else None,
         estimator=options.kl_estimator,
     )
-    s = _float(scores)
+    s = as_float(scores)
     if options.missing_stop_penalty is not None:
         if truncated is None:
             raise ValueError(
@@ -261,7 +172,7 @@ def shape_costs(
     ``'scores'`` holds the costs as added.
     """
     neg, metrics = shape_rewards(
-        -_float(costs),
+        -as_float(costs),
         logprobs,
         ref_logprobs,
         mask,
@@ -297,19 +208,19 @@ def reward_norm_params(
       sample gives a large finite gain rather than inf.
     """
     chex.assert_rank(scores, 1)
-    s = _float(scores)
+    s = as_float(scores)
     m = jnp.ones_like(s) if mask is None else (jnp.asarray(mask) != 0).astype(s.dtype)
     n = jnp.maximum(jnp.sum(m), 1.0)
     mean = jnp.sum(s * m) / n
     std = jnp.sqrt(jnp.sum(jnp.square(s - mean) * m) / n)
-    gain = _scalar("target_std", target_std) / jnp.maximum(std, 1e-8)
-    bias = _scalar("target_mean", target_mean) - gain * mean
+    gain = as_scalar("target_std", target_std) / jnp.maximum(std, 1e-8)
+    bias = as_scalar("target_mean", target_mean) - gain * mean
     return gain, bias
 
 
 def normalize_scores(scores, gain, bias) -> jax.Array:
     """``gain * scores + bias`` ([B] float32), the LMHP normalised reward head."""
-    return _float(gain) * _float(scores) + _float(bias)
+    return as_float(gain) * as_float(scores) + as_float(bias)
 
 
 def fixed_kl_update(kl_coef, current_kl=None, n_steps=None) -> jax.Array:
@@ -318,7 +229,7 @@ def fixed_kl_update(kl_coef, current_kl=None, n_steps=None) -> jax.Array:
     Takes the adaptive controller's arguments so that a trainer can switch between the two.
     """
     del current_kl, n_steps
-    return _scalar("kl_coef", kl_coef)
+    return as_scalar("kl_coef", kl_coef)
 
 
 def adaptive_kl_update(
@@ -347,9 +258,9 @@ def adaptive_kl_update(
     Returns:
       The new beta, a float32 scalar (pure: the caller stores it in its state).
     """
-    beta = _scalar("kl_coef", kl_coef)
-    error = jnp.clip(_scalar("current_kl", current_kl) / target - 1.0, -max_error, max_error)
-    return beta * (1.0 + error * _float(n_steps) / _float(horizon))
+    beta = as_scalar("kl_coef", kl_coef)
+    error = jnp.clip(as_scalar("current_kl", current_kl) / target - 1.0, -max_error, max_error)
+    return beta * (1.0 + error * as_float(n_steps) / as_float(horizon))
 
 
 def sequence_kl_reward(scores, logprobs, ref_logprobs, mask, kl_coef) -> jax.Array:
@@ -367,4 +278,4 @@ def sequence_kl_reward(scores, logprobs, ref_logprobs, mask, kl_coef) -> jax.Arr
     chex.assert_rank([scores, logprobs], [1, 2])
     chex.assert_equal_shape_prefix([scores, logprobs], 1)
     kl = kl_estimate(logprobs, ref_logprobs, mask, estimator="k1")
-    return _float(scores) - _scalar("kl_coef", kl_coef) * jnp.sum(kl, axis=1)
+    return as_float(scores) - as_scalar("kl_coef", kl_coef) * jnp.sum(kl, axis=1)

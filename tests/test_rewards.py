@@ -68,30 +68,6 @@ def test_unknown_estimator_error():
         rewards.kl_estimate(jnp.zeros((1, 2)), jnp.zeros((1, 2)), estimator="k4")
 
 
-def test_score_slot_and_masks_literal():
-    last = Conventions(score_position="last_token")
-    after = Conventions(score_position="after_stop")
-    fixed = Conventions(score_position="last_fixed")
-    np.testing.assert_array_equal(rewards.last_token_index(MASK), [2, 4, 5, -1, 0])
-    np.testing.assert_array_equal(
-        np.argmax(rewards.score_slot(MASK, options=last), 1)[:3], [2, 4, 5]
-    )
-    np.testing.assert_array_equal(
-        rewards.score_slot(MASK, options=after),
-        np.eye(6)[[3, 5, 5, 0, 1]] * np.array([1, 1, 1, 0, 1])[:, None],
-    )
-    np.testing.assert_array_equal(rewards.score_slot(MASK, options=fixed), np.eye(6)[[5] * 5])
-    vm = np.asarray(rewards.value_mask(MASK, options=after))
-    want = MASK.copy().astype(np.float32)
-    want[0, 3] = want[1, 5] = want[4, 1] = 1
-    np.testing.assert_array_equal(vm, want)
-    np.testing.assert_array_equal(rewards.value_mask(MASK, options=fixed), np.ones(MASK.shape))
-    np.testing.assert_array_equal(rewards.policy_mask(MASK, options=after), MASK)
-    dsc = Conventions(score_position="after_stop", value_loss_on="response")
-    np.testing.assert_array_equal(rewards.value_loss_mask(MASK, options=dsc), MASK)
-    np.testing.assert_array_equal(rewards.value_loss_mask(MASK, options=after), want)
-
-
 CASES = [
     dict(),
     dict(score_position="after_stop"),
@@ -271,18 +247,12 @@ def _all_rewards(x):
     c, _ = rewards.shape_costs(scores, lp, rp, MASK, 0.1, options=after)
     gain, bias = rewards.reward_norm_params(scores, 0.0, 1.0)
     beta = rewards.adaptive_kl_update(0.1, jnp.mean(m1["kl_sum"]), 5, target=1.0, horizon=100.0)
-    masks = (
-        rewards.value_mask(MASK, options=after)
-        + rewards.policy_mask(MASK, options=after)
-        + rewards.value_loss_mask(MASK, options=after)
-        + rewards.score_slot(MASK, options=after)
-    )
     return (
-        jnp.sum(r1 * masks) + jnp.sum(r2) + jnp.sum(c)
+        jnp.sum(r1) + jnp.sum(r2) + jnp.sum(c)
         + jnp.sum(rewards.normalize_scores(scores, gain, bias) ** 3)
         + jnp.sum(rewards.sequence_kl_reward(scores, lp, rp, MASK, 0.05))
         + jnp.sum(rewards.kl_estimate(lp, rp, MASK, estimator="k2"))
-        + beta + rewards.fixed_kl_update(0.2) + jnp.sum(rewards.last_token_index(MASK))
+        + beta + rewards.fixed_kl_update(0.2)
     )  # fmt: skip
 
 
