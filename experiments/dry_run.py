@@ -26,7 +26,7 @@ if "jax" not in sys.modules and "--real-devices" not in sys.argv:
 
 import tyro  # noqa: E402
 
-from rlhf_jax import models, parallel  # noqa: E402
+from rlhf_jax import memory, models, parallel  # noqa: E402
 
 # Model shapes (no weights): GPT-2 small; Llama 3.2 1B; Llama 3.1 8B.
 SHAPES = {
@@ -106,12 +106,12 @@ def main(args: Args) -> str:
         for mesh_text, preset in zip(args.meshes, presets, strict=True):
             cfg = parallel.ParallelConfig(mesh=parse_mesh(mesh_text), preset=preset)
             name = f"{model} ({mesh_text}) {preset}"
-            report = parallel.dry_run(
+            report = memory.dry_run(
                 config, cfg, batch_size=args.batch_size, seq_len=args.seq_len, name=name
             )
             print(report.row(), flush=True)
             reports.append(report)
-    table = parallel.format_memory_table(reports)
+    table = memory.format_memory_table(reports)
     print(f"\nPer-device memory (GiB), batch {args.batch_size} x {args.seq_len}, {args.dtype}:")
     print(table)
     return table

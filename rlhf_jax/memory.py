@@ -1,0 +1,172 @@
+"""Memory before running: compile a train step from abstract shapes and read its per-device memory.
+
+:func:`dry_run` compiles the SFT trainer's own step (:func:`rlhf_jax.algorithms.sft.make_step`, on
+the mesh, rules and step form of a :class:`rlhf_jax.parallel.ParallelConfig`) from abstract shapes
+only: the parameters come from ``jax.eval_shape`` of the model init (:func:`abstract_model`), no
+weight is allocated, and ``jit(...).lower(...).compile().memory_analysis()`` gives the bytes per
+device (:class:`MemoryReport`). :func:`compile_memory` measures any other jitted step the same way
+(PPO's iteration, say). An 8B model's step compiles on a laptop's fake CPU devices. See
+``docs/scaling.md``.
+
+This module sits above :mod:`rlhf_jax.algorithms` (it compiles their steps); nothing in
+:mod:`rlhf_jax.parallel` or :mod:`rlhf_jax.algorithms` imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.parallel.mesh import BATCH_AXES, ParallelConfig, axis_size, make_mesh
+from rlhf_jax.parallel.placement import batch_shardings
+from rlhf_jax.parallel.sharding import Rules, state_shardings
+
+__all__ = [
+    "MemoryReport",
+    "abstract_model",
+    "compile_memory",
+    "dry_run",
+    "format_memory_table",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device memory of one compiled step, in bytes (``compiled.memory_analysis()``)."""
+
+    name: str  # what was compiled (model, mesh, preset)
+    arguments: int  # inputs resident on the device: parameter, optimizer-state and batch shards
+    outputs: int  # outputs (updated state, metrics)
+    aliased: int  # outputs written over donated inputs (counted once, in arguments)
+    temps: int  # XLA temporaries: activations kept for the backward pass, gradients, buffers
+    generated_code: int  # the compiled program itself
+    num_params: int  # parameters of the model (all devices together)
+
+    @property
+    def total(self) -> int:
+        """Estimated peak per device: arguments + outputs - aliased + temps + code."""
+        return self.arguments + self.outputs - self.aliased + self.temps + self.generated_code
+
+    @classmethod
+    def from_compiled(cls, compiled, name: str = "", num_params: int = 0) -> MemoryReport:
+        """Read ``compiled.memory_analysis()`` (a ``jax.stages.Compiled``)."""
+        m = compiled.memory_analysis()
+        if m is None:
+            raise RuntimeError(f"{name}: this backend gives no memory analysis")
+        return cls(
+            name=name,
+            arguments=int(m.argument_size_in_bytes),
+            outputs=int(m.output_size_in_bytes),
+            aliased=int(m.alias_size_in_bytes),
+            temps=int(m.temp_size_in_bytes),
+            generated_code=int(m.generated_code_size_in_bytes),
+            num_params=num_params,
+        )
+
+    def row(self) -> str:
+        """A Markdown table row in GiB (see :func:`format_memory_table`)."""
+        gib = lambda b: f"{b / 2**30:.2f}"
+        return (
+            f"| {self.name} | {self.num_params / 1e9:.2f}B | {gib(self.arguments)} | "
+            f"{gib(self.outputs)} | {gib(self.aliased)} | {gib(self.temps)} | "
+            f"{gib(self.generated_code)} | {gib(self.total)} |"
+        )
+
+
+def format_memory_table(reports: Sequence[MemoryReport]) -> str:
+    """A Markdown table of per-device memory (GiB) for several dry runs."""
+    head = (
+        "| step | params | arguments | outputs | aliased | temps | code | total |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([head, *(r.row() for r in reports)])
+
+
+def abstract_model(model_config, **heads) -> tuple[Any, Any]:
+    """``(graphdef, abstract params)`` of ``rlhf_jax.models.Transformer``: no weight allocated.
+
+    ``heads`` are the Transformer's head switches (``value_head=True``, ``score_head=True``).
+    """
+    from flax import nnx
+
+    from rlhf_jax import models
+
+    module = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0), **heads))
+    return nnx.split(module, nnx.Param)
+
+
+def compile_memory(jitted, *abstract_args, name: str = "", num_params: int = 0) -> MemoryReport:
+    """Lower and compile ``jitted`` (a ``jax.jit`` object) for abstract arguments; its memory.
+
+    ``abstract_args`` are ``jax.ShapeDtypeStruct`` pytrees (with a ``sharding`` where the jit has
+    no ``in_shardings``). Any step can be measured this way: the CLI's, PPO's.
+    """
+    compiled = jitted.lower(*abstract_args).compile()
+    return MemoryReport.from_compiled(compiled, name=name, num_params=num_params)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def dry_run(
+    model_config,
+    cfg: ParallelConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim=None,
+    devices: Sequence[jax.Device] | None = None,
+    name: str | None = None,
+    rules: Rules | None = None,
+) -> MemoryReport:
+    """Compile the SFT trainer's step for ``cfg``'s mesh and rules; its per-device memory.
+
+    Nothing is allocated: the parameters come from ``jax.eval_shape`` of the model init, the
+    train state from ``jax.eval_shape`` of ``sft.init_state``, the batch is ``ShapeDtypeStruct``s;
+    the step is the one the trainer runs (``rlhf_jax.algorithms.sft.make_step`` with the mesh and
+    the state's rule shardings: token NLL from the full logits, gradient in the ``cfg.step`` form,
+    AdamW update, non-finite guard), ``lower(...).compile()``d.
+
+    Args:
+      model_config: a ``rlhf_jax.models.ModelConfig``.
+      cfg: the mesh, the rule preset and the step form (``'jit'`` or ``'shard_map'``).
+      batch_size: global rows per step (divisible by data x fsdp).
+      seq_len: tokens per row.
+      optim: an ``OptimConfig`` (default AdamW; ``grad_accum_steps`` splits the batch).
+      devices: the devices of the mesh (default all).
+      name: the row's label (default from the model and the mesh).
+      rules: a rule table to use instead of ``cfg.preset``'s (to compare layouts).
+    """
+    from rlhf_jax.algorithms import sft
+    from rlhf_jax.optim import OptimConfig
+
+    mesh = make_mesh(cfg.mesh, devices)
+    split = axis_size(mesh, BATCH_AXES)
+    if batch_size % split:
+        raise ValueError(
+            f"dry run: batch_size={batch_size} is not divisible by data x fsdp = {split}; "
+            "change the batch size or the mesh"
+        )
+    graphdef, params = abstract_model(model_config)
+    sft_cfg = sft.SFTConfig(optim=optim or OptimConfig(name="adamw"), batch_size=batch_size)
+    rows = (batch_size, seq_len)
+    batch = {k: jnp.zeros(rows, jnp.int32) for k in ("tokens", "attention_mask", "loss_mask")}
+    batch = _abstract(jax.eval_shape(lambda: batch), batch_shardings(batch, mesh))
+    num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if name is None:
+        sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+        name = f"{model_config.arch} ({sizes}) {cfg.preset}"
+    state = jax.eval_shape(lambda p: sft.init_state(p, sft_cfg), params)
+    shardings = state_shardings(state, mesh, rules or cfg.preset)
+    state = _abstract(state, shardings)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    step = sft.make_step(graphdef, sft_cfg, mesh=mesh, state_shardings=shardings, mode=cfg.step)
+    return compile_memory(step, state, batch, key, name=name, num_params=num)
