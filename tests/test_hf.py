@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import models
-from rlhf_jax.models import hf
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelLoadError, hf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
@@ -178,26 +180,82 @@ def _copy(arch, tmp_path):
 
 
 def _rewrite(dst, drop=None, reshape=None):
-    store = hf._SafetensorsDir(str(dst))
-    tensors = []
-    for name in sorted(store.entries):
-        if name == drop:
-            continue
-        x = np.array(store.get(name))
-        if name == reshape:
-            x = x[:-1]
-        tensors.append((name, x.shape, x.dtype, lambda x=x: x))
-    del store
-    hf._write_safetensors(str(dst / "model.safetensors"), tensors)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.pop(drop, None)
+    if reshape is not None:
+        tensors[reshape] = np.ascontiguousarray(tensors[reshape][:-1])
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_error_unsupported_architecture(tmp_path):
+def _one_line_user_error(excinfo, *words):
+    """The error is a ModelLoadError (a UserError), on one line, naming each of ``words``."""
+    err = excinfo.value
+    assert isinstance(err, ModelLoadError) and isinstance(err, UserError)
+    assert "\n" not in str(err)
+    for w in words:
+        assert w in str(err), (w, str(err))
+
+
+@pytest.mark.parametrize("kind", ["bert", "mamba", None])
+def test_error_unsupported_architecture(tmp_path, kind):
     dst = _copy("llama", tmp_path)
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["model_type"] = "mamba"
+    cfg["model_type"] = kind
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
+    with pytest.raises(ModelLoadError, match=f"model_type {kind!r} is not supported") as e:
         models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(dst / "config.json"), *models.SUPPORTED_MODEL_TYPES)
+
+
+def test_error_config_missing_key(tmp_path):
+    dst = _copy("qwen2", tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="'num_hidden_layers' is missing") as e:
+        models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(dst / "config.json"))
+
+
+@pytest.mark.parametrize("cut", ["truncated", "header", "garbage", "empty"])
+def test_error_truncated_or_corrupt_weights(tmp_path, cut):
+    dst = _copy("gpt2", tmp_path)
+    file = dst / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(
+        {
+            "truncated": data[: len(data) - 100],  # a download cut short
+            "header": data[:8] + b"#" + data[9:],  # the JSON header damaged
+            "garbage": b"<html>404 not found</html>",
+            "empty": b"",
+        }[cut]
+    )
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as e:
+        models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(file))
+
+
+def test_error_missing_config_weights_or_directory(tmp_path):
+    dst = _copy("llama", tmp_path)
+    os.remove(dst / "config.json")
+    with pytest.raises(ModelLoadError, match="config.json: not found") as e:
+        models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(dst))
+    dst = _copy("qwen3", tmp_path)
+    os.remove(dst / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="no model.safetensors") as e:
+        models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(dst))
+    with pytest.raises(ModelLoadError, match="no such model directory") as e:
+        models.from_pretrained(str(tmp_path / "nowhere"))
+    # a sharded checkpoint with a shard gone
+    model = models.from_pretrained(os.path.join(GOLDEN, "gpt2"))
+    models.save_pretrained(model, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    os.remove(shards[1])
+    with pytest.raises(ModelLoadError, match="listed in model.safetensors.index.json but missing"):
+        models.from_pretrained(str(tmp_path / "sharded"))
 
 
 def test_error_missing_tensor(tmp_path):
@@ -220,8 +278,9 @@ def test_error_pickle_only_directory(tmp_path):
     dst = _copy("gpt2", tmp_path)
     os.remove(dst / "model.safetensors")
     (dst / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+    with pytest.raises(ModelLoadError, match="pickle checkpoints are never loaded") as e:
         models.from_pretrained(str(dst))
+    _one_line_user_error(e, str(dst))
 
 
 def _word_tokenizer(path, n_words):
@@ -249,21 +308,18 @@ def test_load_tokenizer_keeps_chat_template_and_checks_vocab(tmp_path):
     assert text.strip() == "w1 w2 </s>"
     assert tok("w1 w2")["input_ids"][-2:] == [4, 5]
     _word_tokenizer(str(dst), 120)  # 123 tokens > vocab_size 96
-    with pytest.raises(ValueError, match="123 tokens but the model's vocab_size is 96"):
+    with pytest.raises(ModelLoadError, match="123 tokens but the model's vocab_size is 96") as e:
         models.load_tokenizer(str(dst))
+    _one_line_user_error(e, str(dst))
 
 
 def test_gpt2_checkpoint_without_prefix_and_with_buffers(tmp_path):
     """Hub GPT-2 files name tensors 'h.0...' (GPT2Model) and carry attention-mask buffers."""
     dst = _copy("gpt2", tmp_path)
-    store = hf._SafetensorsDir(str(dst))
-    tensors = []
-    for name in sorted(store.entries):
-        x = np.array(store.get(name))
-        tensors.append((name.removeprefix("transformer."), x.shape, x.dtype, lambda x=x: x))
-    buf = np.tril(np.ones((1, 1, 64, 64), bool))
-    tensors.append(("h.0.attn.bias", buf.shape, buf.dtype, lambda: buf))
-    hf._write_safetensors(str(dst / "model.safetensors"), tensors)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors = {name.removeprefix("transformer."): x for name, x in tensors.items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), bool))
+    save_file(tensors, str(dst / "model.safetensors"))
     loaded = models.from_pretrained(str(dst))
     golden = models.from_pretrained(os.path.join(GOLDEN, "gpt2"))
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(golden.params), strict=True):

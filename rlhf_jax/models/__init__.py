@@ -23,6 +23,7 @@ from rlhf_jax.models.apply import (
 from rlhf_jax.models.heads import ScoreHead, ValueHead
 from rlhf_jax.models.hf import (
     SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
     check_tokenizer,
     config_from_hf,
     config_to_hf,
@@ -45,6 +46,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "Model",
     "ModelConfig",
+    "ModelLoadError",
     "ScoreHead",
     "Transformer",
     "ValueHead",

@@ -1,15 +1,18 @@
 """Hugging Face checkpoints <-> :class:`~rlhf_jax.models.Model`: safetensors + config.json.
 
 ``from_pretrained(path)`` reads ``config.json`` and ``model.safetensors`` (or the shards listed in
-``model.safetensors.index.json``) straight into the parameter pytree, one parameter at a time:
-only the JSON headers are parsed up front (the safetensors layout is an 8-byte header length, a
-JSON header and raw little-endian tensors) and each tensor is read when it is needed, so the host
-holds at most one stacked ``[L, ...]`` parameter beside the parameters already placed. With
-``shardings`` each device receives only its own slice (``jax.make_array_from_callback``), so no
-device holds a full copy. No PyTorch, no pickle, no code from the checkpoint runs.
+``model.safetensors.index.json``) straight into the parameter pytree, one parameter at a time,
+through the ``safetensors`` library (``safe_open(..., framework="numpy")``): the headers are read
+up front and each tensor is copied out of a memory map when it is needed, the map closed again,
+so the host holds at most one stacked ``[L, ...]`` parameter beside the parameters already
+placed (``experiments/bench_model.py`` prints the peak). With ``shardings`` each device receives
+only its own slice (``jax.make_array_from_callback``), so no device holds a full copy. No
+PyTorch, no pickle, no code from the checkpoint runs. A directory, config or file that cannot be
+used raises :class:`ModelLoadError` (a :class:`rlhf_jax.errors.UserError`) naming the file.
 
-``save_pretrained(model, path)`` writes ``config.json`` + ``model.safetensors`` (streamed tensor by
-tensor, optionally sharded with an index) that ``transformers.AutoModelForCausalLM`` loads with
+``save_pretrained(model, path)`` writes ``config.json`` + ``model.safetensors`` (with
+``safetensors.numpy.save_file``; optionally sharded with an index, which bounds the host memory
+of the write to one shard) that ``transformers.AutoModelForCausalLM`` loads with
 the same logits (golden-tested). A reward model (score head, no LM head) is written in the
 ``*ForSequenceClassification`` layout with ``num_labels=1``: ``score.weight = gain * kernel.T``;
 transformers has no bias there, so the constant ``gain * bias + reward_bias`` is kept in
@@ -40,15 +43,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct as _struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors reads BF16 through it)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
+from rlhf_jax.errors import UserError, first_line
 from rlhf_jax.models.apply import Model
 from rlhf_jax.models.heads import ScoreHead
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -57,21 +62,13 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
 _ARCH_CLASS = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 # Tensors of real checkpoints that hold no parameter (attention-mask buffers, RoPE caches).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model directory, checkpoint file or tokenizer that cannot be used: the message names the
+    file (and tensor or key) and what to do. A ``ValueError`` too, for callers that catch that."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,13 +85,33 @@ def _get(hf: dict, *names, default=None):
 def config_from_hf(
     hf: dict, *, dtype=None, param_dtype=None, scan_unroll: int = 1, source: str = "config.json"
 ):
-    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 rope keys)."""
+    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 rope keys).
+
+    Raises:
+      ModelLoadError naming ``source``: an unsupported ``model_type`` (the message lists the
+      supported ones), a missing key, or values :class:`ModelConfig` refuses.
+    """
     kind = hf.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{source}: model_type {kind!r} is not supported; rlhf_jax.models reads "
-            f"{SUPPORTED_MODEL_TYPES} (a Llama-like model may work after converting its config)"
+        raise ModelLoadError(
+            f"{source}: model_type {kind!r} is not supported: rlhf_jax.models loads the "
+            f"decoder-only families {', '.join(SUPPORTED_MODEL_TYPES)}; use a checkpoint of one "
+            "of them"
         )
+    try:
+        return _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source)
+    except KeyError as err:
+        raise ModelLoadError(
+            f"{source}: key {err.args[0]!r} is missing from this {kind} config: write the "
+            "config.json that transformers saves"
+        ) from None
+    except ModelLoadError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(f"{source}: {first_line(err)}") from None
+
+
+def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
     common = dict(
         arch=kind,
         dtype=dtype or "float32",
@@ -107,9 +124,9 @@ def config_from_hf(
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise ValueError(f"{source}: GPT-2 activation_function {act!r}: only the tanh GELU")
+            raise ModelLoadError(f"{source}: GPT-2 activation_function {act!r}: only the tanh GELU")
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
-            raise ValueError(f"{source}: only GPT-2's default 1/sqrt(head_dim) attention scale")
+            raise ModelLoadError(f"{source}: only GPT-2's default 1/sqrt(head_dim) attention scale")
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["n_embd"],
@@ -124,11 +141,13 @@ def config_from_hf(
         )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{source}: hidden_act {act!r}: the Llama family here uses silu (SwiGLU)")
+        raise ModelLoadError(
+            f"{source}: hidden_act {act!r}: the Llama family here uses silu (SwiGLU)"
+        )
     if hf.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise ModelLoadError(f"{source}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window") and hf.get("sliding_window"):
-        raise ValueError(f"{source}: sliding-window attention is not supported")
+        raise ModelLoadError(f"{source}: sliding-window attention is not supported")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     scaling = rope or hf.get("rope_scaling")
@@ -276,8 +295,24 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
 # safetensors, read tensor by tensor
 
 
+def _open_safetensors(file: str):
+    """``safetensors.safe_open(file, framework="numpy")``, a damaged file as a ModelLoadError."""
+    try:
+        return safetensors.safe_open(file, framework="numpy")
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{file}: not a readable safetensors file ({first_line(err)}): it is truncated or "
+            "corrupt; copy or download it again, or re-save the model"
+        ) from None
+
+
 class _SafetensorsDir:
-    """The tensors of a checkpoint directory by name: headers parsed, data read on demand."""
+    """The tensors of a checkpoint directory by name (``safetensors.safe_open``, numpy).
+
+    The headers are read once; each :meth:`get` opens the file again (a memory map), copies out
+    one tensor and closes it, so the pages of the map are released after every tensor and the
+    host holds no more than the copies the caller keeps.
+    """
 
     def __init__(self, path: str):
         single = os.path.join(path, "model.safetensors")
@@ -285,36 +320,38 @@ class _SafetensorsDir:
         if os.path.exists(single):
             files = [single]
         elif os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+                raise ModelLoadError(
+                    f"{index}: not a safetensors index ({first_line(err)}): re-save the model"
+                ) from None
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+                raise ModelLoadError(f"{index}: no 'weight_map' object: re-save the model")
             files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         else:
             found = sorted(os.listdir(path))
-            hint = ""
+            hint = "copy the weights next to config.json"
             if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in found):
                 hint = (
-                    " (pickle checkpoints are never loaded: convert them to safetensors, e.g. "
-                    "transformers' save_pretrained(..., safe_serialization=True))"
+                    "pickle checkpoints are never loaded: convert them to safetensors, e.g. "
+                    "transformers' save_pretrained(..., safe_serialization=True)"
                 )
-            raise FileNotFoundError(
-                f"{path}: no model.safetensors or model.safetensors.index.json{hint}"
+            raise ModelLoadError(
+                f"{path}: no model.safetensors or model.safetensors.index.json: {hint}"
             )
-        self.entries: dict[str, tuple[str, np.dtype, tuple, int, int]] = {}
+        self.entries: dict[str, tuple[str, str, tuple]] = {}
         for file in files:
             if not os.path.exists(file):
-                raise FileNotFoundError(f"{file}: listed in the index but missing")
-            with open(file, "rb") as f:
-                (n,) = _struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for name, meta in header.items():
-                if meta["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
-                lo, hi = meta["data_offsets"]
-                dt = np.dtype(_ST_DTYPES[meta["dtype"]])
-                self.entries[name] = (file, dt, tuple(meta["shape"]), 8 + n + lo, hi - lo)
+                raise ModelLoadError(
+                    f"{file}: listed in model.safetensors.index.json but missing: copy or "
+                    "download every shard"
+                )
+            with _open_safetensors(file) as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self.entries[name] = (file, sl.get_dtype(), tuple(sl.get_shape()))
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -323,19 +360,40 @@ class _SafetensorsDir:
         return self.entries[name][2]
 
     def get(self, name: str) -> np.ndarray:
-        """A fresh host copy of one tensor, read with one positioned read (nothing cached)."""
-        file, dt, shape, offset, nbytes = self.entries[name]
-        out = np.empty(shape, dt)
-        flat = out.reshape(-1).view(np.uint8)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            if f.readinto(flat) != nbytes:
-                raise ValueError(f"{file}: tensor {name} is truncated (file shorter than header)")
-        return out
+        """A fresh host copy of one tensor (the file's map is closed again: nothing cached)."""
+        file, dtype, _ = self.entries[name]
+        with _open_safetensors(file) as f:
+            try:
+                return f.get_tensor(name)
+            except (safetensors.SafetensorError, TypeError, ValueError) as err:
+                raise ModelLoadError(
+                    f"{file}: tensor {name} ({dtype}) cannot be read ({first_line(err)}): "
+                    "re-save the checkpoint in float32, float16 or bfloat16"
+                ) from None
 
 
 # ------------------------------------------------------------------------------------------
 # from_pretrained
+
+
+def read_hf_config(path: str) -> tuple[dict, str]:
+    """``(config dict, file)`` of the ``config.json`` in the model directory ``path``."""
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path}: no such model directory (give a Hugging Face model dir)")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise ModelLoadError(
+            f"{cfg_file}: not found: a model directory needs the config.json that "
+            "transformers' save_pretrained writes beside the weights"
+        )
+    try:
+        with open(cfg_file) as f:
+            hf_cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({first_line(err)})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ModelLoadError(f"{cfg_file}: not a JSON object")
+    return hf_cfg, cfg_file
 
 
 def _path_str(path: tuple) -> str:
@@ -386,11 +444,7 @@ def from_pretrained(
       ValueError / FileNotFoundError naming the file and tensor: unsupported architecture,
       missing tensor, wrong shape.
     """
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} not found: a checkpoint directory needs config.json")
-    with open(cfg_file) as f:
-        hf_cfg = json.load(f)
+    hf_cfg, cfg_file = read_hf_config(path)
     config = config_from_hf(
         hf_cfg, dtype=dtype, param_dtype=param_dtype, scan_unroll=scan_unroll, source=cfg_file
     )
@@ -409,7 +463,7 @@ def from_pretrained(
             if candidate in store:
                 used.add(candidate)
                 return store.get(candidate)
-        raise ValueError(f"{path}: tensor {base + name} is missing from the checkpoint")
+        raise ModelLoadError(f"{path}: tensor {base + name} is missing from the checkpoint")
 
     def load_one(ours: tuple, expected: tuple) -> np.ndarray:
         if ours[0] == "layers":
@@ -431,7 +485,7 @@ def from_pretrained(
         if name in store:
             used.add(name)
             return store.get(name)
-        raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
+        raise ModelLoadError(f"{path}: tensor {name} is missing from the checkpoint")
 
     score_params = _score_params(store, config, hf_cfg, key, used) if score_head else {}
     flat = []
@@ -442,8 +496,9 @@ def from_pretrained(
         else:
             arr = np.asarray(load_one(p, expected))
             if arr.shape != expected:
-                raise ValueError(
-                    f"{path}: parameter {_path_str(p)} should be {expected}, got {arr.shape}"
+                raise ModelLoadError(
+                    f"{path}: parameter {_path_str(p)} should be {expected}, got {arr.shape}: "
+                    "config.json does not match the weights"
                 )
             arr = arr.astype(var.get_value().dtype, copy=False)
         sharding = _resolve_sharding(shardings, p, expected)
@@ -470,8 +525,9 @@ def _base_prefix(store: _SafetensorsDir, config: ModelConfig, path: str) -> str:
     for prefix in ("transformer.", "model.", ""):
         if prefix + embed in store:
             return prefix
-    raise ValueError(
-        f"{path}: no token embedding ({embed}) in the checkpoint; is it a {config.arch} model?"
+    raise ModelLoadError(
+        f"{path}: no token embedding ({embed}) in the checkpoint: the weights are not those of "
+        f"a {config.arch} model; use the config.json saved with them"
     )
 
 
@@ -483,9 +539,9 @@ def _transform(x: np.ndarray, how: str, name: str, expected: tuple, path: str) -
     else:
         want = expected
     if tuple(x.shape) != want:
-        raise ValueError(
-            f"{path}: tensor {name} has shape {tuple(x.shape)}, expected {want} "
-            "(does config.json match the weights?)"
+        raise ModelLoadError(
+            f"{path}: tensor {name} has shape {tuple(x.shape)}, expected {want}: config.json "
+            "does not match the weights; use the config.json saved with them"
         )
     if how == "T":
         return x.T
@@ -501,9 +557,9 @@ def _score_params(store, config, hf_cfg, key, used) -> dict:
     if "score.weight" in store:
         w = store.get("score.weight")
         if w.shape != (1, d):
-            raise ValueError(
-                f"tensor score.weight has shape {w.shape}, expected (1, {d}) "
-                "(a reward model has num_labels=1)"
+            raise ModelLoadError(
+                f"tensor score.weight has shape {w.shape}, expected (1, {d}): a reward model "
+                "has num_labels=1; load it with score_head=False"
             )
         used.add("score.weight")
         bias = np.zeros((1,), np.float32)
@@ -590,27 +646,18 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
 
 
 def _write_safetensors(file: str, tensors: list) -> None:
-    """Stream ``tensors`` (name, shape, dtype, make) into one safetensors file."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dt, _ in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {
-            "dtype": _ST_NAMES[dt],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(_struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dt, make in tensors:
-            x = np.ascontiguousarray(make(), dtype=dt)
-            if x.shape != shape:
-                raise AssertionError(f"internal: {name} made {x.shape}, declared {shape}")
-            f.write(x.tobytes())
+    """Write ``tensors`` (name, shape, dtype, make) to one safetensors file
+    (``safetensors.numpy.save_file``); the host holds this file's tensors while it is written.
+    Written to a temporary name, then renamed: a crash leaves no half-written file behind."""
+    arrays = {}
+    for name, shape, dt, make in tensors:
+        x = np.ascontiguousarray(make(), dtype=dt)
+        if x.shape != shape:
+            raise AssertionError(f"internal: {name} made {x.shape}, declared {shape}")
+        arrays[name] = x
+    tmp = file + ".partial"
+    safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
 
 
 def save_pretrained(model: Model, path: str, *, max_shard_bytes: int | None = None) -> None:
@@ -679,10 +726,16 @@ def load_tokenizer(path: str, *, config: ModelConfig | None = None):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(
+            f"{path}: no usable tokenizer ({first_line(err)}): give the directory the "
+            "tokenizer was saved to (tokenizer.json / tokenizer_config.json)"
+        ) from None
     if config is None and os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            config = config_from_hf(json.load(f), source=os.path.join(path, "config.json"))
+        hf_cfg, cfg_file = read_hf_config(path)
+        config = config_from_hf(hf_cfg, source=cfg_file)
     if config is not None:
         check_tokenizer(tok, config, source=path)
     return tok
@@ -692,8 +745,8 @@ def check_tokenizer(tokenizer, config: ModelConfig, *, source: str = "tokenizer"
     """Raise if the tokenizer can produce ids ``>= config.vocab_size``."""
     size = len(tokenizer)
     if size > config.vocab_size:
-        raise ValueError(
+        raise ModelLoadError(
             f"{source}: the tokenizer has {size} tokens but the model's vocab_size is "
             f"{config.vocab_size}: use the tokenizer saved with this model, or resize the "
-            "embeddings"
+            "model's embeddings"
         )
