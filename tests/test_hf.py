@@ -105,33 +105,63 @@ def test_save_pretrained_round_trip(golden, tmp_path):
     np.testing.assert_allclose(logits[real], ref["logits"][real], atol=ATOL, rtol=0)
 
 
-def test_score_model_sequence_classification_layout(tmp_path):
-    ref = _ref("llama")
+def _reward_model(arch, gain, bias, head_bias):
+    """The golden trunk with a fresh score head whose every constant is non-zero."""
+    from flax import nnx
+
     rm = models.from_pretrained(
-        os.path.join(GOLDEN, "llama"), lm_head=False, score_head=True, key=jax.random.key(3)
+        os.path.join(GOLDEN, arch), lm_head=False, score_head=True, key=jax.random.key(3)
     )
-    params = models.set_score_gain_bias(rm.params, 1.7, -0.3)
-    rm = models.Model(graphdef=rm.graphdef, params=params, config=rm.config)
-    ours = np.asarray(models.scores(rm.graphdef, rm.params, ref["tokens"], ref["attention_mask"]))
-    models.save_pretrained(rm, str(tmp_path))
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
-    back = models.from_pretrained(str(tmp_path), lm_head=False, score_head=True)
-    again = models.scores(back.graphdef, back.params, ref["tokens"], ref["attention_mask"])
-    np.testing.assert_allclose(again, ours, atol=1e-5)
+    params = models.set_score_gain_bias(rm.params, gain, bias)
+    flat = [
+        (p, v.replace(jnp.full((1,), head_bias, jnp.float32)) if p == ("score_head", "bias") else v)
+        for p, v in nnx.to_flat_state(params)
+    ]
+    return models.Model(graphdef=rm.graphdef, params=nnx.from_flat_state(flat), config=rm.config)
+
+
+def _transformers_scores(path, ref):
     torch = pytest.importorskip("torch", reason="the transformers check needs PyTorch")
     from transformers import AutoModelForSequenceClassification
 
     pt = AutoModelForSequenceClassification.from_pretrained(
-        str(tmp_path), attn_implementation="eager"
+        str(path), attn_implementation="eager"
     ).eval()
+    pt.config.pad_token_id = 0  # the golden batch pads with 0; transformers pools on it
     with torch.no_grad():
-        out = pt(
+        return pt(
             input_ids=torch.tensor(ref["tokens"], dtype=torch.long),
             attention_mask=torch.tensor(ref["attention_mask"], dtype=torch.long),
             position_ids=torch.tensor(ref["position_ids"], dtype=torch.long),
         ).logits.numpy()[:, 0]
-    np.testing.assert_allclose(out + cfg["rlhf_jax_score_offset"], ours, atol=ATOL)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_score_model_sequence_classification_export(arch, tmp_path):
+    """The export scores like ours in transformers (GPT-2: exactly; RMSNorm families: up to the
+    documented rlhf_jax_score_offset), and loads back with our scores."""
+    ref = _ref(arch)
+    gain, bias, head_bias = 1.7, -0.3, 0.45
+    rm = _reward_model(arch, gain, bias, head_bias)
+    ours = np.asarray(models.scores(rm.graphdef, rm.params, ref["tokens"], ref["attention_mask"]))
+    models.save_pretrained(rm, str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cls = {"gpt2": "GPT2", "llama": "Llama", "qwen3": "Qwen3"}[arch]
+    assert cfg["architectures"] == [f"{cls}ForSequenceClassification"] and cfg["num_labels"] == 1
+    constant = gain * head_bias + bias
+    offset = cfg.get("rlhf_jax_score_offset", 0.0)
+    if arch == "gpt2":
+        assert abs(offset) < 1e-6  # folded into ln_f.bias: only float32 rounding is left
+    else:
+        assert offset == pytest.approx(constant, abs=1e-7)
+    back = models.from_pretrained(str(tmp_path), lm_head=False, score_head=True)
+    again = models.scores(back.graphdef, back.params, ref["tokens"], ref["attention_mask"])
+    np.testing.assert_allclose(again, ours, atol=ATOL, rtol=0)
+    theirs = _transformers_scores(tmp_path, ref)
+    np.testing.assert_allclose(theirs + offset, ours, atol=ATOL, rtol=0)
+    if arch == "gpt2":  # what a transformers user reads, with no correction, is our score
+        np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
+        assert abs(constant) > 100 * ATOL
 
 
 def test_sharded_checkpoint_and_placement(tmp_path):

@@ -14,10 +14,9 @@ used raises :class:`ModelLoadError` (a :class:`rlhf_jax.errors.UserError`) namin
 ``safetensors.numpy.save_file``; optionally sharded with an index, which bounds the host memory
 of the write to one shard) that ``transformers.AutoModelForCausalLM`` loads with
 the same logits (golden-tested). A reward model (score head, no LM head) is written in the
-``*ForSequenceClassification`` layout with ``num_labels=1``: ``score.weight = gain * kernel.T``;
-transformers has no bias there, so the constant ``gain * bias + reward_bias`` is kept in
-``config.json`` as ``rlhf_jax_score_offset`` (transformers' score differs from ours by it; our
-loader restores it exactly). A value head is not written (it is not part of the HF layouts).
+``*ForSequenceClassification`` layout with ``num_labels=1`` (see :func:`save_pretrained` for
+where the score's constant goes). A value head is not written (it is not part of the HF
+layouts).
 
 Tensor names (``{i}`` the layer; ``W`` = ``.weight``, Linear weights are ``[out, in]`` and are
 transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
@@ -632,17 +631,39 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
         x = flat[("lm_head", "kernel")]
         add("lm_head.weight", x.shape[::-1], x.dtype, lambda x=x: np.asarray(x).T)
     if seq_cls:
-        k = flat[("score_head", "kernel")]
-        gain = float(flat[("score_head", "reward_gain")])
-        b = float(np.asarray(flat[("score_head", "bias")]).reshape(()))
-        extra["rlhf_jax_score_offset"] = gain * b + float(flat[("score_head", "reward_bias")])
-        add(
-            "score.weight",
-            k.shape[::-1],
-            k.dtype,
-            lambda k=k, g=gain: (np.asarray(k, np.float32).T * g).astype(k.dtype),
-        )
+        w, offset, ln_f_bias = _score_export(config, flat)
+        if ln_f_bias is not None:  # the constant folded into GPT-2's ln_f.bias
+            i = next(j for j, t in enumerate(out) if t[0] == base + "ln_f.bias")
+            out[i] = (out[i][0], out[i][1], out[i][2], lambda b=ln_f_bias: b)
+        if offset != 0.0:
+            extra["rlhf_jax_score_offset"] = offset
+        add("score.weight", w.shape, w.dtype, lambda w=w: w)
     return out, extra
+
+
+def _score_export(config: ModelConfig, flat: dict) -> tuple[np.ndarray, float, Any]:
+    """``(score.weight [1, D], offset, new ln_f.bias or None)`` of a score head.
+
+    Ours is ``gain * (h . k + b) + r`` and transformers' ``score.weight . h``, so
+    ``score.weight = gain * k.T`` and the constant ``c = gain * b + r`` needs a home. GPT-2's
+    final LayerNorm ends in a bias that feeds nothing but the score (no LM head is exported with
+    a reward model): ``ln_f.bias += c w / (w . w)`` adds exactly ``c`` to ``w . h``. The part of
+    ``c`` that rounding to the parameter dtype loses (float32: ~1e-7 of the score scale;
+    bfloat16: more) and, for the RMSNorm families, all of ``c`` is returned as ``offset``.
+    """
+    k = np.asarray(flat[("score_head", "kernel")])
+    gain = float(np.asarray(flat[("score_head", "reward_gain")]))
+    b = float(np.asarray(flat[("score_head", "bias")], np.float64).reshape(()))
+    c = gain * b + float(np.asarray(flat[("score_head", "reward_bias")]))
+    w = (np.asarray(k, np.float64).T * gain).astype(k.dtype)  # [1, D]
+    w64 = np.asarray(w, np.float64)[0]
+    norm2 = float(w64 @ w64)
+    if config.arch != "gpt2" or c == 0.0 or norm2 == 0.0:
+        return w, c, None
+    beta = np.asarray(flat[("final_norm", "bias")])
+    folded = (np.asarray(beta, np.float64) + c * w64 / norm2).astype(beta.dtype)
+    achieved = float(w64 @ (np.asarray(folded, np.float64) - np.asarray(beta, np.float64)))
+    return w, c - achieved, folded
 
 
 def _write_safetensors(file: str, tensors: list) -> None:
@@ -667,7 +688,27 @@ def save_pretrained(model: Model, path: str, *, max_shard_bytes: int | None = No
       model: a :class:`Model` (params on any devices; each tensor is gathered to the host once).
       path: output directory (created).
       max_shard_bytes: split the weights into ``model-0000i-of-0000n.safetensors`` files of at
-        most this size (one tensor may exceed it) with ``model.safetensors.index.json``.
+        most this size (one tensor may exceed it) with ``model.safetensors.index.json``. The
+        host holds one file's tensors while it is written: set this to bound that memory.
+
+    A reward model (a score head and no LM head) is written as ``*ForSequenceClassification``
+    with ``num_labels=1``. Our score is ``gain * (h . kernel + bias) + reward_bias``;
+    transformers' is ``score.weight . h`` with no bias, so ``score.weight = gain * kernel.T`` and
+    the constant ``c = gain * bias + reward_bias`` goes:
+
+    - GPT-2: into ``ln_f.bias`` along the score direction, ``ln_f.bias += c w / (w . w)``. The
+      final LayerNorm feeds nothing else (no LM head is exported with a reward model), so
+      ``AutoModelForSequenceClassification`` gives our scores (to float32 rounding). The export's
+      ``ln_f.bias`` therefore differs from the trunk's; loading it back gives the same scores.
+    - Llama, Qwen2, Qwen3: nowhere exact. Their final RMSNorm has no additive term and its
+      output is invariant to scaling its input, so no constant survives it, and transformers'
+      ``score`` layer has no bias. ``c`` is written to ``config.json`` as
+      ``rlhf_jax_score_offset``: :func:`from_pretrained` adds it back (same scores), but a
+      transformers user gets ``score - c`` and must add ``config.rlhf_jax_score_offset`` to the
+      logits. Rank-based uses (comparisons, best-of-n) are unaffected.
+
+    Only what rounding to the parameter dtype loses of ``c`` (GPT-2) is kept in
+    ``rlhf_jax_score_offset``; the key is absent when nothing is left.
     """
     os.makedirs(path, exist_ok=True)
     tensors, extra = _hf_tensors(model)
