@@ -1,24 +1,37 @@
 """Experiment configs: frozen, typed, nested dataclasses loaded from YAML with overrides.
 
-One :class:`ExperimentConfig` describes a whole pipeline (SFT, reward model, PPO) and where it
-runs. It is composed from the configs the library modules own — ``SFTConfig``,
-``RewardModelConfig``, ``PPOConfig``, ``OptimConfig``, ``LoopConfig``, ``ParallelConfig`` — so a
-field is documented once, where it is used. A config comes from three layers, each overriding the
-one before::
+One experiment config (``rlhf_jax.pipeline.ExperimentConfig``) describes a whole pipeline (SFT,
+reward model, PPO) and where it runs. It is composed from the configs the library modules own —
+``SFTConfig``, ``RewardModelConfig``, ``PPOConfig``, ``OptimConfig``, ``LoopConfig``,
+``ParallelConfig`` — so a field is documented once, where it is used. A config comes from four
+layers, each overriding the one before::
 
-    dataclass defaults  <  a YAML file (experiments/configs/*.yaml)  <  key.path=value overrides
+    dataclass defaults  <  the chosen preset's source defaults  <  a YAML file  <  overrides
 
-:func:`load_config` does the layering and :func:`from_dict` the typed conversion (PyYAML parses;
-this module checks every value against the dataclass field's type). Errors say what to change:
+- *dataclass defaults* include a section's default in its parent, which may differ from the section
+  class's own defaults (``PPOConfig.optim`` keeps ``eps=1e-5`` when only its learning rate is set);
+- *the chosen preset's source defaults*: a section with a ``preset`` field set explicitly (in the
+  file or an override) to a name of :data:`rlhf_jax.presets.PRESETS` (``ppo.trainer.preset=
+  lm-human-preferences``) also takes that source's default hyperparameters
+  (:class:`rlhf_jax.presets.SourceDefaults`: ``kl_coef``, ``kl_controller``, ``kl_target``, ...)
+  for the fields of the section it has and that the file and overrides do not set. A source default
+  of None (the source has no such number) leaves the field alone. A preset that only comes from a
+  dataclass default applies nothing; ``rlhf-jax`` (the library's own) changes no default.
+
+:func:`load_config` does the layering (PyYAML parses) and :func:`from_dict` the typed conversion:
+pydantic validates the nested mapping against the dataclasses themselves (strict types, unknown
+keys forbidden, ``__post_init__`` run), and this module rewrites its errors into one line that says
+what to change:
 
 - an unknown key names the file and line (or the override) and lists the close matches and the
   keys that section accepts;
-- a wrong type names the field, the type it expects and the value it got;
-- a value a config's ``__post_init__`` rejects is reported with the section path it sits at.
+- a wrong type names the key path, the type it expects and the value it got;
+- a value a config's ``__post_init__`` rejects is reported with the section path it sits at and
+  where it was set.
 
-Override values are YAML scalars or flow collections: ``ppo.kl_coef=0.05``,
+Override values are YAML scalars or flow collections: ``ppo.trainer.kl_coef=0.05``,
 ``run.wandb_project=null``, ``parallel.mesh.data=-1``, ``sft.data.stop_tokens=[0,2]``. Floats may
-be written ``1e-5`` (PyYAML reads that as a string; float fields accept it).
+be written ``1e-5`` (read as a float, as YAML 1.2 does; PyYAML alone reads it as a string).
 """
 
 from __future__ import annotations
@@ -26,21 +39,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import inspect
+import json
 import os
-import pathlib
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pydantic
 import yaml
 
+from rlhf_jax import presets
 from rlhf_jax.errors import UsageError
 
 __all__ = [
     "ConfigError",
+    "load_config",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -81,8 +98,72 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------
-# Typed conversion
+# Layering: a section's default in its parent < the chosen preset's source defaults < given keys
 # ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _section_class(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    arms = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    found = [a for a in arms if dataclasses.is_dataclass(a) and isinstance(a, type)]
+    return found[0] if len(found) == 1 and len(arms) == 1 else None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _preset_defaults(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The source defaults of the preset ``given`` names, for the fields of ``cls`` not given."""
+    names = _init_fields(cls)
+    chosen = given.get("preset") if "preset" in names else None
+    preset = presets.PRESETS.get(chosen) if isinstance(chosen, str) else None
+    if preset is None:  # no preset chosen here, or a name the dataclass itself rejects
+        return {}
+    source = to_dict(preset.defaults)
+    return {k: v for k, v in source.items() if k in names and k not in given and v is not None}
+
+
+def _layer(cls: type, given: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The mapping validated for section ``cls``: ``base`` (its default in the parent) < the chosen
+    preset's source defaults < ``given``, recursively into the sections ``given`` sets."""
+    out = {**(base or {}), **_preset_defaults(cls, given)}
+    fields = _init_fields(cls)
+    for key, value in given.items():
+        sub = _section_class(_hints(cls)[key]) if key in fields else None
+        if sub is not None and isinstance(value, Mapping):
+            outer = (base or {}).get(key) if base else to_dict(_default(fields[key]))
+            value = _layer(sub, value, outer if isinstance(outer, Mapping) else None)
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Validation (pydantic) and its errors
+# ------------------------------------------------------------------------------------------
+
+# Strict types (a bool is no float, "5" no int), unknown keys forbidden. Validated from JSON, where
+# strict mode still takes arrays for tuples and mappings for dataclasses; the nested stdlib
+# dataclasses inherit this config (none of ours sets ``__pydantic_config__``).
+_STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
+
+
+@functools.cache
+def _validator(cls: type) -> type[pydantic.BaseModel]:
+    return pydantic.create_model(f"_{cls.__name__}Input", __config__=_STRICT, value=(cls, ...))
 
 
 def _type_name(tp: Any) -> str:
@@ -100,6 +181,32 @@ def _type_name(tp: Any) -> str:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
     return str(tp)
+
+
+def _locate(cls: type, loc: Sequence[str | int], path: str) -> tuple[str, Any, Any, type]:
+    """Follow a pydantic error location through the schema: ``(key path, the field's declared
+    type, the type the error is about, the section it sits in)``."""
+    declared = tp = section = cls
+    for item in loc:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            if len(arms) > 1:  # pydantic names the arm it tried ('int', 'PPOConfig', ...)
+                tp = next((a for a in arms if getattr(a, "__name__", None) == item), Any)
+                continue
+            tp = arms[0]
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            section, tp = tp, _hints(tp).get(item, Any)
+            path = f"{path}.{item}" if path else str(item)
+        elif isinstance(item, int):
+            path += f"[{item}]"
+            fixed = typing.get_origin(tp) is tuple and Ellipsis not in args
+            tp = args[item] if fixed and item < len(args) else (args[0] if args else Any)
+        else:  # a key of a mapping
+            path += f".{item}"
+            tp = args[-1] if args else Any
+        declared = tp
+    return path, declared, tp, section
 
 
 def _where(path: str, sources: Mapping[str, str]) -> str:
@@ -123,200 +230,48 @@ def _section_source(path: str, sources: Mapping[str, str]) -> str:
     return f"{inside[-1]}: " if inside else _where(path, sources)
 
 
-class _Mismatch(Exception):
-    pass
-
-
-def _convert(tp: Any, value: Any, path: str, sources: Mapping[str, str]) -> Any:
-    """Convert a YAML value to ``tp`` or raise ConfigError naming ``path``."""
-    if tp is Any or tp is typing.Any:
-        return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return _from_dict(tp, value, path, sources)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _convert(args[0], value, path, sources)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        errors = []
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _convert(arm, value, path, sources)
-            except _Mismatch:
-                continue
-            except ConfigError as err:  # a dataclass arm that matched in shape but not in detail
-                errors.append(err)
-        if errors:
-            raise errors[0]
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ConfigError(
-            f"{_where(path, sources)}{path}={value!r}: choose one of {', '.join(map(repr, args))}"
-        )
-    if origin in (tuple, list, Sequence, typing.Sequence):
-        if not isinstance(value, list | tuple):
-            raise _Mismatch
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ConfigError(
-                    f"{_where(path, sources)}{path}: expected {len(args)} items "
-                    f"({_type_name(tp)}), got {len(value)}: {value!r}"
-                )
-            items = [
-                _convert_field(a, v, f"{path}[{i}]", sources)
-                for i, (a, v) in enumerate(zip(args, value, strict=True))
-            ]
-        else:
-            item = args[0] if args else Any
-            items = [_convert_field(item, v, f"{path}[{i}]", sources) for i, v in enumerate(value)]
-        return list(items) if origin is list else tuple(items)
-    if origin in (dict, Mapping, typing.Mapping):
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        kt, vt = args if args else (Any, Any)
-        return {
-            _convert_field(kt, k, f"{path}.{k}", sources): _convert_field(
-                vt, v, f"{path}.{k}", sources
-            )
-            for k, v in value.items()
-        }
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(
-                f"{_where(path, sources)}{path}={value!r}: choose one of "
-                f"{', '.join(repr(m.value) for m in tp)}"
-            ) from None
-    if tp in (pathlib.Path, os.PathLike):
-        if isinstance(value, str | os.PathLike):
-            return pathlib.Path(value)
-        raise _Mismatch
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise _Mismatch
-
-
-def _convert_field(tp: Any, value: Any, path: str, sources: Mapping[str, str]) -> Any:
-    try:
-        return _convert(tp, value, path, sources)
-    except _Mismatch:
-        got = type(value).__name__ if not isinstance(value, Mapping) else "a mapping"
-        hint = ""
-        if dataclasses.is_dataclass(tp) or any(
-            dataclasses.is_dataclass(a) for a in typing.get_args(tp)
-        ):
-            hint = f" (a section: set its keys, e.g. {path}.<key>=...)"
-        raise ConfigError(
-            f"{_where(path, sources)}{path}: expected {_type_name(tp)}, got {got} {value!r}{hint}"
-        ) from None
-
-
-def _unknown_key(cls: type, key: str, path: str, sources: Mapping[str, str]) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
-    full = f"{path}.{key}" if path else str(key)
-    section = path or "the top level"
-    msg = f"{_where(full, sources)}unknown key {full!r}"
+def _unknown_key(section: type, path: str, sources: Mapping[str, str]) -> str:
+    names = list(_init_fields(section))
+    parent, _, key = path.rpartition(".")
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    msg = f"{_where(path, sources)}unknown key {path!r}"
     if close:
-        prefix = f"{path}." if path else ""
+        prefix = f"{parent}." if parent else ""
         msg += f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?"
     else:
         msg += "."
-    msg += f" The keys of {section} ({cls.__name__}) are: {', '.join(names)}"
-    return ConfigError(msg)
+    section_name = f"{parent or 'the top level'} ({section.__name__})"
+    return f"{msg} The keys of {section_name} are: {', '.join(names)}"
 
 
-def _from_dict(cls: type, data: Mapping[str, Any], path: str, sources: Mapping[str, str]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    try:
-        hints = typing.get_type_hints(cls, include_extras=True)
-    except Exception as err:  # noqa: BLE001 - an unresolvable annotation is a library bug
-        raise TypeError(f"cannot resolve the field types of {cls.__qualname__}: {err}") from err
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key(cls, key, path, sources)
-        sub = f"{path}.{key}" if path else key
-        default = _default(fields[key])
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(default):
-            # A section overrides the keys it names; the rest keep this field's default, which
-            # may differ from the section class's own defaults (PPOConfig.optim sets eps=1e-5).
-            value = _merge(to_dict(default), value)
-        kwargs[key] = _convert_field(hints[key], value, sub, sources)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        where = path or "the top level"
-        raise ConfigError(f"{where} ({cls.__name__}): required keys missing: {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
-        where = path or "the config"
-        raise ConfigError(f"{_section_source(path, sources)}in {where}: {err}") from err
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` written over it, recursively for nested mappings."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def _explain(err: Mapping[str, Any], errors, cls: type, prefix: str, sources) -> str:
+    """One line for the first pydantic error: where it was set, the key path and what to do."""
+    path, declared, tp, section = _locate(cls, err["loc"][1:], prefix)
+    kind, value = err["type"], err.get("input")
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(section, path, sources)
+    if kind == "missing":
+        parent = path.rpartition(".")[0]
+        missing = [e["loc"][-1] for e in errors if e["type"] == "missing"]
+        missing = [m for m in missing if m in _init_fields(section)]
+        where = parent or "the top level"
+        return f"{where} ({section.__name__}): required keys missing: {', '.join(missing)}"
+    if kind in ("value_error", "assertion_error"):
+        return f"{_section_source(path, sources)}in {path or 'the config'}: {err['ctx']['error']}"
+    where = _where(path, sources)
+    if kind in ("literal_error", "enum"):
+        choices = ", ".join(map(repr, typing.get_args(tp))) or err["ctx"]["expected"]
+        return f"{where}{path}={value!r}: choose one of {choices}"
+    if kind in ("too_long", "too_short") and typing.get_origin(tp) is tuple:
+        want = len(typing.get_args(tp))
+        return (
+            f"{where}{path}: expected {want} items ({_type_name(tp)}), got {len(value)}: {value!r}"
+        )
+    got = "a mapping" if isinstance(value, Mapping) else type(value).__name__
+    hint = ""
+    if _section_class(declared) is not None:
+        hint = f" (a section: set its keys, e.g. {path}.<key>=...)"
+    return f"{where}{path}: expected {_type_name(declared)}, got {got} {value!r}{hint}"
 
 
 def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: str = "") -> Any:
@@ -324,7 +279,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: 
 
     Args:
       cls: a (frozen) dataclass type; nested dataclass fields take nested mappings.
-      data: the values; missing keys take the dataclass defaults.
+      data: the values; missing keys take the defaults (the section's default in its parent, and
+        the source defaults of a preset ``data`` chooses: see the module docstring).
       sources: optional ``{key path: "file.yaml:12"}`` used to point errors at their origin.
       path: the key path of ``data`` inside a bigger config (for messages).
     """
@@ -332,7 +288,21 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: 
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'the config'}: expected a mapping of keys, got {data!r}")
-    return _from_dict(cls, data, path, sources or {})
+    sources = sources or {}
+    validator = _validator(cls)  # outside the try: a schema pydantic cannot build is a bug here
+    text = json.dumps({"value": to_dict(_layer(cls, data, None))}, default=str)
+    try:
+        return validator.model_validate_json(text).value
+    except pydantic.ValidationError as err:
+        errors = err.errors()
+        cause = errors[0].get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_explain(errors[0], errors, cls, path, sources)) from None
+    except TypeError as err:  # a __post_init__ check that raised TypeError, not ValueError
+        raise ConfigError(
+            f"{_section_source(path, sources)}in {path or 'the config'}: {err}"
+        ) from err
 
 
 def to_dict(cfg: Any) -> Any:
@@ -355,6 +325,23 @@ def to_dict(cfg: Any) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-5``, ``3E+2``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line (its ``str`` quotes the text over several)."""
+    parts = (getattr(err, "context", None), getattr(err, "problem", None))
+    return ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+
+
 def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     """Read a YAML config: ``(data, {key path: "file:line"})``. Errors name the file and line."""
     path = os.fspath(path)
@@ -368,12 +355,12 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}{line}: not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
@@ -397,12 +384,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(
-            f"override {text!r}: write key.path=value, e.g. ppo.optim.learning_rate=1e-5"
+            f"override {text!r}: write key.path=value, e.g. ppo.trainer.optim.learning_rate=1e-5"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})"
+        ) from None
     return key.split("."), value
 
 

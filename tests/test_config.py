@@ -1,4 +1,5 @@
-"""Config loading, overrides, the YAML round trip, the presets, and a table of bad inputs."""
+"""Config loading, overrides, the YAML round trip, the presets (files and source defaults), and a
+table of bad inputs."""
 
 import dataclasses
 import glob
@@ -26,6 +27,23 @@ class _Root:
     leaf: _Leaf = _Leaf()  # a nested local section
     names: tuple[str, ...] = ()  # a variable-length tuple
     table: dict[str, int] = dataclasses.field(default_factory=dict)  # a mapping
+    maybe: _Leaf | None = None  # an optional section
+
+
+@dataclasses.dataclass(frozen=True)
+class _Needs:
+    size: int  # required
+    name: str  # required
+    leaf: _Leaf = _Leaf()  # a section
+
+
+@dataclasses.dataclass(frozen=True)
+class _Algo:
+    preset: str = "rlhf-jax"  # names an entry of rlhf_jax.presets.PRESETS
+    kl_coef: float = 1.0  # one of the SourceDefaults fields
+    gamma: float = 0.5  # another
+    vf_coef: float = 0.3  # None in some sources: left alone there
+    other: int = 7  # not a source default
 
 
 def test_layers_defaults_yaml_overrides(tmp_path):
@@ -54,7 +72,7 @@ def test_local_types():
     cfg = C.from_dict(
         _Root,
         {
-            "optim": {"learning_rate": "1e-4"},
+            "optim": {"learning_rate": 1e-4},
             "leaf": {"pair": [3, 4]},
             "names": ["a"],
             "table": {"x": 1},
@@ -167,6 +185,18 @@ def test_bad_files(tmp_path):
     assert C.load_config(_bad_yaml(tmp_path, "", name="empty.yaml")) == ExperimentConfig()
 
 
+def test_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5 as a string; the loader reads it as YAML 1.2 does.
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  trainer:\n    optim:\n      learning_rate: 3e-4\n    kl_coef: 1E-2\n")
+    cfg = C.load_config(f, ["ppo.trainer.clip_eps=2e-1", "run.dir=1e5x"])
+    trainer = cfg.ppo.trainer
+    assert trainer.optim.learning_rate == 3e-4 and trainer.kl_coef == 0.01
+    assert trainer.clip_eps == 0.2 and cfg.run.dir == "1e5x"
+    with pytest.raises(C.ConfigError, match=r"run.dir: expected str, got float 100000.0"):
+        C.load_config(None, ["run.dir=1e5"])  # a string that looks like a float must be quoted
+
+
 def test_local_bad_types():
     with pytest.raises(C.ConfigError, match=r"leaf.pair: expected 2 items"):
         C.from_dict(_Root, {"leaf": {"pair": [1, 2, 3]}})
@@ -176,6 +206,36 @@ def test_local_bad_types():
         C.from_dict(_Root, {"optim": {"learning_rate": -1}})
     with pytest.raises(C.ConfigError, match=r"table.x: expected int"):
         C.from_dict(_Root, {"table": {"x": "y"}})
+    with pytest.raises(
+        C.ConfigError, match=r"^optim.learning_rate: expected float, got str '1e-4'$"
+    ):
+        C.from_dict(_Root, {"optim": {"learning_rate": "1e-4"}})  # strict: no str -> float
+    with pytest.raises(C.ConfigError, match=r"^names: expected tuple\[str, \.\.\.\], got str 'a'$"):
+        C.from_dict(_Root, {"names": "a"})
+    with pytest.raises(C.ConfigError, match=r"^leaf.pair\[0\]: expected int, got float 1.5$"):
+        C.from_dict(_Root, {"leaf": {"pair": [1.5, 2]}})
+    with pytest.raises(
+        C.ConfigError,
+        match=r"^unknown key 'maybe.pari'; did you mean 'maybe.pair'\? "
+        r"The keys of maybe \(_Leaf\) are: pair, mode$",
+    ):
+        C.from_dict(_Root, {"maybe": {"pari": [1, 2]}})  # inside an optional section
+    with pytest.raises(C.ConfigError, match=r"^unknown key 'zzz'\. The keys of the top level"):
+        C.from_dict(_Root, {"zzz": 1})
+    with pytest.raises(
+        C.ConfigError, match=r"^the top level \(_Needs\): required keys missing: size, name$"
+    ):
+        C.from_dict(_Needs, {"leaf": {}})
+    with pytest.raises(C.ConfigError, match=r"^stage.leaf.mode: expected str, got int 3$"):
+        C.from_dict(_Needs, {"size": 1, "name": "x", "leaf": {"mode": 3}}, path="stage")
+
+
+def test_messages_are_one_line(tmp_path):
+    for _, text, overrides, _ in BAD:
+        path = _bad_yaml(tmp_path, text) if text is not None else None
+        with pytest.raises(C.ConfigError) as err:
+            C.load_config(path, overrides)
+        assert "\n" not in str(err.value) and "pydantic" not in str(err.value)
 
 
 def test_a_section_keeps_its_parents_defaults(tmp_path):
@@ -201,3 +261,61 @@ def test_composed_sections_validate():
         C.load_config(None, ["ppo.trainer.kl_cof=0.1"])
     with pytest.raises(C.ConfigError, match=r"num_completions \(K\) must be set"):
         C.load_config(None, ["rm.data.kind=ranking"])
+
+
+# --- the chosen preset's source defaults: dataclass defaults < preset < YAML < overrides ---
+
+
+def test_a_preset_applies_its_source_defaults():
+    from rlhf_jax.presets import PRESETS
+
+    src = PRESETS["lm-human-preferences"].defaults
+    cfg = C.load_config(
+        None, ["ppo.trainer.preset=lm-human-preferences", "ppo.trainer.stop_tokens=[2]"]
+    ).ppo.trainer
+    assert (
+        (cfg.kl_coef, cfg.kl_controller) == (0.15, "adaptive") == (src.kl_coef, src.kl_controller)
+    )
+    assert (cfg.kl_target, cfg.kl_horizon) == (6.0, 10000.0) == (src.kl_target, src.kl_horizon)
+    assert (cfg.gamma, cfg.lam, cfg.clip_eps, cfg.value_clip, cfg.vf_coef) == (
+        src.gamma,
+        src.lam,
+        src.clip_eps,
+        src.value_clip,
+        src.vf_coef,
+    )
+    assert cfg.conventions == PRESETS["lm-human-preferences"].conventions
+    # safe-rlhf: kl_coef 0.02, value_clip 5; its vf_coef is None (separate critic optimizer): kept
+    safe = C.load_config(None, ["ppo.trainer.preset=safe-rlhf"]).ppo.trainer
+    assert (safe.kl_coef, safe.value_clip, safe.vf_coef) == (0.02, 5.0, 0.1)
+
+
+def test_explicit_keys_beat_the_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  trainer:\n    preset: safe-rlhf\n    kl_coef: 0.3\n    gamma: 0.9\n")
+    cfg = C.load_config(f, ["ppo.trainer.gamma=0.99"]).ppo.trainer
+    assert cfg.kl_coef == 0.3  # YAML beats the preset
+    assert cfg.gamma == 0.99  # the override beats YAML
+    assert cfg.value_clip == 5.0  # not set: the preset's
+    # the preset chosen by an override still loses to a key the file sets
+    g = tmp_path / "d.yaml"
+    g.write_text("ppo:\n  trainer:\n    value_clip: 0.5\n")
+    cfg = C.load_config(g, ["ppo.trainer.preset=safe-rlhf"]).ppo.trainer
+    assert (cfg.value_clip, cfg.kl_coef) == (0.5, 0.02)
+    # a written config reads back unchanged (every key is explicit there)
+    (tmp_path / "back.yaml").write_text(C.to_yaml(C.load_config(f)))
+    assert C.load_config(tmp_path / "back.yaml") == C.load_config(f)
+
+
+def test_the_rlhf_jax_preset_changes_nothing():
+    assert C.load_config(None, ["ppo.trainer.preset=rlhf-jax"]) == C.load_config(None)
+
+
+def test_preset_defaults_are_generic():
+    # any section with a `preset` field naming a source takes the source defaults it has fields for
+    assert C.from_dict(_Algo, {}) == _Algo()  # a preset that is only a default applies nothing
+    cfg = C.from_dict(_Algo, {"preset": "trl-ppo", "gamma": 0.25})
+    assert cfg == _Algo(preset="trl-ppo", kl_coef=0.05, gamma=0.25, vf_coef=0.1, other=7)
+    cfg = C.from_dict(_Algo, {"preset": "deepspeed-chat"})
+    assert (cfg.kl_coef, cfg.gamma, cfg.vf_coef) == (0.1, 1.0, 0.3)  # vf_coef None: untouched
+    assert C.from_dict(_Algo, {"preset": "not-a-source"}).kl_coef == 1.0  # not a source: nothing
