@@ -17,6 +17,12 @@ Conventions:
   after it — written by the killed run after its last checkpoint — are dropped (the file is
   rewritten atomically), a line cut short by the kill is dropped, and TensorBoard purges its
   events after that step. The resumed run then writes exactly the lines an uninterrupted run would.
+- The step a run resumes from is known for sure only after the restore: when the newest
+  checkpoint is damaged, :meth:`rlhf_jax.checkpoint.Checkpointer.restore_latest` falls back to an
+  older one. Call :meth:`RunLogger.truncate_to` with the step it returned. As a safety net, a
+  logger created with ``resume_step`` that is first asked to log a step the file already holds
+  (from the killed run) drops that line and every later one before writing, so a step is never
+  written twice.
 """
 
 from __future__ import annotations
@@ -98,6 +104,21 @@ def _truncate_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _last_step(path: str) -> int | None:
+    """The largest step of a JSONL file's readable lines, or None."""
+    if not os.path.exists(path):
+        return None
+    last = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = int(json.loads(line).get("step", 0))
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+                continue
+            last = step if last is None else max(last, step)
+    return last
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -147,6 +168,8 @@ class RunLogger:
         self._wandb = None
         self._bar = None
         self._closed = False
+        # The last step a killed run left in metrics.jsonl beyond resume_step (see truncate_to).
+        self._stale_max: int | None = None
         if not self.enabled:
             return
         os.makedirs(self.run_dir, exist_ok=True)
@@ -154,16 +177,12 @@ class RunLogger:
         if resume_step is not None:
             _truncate_after(metrics_path, int(resume_step))
             _truncate_after(os.path.join(self.run_dir, SAMPLES_FILE), int(resume_step))
+            self._stale_max = _last_step(metrics_path)
         if wandb_project is not None:
             self._wandb = self._start_wandb(wandb_project, wandb_run_name, config)
         self._file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            purge = None if resume_step is None else int(resume_step) + 1
-            self._tb = SummaryWriter(
-                logdir=os.path.join(self.run_dir, TENSORBOARD_DIR), purge_step=purge, flush_secs=30
-            )
+            self._open_tensorboard(None if resume_step is None else int(resume_step) + 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -174,6 +193,46 @@ class RunLogger:
                 dynamic_ncols=True,
                 leave=True,
             )
+
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(
+            logdir=os.path.join(self.run_dir, TENSORBOARD_DIR),
+            purge_step=purge_step,
+            flush_secs=30,
+        )
+
+    def truncate_to(self, step: int) -> None:
+        """Resume from ``step``: drop what this run directory holds after it.
+
+        Call it with the step the checkpoint actually restored (the ``step`` that
+        :meth:`rlhf_jax.checkpoint.Checkpointer.restore_latest` returned), which is older than
+        the ``resume_step`` given at construction when the newest checkpoint was unreadable.
+        Lines of ``metrics.jsonl`` and ``samples.jsonl`` with a larger step are removed (the files
+        are rewritten atomically), TensorBoard purges its events after ``step``, and the progress
+        bar moves back to ``step``. Safe to call with the construction's ``resume_step`` (nothing
+        changes) and before any :meth:`log`.
+        """
+        step = int(step)
+        self._last_step, self._last_time = step, time.perf_counter()
+        self._stale_max = None
+        if not self.enabled or self._closed:
+            return
+        metrics_path = os.path.join(self.run_dir, METRICS_FILE)
+        self._file.close()
+        _truncate_after(metrics_path, step)
+        self._file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
+        _truncate_after(os.path.join(self.run_dir, SAMPLES_FILE), step)
+        if self._tb is not None:
+            self._tb.close()
+            self._open_tensorboard(step + 1)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
 
     def _start_wandb(self, project, name, config):
         try:
@@ -226,6 +285,10 @@ class RunLogger:
         the metric when a value is not a scalar.
         """
         step = int(step)
+        if self._stale_max is not None:
+            if step <= self._stale_max:  # the killed run's lines from here on are stale
+                self.truncate_to(step - 1)
+            self._stale_max = None
         now = time.perf_counter()
         host = jax.device_get(dict(metrics))  # one transfer for all device scalars
         record: dict[str, float] = {}

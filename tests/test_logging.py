@@ -70,6 +70,50 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_torn_line(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["reward"] == 40.0
 
 
+def _raw_steps(run_dir, name=METRICS_FILE):
+    """Every step line in the file, duplicates included (read_metrics keeps the last of each)."""
+    with open(os.path.join(run_dir, name)) as f:
+        return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+def _killed_run_with_checkpoints_at_6_7_8(run_dir):
+    """A run logged 1..8 (checkpoints 6, 7, 8); the caller then finds checkpoint 8 unreadable."""
+    with RunLogger(run_dir, tensorboard=False, progress=False) as lg:
+        for s in range(1, 9):
+            lg.log(s, {"loss": float(s)})
+            lg.log_samples(s, [{"text": f"sample {s}"}])
+
+
+def test_truncate_to_the_step_actually_restored(tmp_path):
+    # The logger is built with the latest checkpoint (8) as resume_step; the restore then falls
+    # back to 6: truncate_to(6) must drop 7 and 8 so the resumed run does not write them twice.
+    _killed_run_with_checkpoints_at_6_7_8(tmp_path)
+    with RunLogger(tmp_path, resume_step=8, tensorboard=True, progress=True) as lg:
+        lg.truncate_to(6)
+        for s in (7, 8):
+            lg.log(s, {"loss": 10.0 * s})
+            lg.log_samples(s, [{"text": f"resumed {s}"}])
+    assert _raw_steps(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["loss"] for r in read_metrics(tmp_path)][-3:] == [6.0, 70.0, 80.0]
+    assert _raw_steps(tmp_path, "samples.jsonl") == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_stale_lines_of_the_killed_run_are_never_written_twice(tmp_path):
+    # Without truncate_to (a caller that does not know about the fallback), the first step
+    # logged that the file already holds drops the killed run's lines from there on.
+    _killed_run_with_checkpoints_at_6_7_8(tmp_path)
+    with RunLogger(tmp_path, resume_step=8, tensorboard=False, progress=False) as lg:
+        lg.log(7, {"loss": 70.0})
+        lg.log(7, {"loss": 71.0})  # this run's own lines are kept, even for the same step
+        lg.log(8, {"loss": 80.0})
+    assert _raw_steps(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 7, 8]
+    assert [r["loss"] for r in read_metrics(tmp_path)][-3:] == [6.0, 71.0, 80.0]
+    # A fresh logger (no resume_step) appends, as before.
+    with RunLogger(tmp_path, tensorboard=False, progress=False) as lg:
+        lg.log(1, {"loss": 0.5})
+    assert _raw_steps(tmp_path)[-1] == 1 and len(_raw_steps(tmp_path)) == 10
+
+
 def test_read_metrics_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path)
