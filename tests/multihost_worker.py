@@ -6,7 +6,13 @@ fake CPU devices, trains the problem of :func:`train` for a few steps on a hybri
 ``data`` axis spans the processes, and process 0 writes the losses and final parameters to ``F``
 (``.npz``). The test compares them with one process holding all the devices.
 
-Importable too (``import multihost_worker``): the test calls :func:`train` in-process.
+The training is the trainers' own path, as ``sft.run(..., mesh=, parallel_cfg=)`` takes it: the
+state placed by the preset's rules (``parallel.state_shardings``), the step of
+``rlhf_jax.algorithms.sft.make_step`` compiled for the mesh (``parallel.jit_step``, gradients by
+``parallel.accumulate`` in the ``jit`` or ``shard_map`` form), and each process feeding only its
+own rows of the global batch (``parallel.process_rows``) through ``parallel.shard_batches``.
+
+Importable too (``import multihost_worker``): the tests call :func:`train` in-process.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ def model():
 
 @functools.cache
 def problem():
-    """``(params, loss_fn, batch)``: :func:`model`, an SFT token loss, a global batch.
+    """``(params, batch)``: :func:`model`'s parameters and a global batch of token rows
+    (``tokens``, ``mask`` [GLOBAL_BATCH, SEQ_LEN], right-padded), trained on by the SFT token
+    loss of every real token after the first (:func:`rlhf_jax.algorithms.sft.corpus_batch`).
 
     All host (numpy) values, identical in every process (fixed seeds); cached, so the compiled
     steps are shared between tests (never modify the returned arrays).
@@ -52,68 +60,68 @@ def problem():
     import jax
     import numpy as np
 
-    from rlhf_jax import models
-
     lm = model()
     params = jax.tree.map(np.asarray, lm.params)
-    graphdef = lm.graphdef
-    cfg = lm.config
-
-    def loss_fn(params, batch):
-        logp = models.token_logprobs(graphdef, params, batch["tokens"], batch["mask"])
-        mask = batch["mask"][:, 1:].astype(logp.dtype)
-        return -(logp * mask).sum(), (mask.sum(), {})
-
     rng = np.random.default_rng(1)
-    tokens = rng.integers(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ_LEN)).astype(np.int32)
+    tokens = rng.integers(0, lm.config.vocab_size, (GLOBAL_BATCH, SEQ_LEN)).astype(np.int32)
     lengths = rng.integers(2, SEQ_LEN + 1, (GLOBAL_BATCH,))
     mask = (np.arange(SEQ_LEN)[None] < lengths[:, None]).astype(np.int32)
-    return params, loss_fn, {"tokens": tokens, "mask": mask}
+    return params, {"tokens": tokens, "mask": mask}
+
+
+def sft_config():
+    """The trainer's config: AdamW with ``eps=1e-3`` and a large learning rate.
+
+    Adam divides each gradient entry by its own magnitude, so an entry whose gradient is far
+    below ``eps`` moves by ``lr / eps`` times its gradient. A rounding difference ``d`` in that
+    gradient (the cross-device summation order changes the last bits) becomes ``d * lr / eps``
+    in the parameter: 1e3 x with ``lr=1e-2, eps=1e-5``, more than the 1e-5 tolerance on entries
+    near zero. ``eps=1e-3`` bounds the amplification to 10x, so the comparison tests the
+    parallelism, not Adam's conditioning; entries with larger gradients still get Adam's
+    normalised update.
+    """
+    from rlhf_jax.algorithms import sft
+    from rlhf_jax.optim import OptimConfig
+
+    return sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=GLOBAL_BATCH)
+
+
+@functools.cache
+def compiled_step(mesh, preset: str, mode: str):
+    """``(step, state_shardings)``: the SFT trainer's step compiled for ``mesh`` with the state on
+    ``preset``'s rule shardings (cached: compiled once per placement and test run)."""
+    import jax
+
+    from rlhf_jax import parallel
+    from rlhf_jax.algorithms import sft
+
+    params, _ = problem()
+    cfg = sft_config()
+    abstract = jax.eval_shape(lambda p: sft.init_state(p, cfg), params)
+    shardings = parallel.state_shardings(abstract, mesh, preset)
+    step = sft.make_step(model().graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=mode)
+    return step, shardings
 
 
 def setup(mesh, preset: str, mode: str = "jit"):
-    """Place :func:`problem` on ``mesh`` by the ``preset`` rules.
+    """Place :func:`problem` on ``mesh`` as the trainers do.
 
-    Returns ``(step, params, opt_state, batch, specs)``; ``batch`` is the global batch assembled
-    from this process's own rows, ``specs`` the parameters' specs on this mesh.
+    Returns ``(step, state, batches, shardings)``: the compiled trainer step, the fresh
+    ``TrainState`` placed by ``preset``'s rules, a run-loop batch source ``batches(s)`` whose
+    batches are the global batch assembled from this process's own rows, and the state's
+    shardings (the step's in and out shardings).
     """
     import jax
 
     from rlhf_jax import parallel
+    from rlhf_jax.algorithms import sft
 
-    params, _, batch = problem()
-    step, optimizer = _step(mesh, preset, mode)
-    specs = parallel.param_specs(params, preset, mesh)
-    params = parallel.shard_params(params, mesh, preset)
-    opt_state = parallel.init_opt_state(optimizer, params, mesh, specs)
-    rows = GLOBAL_BATCH // jax.process_count()
-    lo = jax.process_index() * rows
-    local = jax.tree.map(lambda x: x[lo : lo + rows], batch)
-    return step, params, opt_state, parallel.shard_batch(local, mesh), specs
-
-
-@functools.cache
-def _step(mesh, preset: str, mode: str):
-    """The compiled step of :func:`problem` for one placement (cached: compiled once per test run).
-
-    AdamW with ``eps=1e-3``: Adam divides each gradient entry by its own magnitude, so an entry
-    whose gradient is far below ``eps`` moves by ``lr / eps`` times its gradient. A rounding
-    difference ``d`` in that gradient (the cross-device summation order changes the last bits)
-    becomes ``d * lr / eps`` in the parameter: 1e3 x with ``lr=1e-2, eps=1e-5``, more than the
-    1e-5 tolerance on entries near zero. ``eps=1e-3`` bounds the amplification to 10x, so the
-    comparison tests the parallelism, not Adam's conditioning; entries with larger gradients
-    still get Adam's normalised update.
-    """
-    from rlhf_jax import parallel
-    from rlhf_jax.optim import OptimConfig, make_optimizer
-
-    params, loss_fn, _ = problem()
-    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-3))
-    specs = parallel.param_specs(params, preset, mesh)
-    step = parallel.make_data_parallel_step(
-        loss_fn, optimizer, mesh, mode=mode, param_specs_tree=specs
-    )
-    return step, optimizer
+    params, batch = problem()
+    step, shardings = compiled_step(mesh, preset, mode)
+    state = jax.device_put(sft.init_state(params, sft_config()), shardings)
+    rows = parallel.process_rows(GLOBAL_BATCH)
+    local = sft.corpus_batch(batch["tokens"][rows], batch["mask"][rows])
+    return step, state, parallel.shard_batches(lambda s: local, mesh), shardings
 
 
 def to_host(params, metrics: list[dict]) -> dict:
@@ -133,16 +141,18 @@ def to_host(params, metrics: list[dict]) -> dict:
 
 @functools.cache
 def train(mesh, preset: str, mode: str = "jit", steps: int = STEPS):
-    """Train :func:`problem` for ``steps`` on ``mesh``. Returns ``(to_host(...), params)``.
+    """Train :func:`problem` for ``steps`` on ``mesh``. Returns ``(to_host(...), state)``.
 
     Cached: a test that needs a run another test already made reuses it (read-only results).
     """
-    step, params, opt_state, batch, _ = setup(mesh, preset, mode)
+    import jax
+
+    step, state, batches, _ = setup(mesh, preset, mode)
     history = []
-    for _ in range(steps):
-        params, opt_state, metrics = step(params, opt_state, batch)
+    for s in range(steps):
+        state, metrics = step(state, batches(s), jax.random.key(s))
         history.append(metrics)
-    return to_host(params, history), params
+    return to_host(state.params, history), state
 
 
 def assert_results_close(actual: dict, expected: dict) -> None:
@@ -167,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--local-devices", type=int, default=4)
     ap.add_argument("--preset", default="fsdp")
+    ap.add_argument("--mode", default="jit", choices=("jit", "shard_map"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
     # data = 2 spans the processes (DCN); fsdp = 4 within each process (ICI).
     cfg = parallel.MeshConfig(data=2, fsdp=-1, dcn_data=args.num_processes)
     mesh = parallel.make_mesh(cfg)
-    result, _ = train(mesh, args.preset)
+    result, _ = train(mesh, args.preset, args.mode)
     if jax.process_index() == 0:
         np.savez(args.out, **result)
     jax.distributed.shutdown()

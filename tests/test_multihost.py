@@ -2,8 +2,11 @@
 each) train exactly as one process holding all 8 devices.
 
 The worker script is ``tests/multihost_worker.py``; both sides train its :func:`problem` on a
-(data=2, fsdp=4) mesh with the ``fsdp`` rules. In the two-process job the ``data`` axis spans the
-processes (a hybrid DCN/ICI mesh) and each process feeds only its own rows of the batch.
+(data=2, fsdp=4) mesh with the ``fsdp`` rules, through the trainers' own path: the SFT trainer's
+step (``sft.make_step`` compiled for the mesh by ``parallel.jit_step``), the state placed by the
+rules, batches placed by ``parallel.shard_batches``. In the two-process job the ``data`` axis spans
+the processes (a hybrid DCN/ICI mesh) and each process feeds only its own rows of the batch
+(``parallel.process_rows``).
 """
 
 import os

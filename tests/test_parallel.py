@@ -6,6 +6,9 @@ loss and AdamW).
 """
 
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import parallel
+from rlhf_jax import memory, parallel
 from rlhf_jax.parallel import DistributedConfig, MeshConfig, ParallelConfig
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def test_parallel_config_validation():
 
 
 def test_initialize_distributed_auto_without_a_cluster_is_a_no_op(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", *parallel._CLUSTER_ENV):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", *parallel.CLUSTER_ENV):
         monkeypatch.delenv(name, raising=False)
     assert parallel.initialize_distributed() is False
     assert parallel.initialize_distributed(DistributedConfig(enabled="off")) is False
@@ -127,7 +130,7 @@ def test_rules_cover_every_architecture_and_head(arch):
     from rlhf_jax import models
 
     config = models.ModelConfig(vocab_size=64, num_layers=2, **ARCH_SHAPES[arch])
-    _, params = parallel.abstract_model(config, value_head=True, score_head=True)
+    _, params = memory.abstract_model(config, value_head=True, score_head=True)
     mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     specs = parallel.param_specs(params, "fsdp+tp", mesh)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
@@ -175,7 +178,7 @@ def test_stacked_layer_axis_is_replicated():
 def test_optimizer_state_follows_the_parameters():
     from rlhf_jax.optim import OptimConfig, make_optimizer
 
-    params, _, _ = mw.problem()
+    params, _ = mw.problem()
     mesh = parallel.make_mesh(MESHES["fsdp+tp"])
     specs = parallel.param_specs(params, "fsdp+tp", mesh)
     optimizer = make_optimizer(OptimConfig(weight_decay=0.1))
@@ -257,21 +260,28 @@ def _assert_placed_by_rules(params, specs, mesh, preset):
 
 @pytest.mark.parametrize("preset", parallel.PRESETS)
 def test_preset_on_8_devices_equals_1_device(preset, one_device):
+    """The SFT trainer's step (``sft.make_step(mesh=, state_shardings=)``) on 8 devices with each
+    preset's rules: the losses, gradient norms and parameters of the one-device run, every state
+    leaf back in its rule layout after the steps, one executable for all of them."""
     mesh = parallel.make_mesh(MESHES[preset])
-    result, params = mw.train(mesh, preset)
+    result, state = mw.train(mesh, preset)
     mw.assert_results_close(result, one_device)
+    params = state.params
     _assert_placed_by_rules(params, parallel.param_specs(params, preset, mesh), mesh, preset)
+    step, shardings = mw.compiled_step(mesh, preset, "jit")
+    _assert_layout_kept(state, shardings)
+    assert step._cache_size() == 1
 
 
 def test_shard_map_form_equals_jit_form(one_device):
+    """``mode='shard_map'`` of the trainer's step (per-device gradient sums, one explicit pmean
+    over data x fsdp) on (data=4, fsdp=2): the numbers of the one-device ``jit`` step."""
     mesh = parallel.make_mesh(MeshConfig(data=4, fsdp=2))
-    result, params = mw.train(mesh, "dp", mode="shard_map")
+    result, state = mw.train(mesh, "dp", mode="shard_map")
     mw.assert_results_close(result, one_device)
-    with pytest.raises(ValueError, match="replicates the parameters"):
-        specs = parallel.param_specs(params, "fsdp", mesh)
-        parallel.make_data_parallel_step(
-            lambda p, b: (0.0, (1.0, {})), None, mesh, mode="shard_map", param_specs_tree=specs
-        )
+    _assert_layout_kept(state, mw.compiled_step(mesh, "dp", "shard_map")[1])
+    with pytest.raises(ValueError, match="mode='pmap': choose one of"):
+        parallel.accumulate(lambda p, b: (0.0, (1.0, {})), {}, {}, mesh=mesh, mode="pmap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,35 +290,34 @@ def test_shard_map_form_equals_jit_form(one_device):
 
 
 def test_restore_on_another_mesh_and_continue(tmp_path, one_device):
+    """A trainer state saved on one mesh and rule table, restored onto another's shardings (as
+    ``run_loop`` restores), then trained on: the numbers of the uninterrupted one-device run."""
     from rlhf_jax.checkpoint import Checkpointer, abstract_like
 
     mesh_a = parallel.make_mesh(MESHES["fsdp"])
-    step_a, params, opt_state, batch, _ = mw.setup(mesh_a, "fsdp")
-    params, opt_state, metrics = step_a(params, opt_state, batch)
+    step_a, state, batches_a, _ = mw.setup(mesh_a, "fsdp")
+    state, metrics = step_a(state, batches_a(0), jax.random.key(0))
     history = [metrics]
     with Checkpointer(tmp_path / "ckpt", save_every=1, handle_sigterm=False) as ckpt:
-        ckpt.save(1, {"params": params, "opt_state": opt_state}, {"note": "mesh a"})
+        ckpt.save(1, state, {"note": "mesh a"})
         ckpt.wait()
 
     # A fresh setup on a different mesh shape and rule table gives the target shardings.
     mesh_b = parallel.make_mesh(MESHES["fsdp+tp"])
-    step_b, params_b, opt_b, batch_b, _ = mw.setup(mesh_b, "fsdp+tp")
-    target = {"params": params_b, "opt_state": opt_b}
-    shardings = jax.tree.map(lambda x: x.sharding, target)
+    step_b, target, batches_b, shardings = mw.setup(mesh_b, "fsdp+tp")
     with Checkpointer(tmp_path / "ckpt", save_every=1, handle_sigterm=False) as ckpt:
         step, state, meta = ckpt.restore_latest(abstract_like(target, shardings))
     assert step == 1 and meta["note"] == "mesh a"
     assert jax.tree.structure(state) == jax.tree.structure(target)
-    assert state["params"]["embed"]["embedding"].sharding.mesh == mesh_b
-    params, opt_state = state["params"], state["opt_state"]
-    for _ in range(mw.STEPS - 1):
-        params, opt_state, metrics = step_b(params, opt_state, batch_b)
+    _assert_layout_kept(state, shardings)
+    for s in range(1, mw.STEPS):
+        state, metrics = step_b(state, batches_b(s), jax.random.key(s))
         history.append(metrics)
-    mw.assert_results_close(mw.to_host(params, history), one_device)
+    mw.assert_results_close(mw.to_host(state.params, history), one_device)
 
 
 # --------------------------------------------------------------------------------------------
-# A trainer's own step compiled for the mesh: same numbers, same layout, one executable
+# Layout checks, and the reward-model trainer's shard_map step
 # --------------------------------------------------------------------------------------------
 
 
@@ -323,38 +332,6 @@ def _assert_layout_kept(state, shardings):
     assert not drift, drift
 
 
-def test_sft_trainer_step_on_the_mesh_equals_1_device(one_device):
-    """The SFT trainer's step compiled for the mesh (``make_step(mesh=, state_shardings=)``) on
-    (fsdp=4, tensor=2) with the fsdp+tp rules, on a state placed by the rules and batches placed
-    by ``shard_batch``: the objective and optimizer of ``mw.problem``, so the same losses and
-    gradient norms as the one-device reference at every step, every leaf back in its layout
-    after each step, and one executable for all steps. (The trainer computes the token NLL from
-    the full logits, the reference from ``token_logprobs``: equal to float rounding, so
-    parameters are compared through the losses they give, not entry by entry after Adam's
-    per-entry normalisation.)
-    """
-    from rlhf_jax.algorithms import sft
-    from rlhf_jax.optim import OptimConfig
-
-    params, _, batch = mw.problem()
-    cfg = sft.SFTConfig(optim=OptimConfig(learning_rate=1e-2, eps=1e-3), batch_size=mw.GLOBAL_BATCH)
-    mesh = parallel.make_mesh(MESHES["fsdp+tp"])
-    state = sft.init_state(params, cfg)
-    shardings = parallel.state_shardings(state, mesh, "fsdp+tp")
-    state = jax.device_put(state, shardings)
-    data = sft.corpus_batch(batch["tokens"], batch["mask"])
-    step = sft.make_step(mw.model().graphdef, cfg, mesh=mesh, state_shardings=shardings)
-    history = []
-    for _ in range(mw.STEPS):
-        state, metrics = step(state, parallel.shard_batch(data, mesh), jax.random.key(0))
-        history.append(metrics)
-        _assert_layout_kept(state, shardings)
-    assert step._cache_size() == 1
-    for key in ("loss", "grad_norm"):
-        got = np.asarray([float(m[key]) for m in history])
-        np.testing.assert_allclose(got, one_device[key], rtol=1e-5, err_msg=key)
-
-
 def test_reward_model_shard_map_step_equals_plain_step():
     """``parallel.step=shard_map`` for the reward-model trainer: its step in the per-device form
     (gradient sums and the loss, accuracy and score sums pmean-ed over data x fsdp) on
@@ -363,7 +340,7 @@ def test_reward_model_shard_map_step_equals_plain_step():
     from rlhf_jax.algorithms import reward_model as rm_lib
     from rlhf_jax.optim import OptimConfig
 
-    _, _, batch = mw.problem()
+    _, batch = mw.problem()
     rm = rm_lib.init_reward_model(mw.model(), jax.random.key(1))
     tokens, mask = batch["tokens"], batch["mask"]
     pairs = {
@@ -409,10 +386,10 @@ def test_dry_run_counts_exactly_the_sharded_state_and_batch():
 
     config = mw.model().config
     cfg = ParallelConfig(mesh=MESHES["fsdp"], preset="fsdp")
-    report = parallel.dry_run(config, cfg, batch_size=8, seq_len=mw.SEQ_LEN)
+    report = memory.dry_run(config, cfg, batch_size=8, seq_len=mw.SEQ_LEN)
     # Expected argument bytes: each leaf's shard on one device, from the same placement.
     mesh = parallel.make_mesh(cfg.mesh)
-    _, params = parallel.abstract_model(config)
+    _, params = memory.abstract_model(config)
     state = jax.eval_shape(lambda p: sft.init_state(p, sft.SFTConfig(batch_size=8)), params)
     shardings = parallel.state_shardings(state, mesh, "fsdp")
     shard_bytes = lambda x, s: np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
@@ -423,9 +400,42 @@ def test_dry_run_counts_exactly_the_sharded_state_and_batch():
     assert report.aliased > 0.9 * expected  # the state is donated: updated in place
     assert report.temps > 0 and report.total > report.arguments
     assert report.num_params == sum(np.prod(x.shape) for x in jax.tree.leaves(params))
-    assert report.name in parallel.format_memory_table([report])
+    assert report.name in memory.format_memory_table([report])
     with pytest.raises(ValueError, match="not divisible by data x fsdp = 8"):
-        parallel.dry_run(config, cfg, batch_size=12, seq_len=mw.SEQ_LEN)
+        memory.dry_run(config, cfg, batch_size=12, seq_len=mw.SEQ_LEN)
+
+
+def test_dry_run_of_the_shard_map_step():
+    """``parallel.step='shard_map'``: the trainer's per-device step compiles from abstract
+    shapes too; the replicated state is the same size on every device (dp rules)."""
+    config = mw.model().config
+    cfg = ParallelConfig(mesh=MeshConfig(data=4, fsdp=2), preset="dp", step="shard_map")
+    report = memory.dry_run(config, cfg, batch_size=8, seq_len=mw.SEQ_LEN)
+    params = report.num_params * 4  # float32 parameters, replicated
+    assert report.arguments > 3 * params  # params, Adam's mu and nu, whole on each device
+    assert report.aliased > 0.9 * 3 * params
+
+
+def test_parallel_imports_no_trainer_and_no_memory():
+    """The layering: ``rlhf_jax.parallel`` imports neither ``rlhf_jax.algorithms`` nor
+    ``rlhf_jax.memory``, the trainers do not import ``rlhf_jax.memory``; the transitional
+    ``parallel.dry_run`` / ``parallel.format_memory_table`` resolve to ``rlhf_jax.memory``
+    only when asked for."""
+    code = (
+        "import sys\n"
+        "import rlhf_jax.parallel\n"
+        "loaded = lambda p: sorted(m for m in sys.modules if m.startswith(p))\n"
+        "assert not loaded('rlhf_jax.algorithms') and not loaded('rlhf_jax.memory'), sys.modules\n"
+        "import rlhf_jax.algorithms.ppo, rlhf_jax.algorithms.reward_model, rlhf_jax.algorithms.sft\n"
+        "assert not loaded('rlhf_jax.memory')\n"
+        "from rlhf_jax import memory, parallel\n"
+        "assert parallel.dry_run is memory.dry_run\n"
+        "assert parallel.format_memory_table is memory.format_memory_table\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(parallel.__all__) <= set(dir(parallel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +464,7 @@ def _ppo_run(mesh, preset, iterations=2):
     state = jax.device_put(state, shardings)
     frozen_shardings = parallel.state_shardings(frozen, mesh, preset)
     frozen = jax.device_put(frozen, frozen_shardings)
-    _, _, batch = mw.problem()
+    _, batch = mw.problem()
     mask = batch["mask"][:8, :4][:, ::-1].copy()  # left-padded prompts
     prompts = parallel.shard_batch(
         {"tokens": np.where(mask == 1, batch["tokens"][:8, :4], 0), "mask": mask}, mesh
