@@ -159,13 +159,16 @@ def sample_keys(key: Array, prompt_index: Array, n: int) -> Array:
     return per_sample.reshape(-1)
 
 
+def _uniform(key: Array) -> Array:
+    # float32 explicitly: under jax_enable_x64 the default would draw float64 (other numbers)
+    return jax.random.uniform(key, dtype=jnp.float32)
+
+
 def step_uniforms(row_keys: Array, steps: int) -> Array:
     """``u[i, t] = uniform(fold_in(row_keys[i], t))``: [N, steps] float32 in [0, 1)."""
     chex.assert_rank(row_keys, 1)
-    t = jnp.arange(steps)
-    return jax.vmap(lambda k: jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(k, s)))(t))(
-        row_keys
-    )
+    t = jnp.arange(steps, dtype=jnp.int32)
+    return jax.vmap(lambda k: jax.vmap(lambda s: _uniform(jax.random.fold_in(k, s)))(t))(row_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +487,9 @@ def _sample(
         )
 
         def put(buf, col):
-            return lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t))
+            # int32 start indices, also under jax_enable_x64 (a Python 0 would become int64)
+            start = (jnp.zeros((), jnp.int32), jnp.asarray(t, jnp.int32))
+            return lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), start)
 
         bufs = (
             put(tokens, jnp.where(live, tok, pad_token_id)),

@@ -353,3 +353,18 @@ def test_decode_loop_copies_no_cache(lm):
         if math.prod(int(d) for d in shape.split(",")) >= layer_cache:
             big.append(shape)
     assert not big, f"copies of cache-sized buffers: {big}"
+
+
+def test_float64_mode_samples_the_same(lm):
+    """With jax_enable_x64 (a config context: other tests keep 32-bit defaults) the rollout runs,
+    draws the same tokens, and its learner log-probs are still the learner's."""
+    tokens, mask = prompts(3)
+    ro32 = run(lm, tokens, mask, key=5)
+    with jax.enable_x64(True):
+        ro64 = run(lm, tokens, mask, key=5)
+        want = learner_logprobs(lm, tokens, mask, ro64, 1.0)
+    np.testing.assert_array_equal(ro64.tokens, ro32.tokens)
+    np.testing.assert_array_equal(ro64.mask, ro32.mask)
+    np.testing.assert_allclose(ro64.logprobs, ro32.logprobs, atol=1e-5, rtol=0)
+    m = np.asarray(ro64.mask) > 0
+    np.testing.assert_allclose(np.asarray(ro64.learner_logprobs)[m], np.asarray(want)[m], atol=1e-5)
