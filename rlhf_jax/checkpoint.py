@@ -22,10 +22,18 @@ Guarantees, and where each comes from:
 - **Async-safe.** ``save`` copies the arrays off the device before it returns and writes them in a
   background thread, so the caller may donate the state to the next step at once. A second save
   waits for the first; :meth:`Checkpointer.wait` waits for all.
-- **Preemption.** The constructor installs a ``SIGTERM`` handler (TPU and cloud preemption, Slurm's
-  ``scancel``) that only sets :attr:`Checkpointer.preempted`; the run loop sees it after the
-  current step, saves with ``force=True``, waits, and exits. Nothing is written from inside the
-  signal handler.
+- **Preemption.** A ``SIGTERM`` handler (TPU and cloud preemption, Slurm's ``scancel``) only sets
+  a flag; the run loop sees :attr:`Checkpointer.preempted` after the current step, saves with
+  ``force=True``, waits, and exits. Nothing is written from inside the signal handler. A program
+  calls :func:`install_sigterm_handler` first thing, so a preemption during start-up (loading
+  models and data, compiling) is not a kill with status 143: :func:`check_preempted` raises
+  :class:`Preempted` (exit status 3) at the next boundary, and every :class:`Checkpointer`
+  created afterwards shares that flag. Without it, the constructor installs its own handler.
+- **Clear failures.** :meth:`Checkpointer.restore_latest` compares the saved shapes with the run
+  state's before reading any array: a different model width is one :class:`CheckpointError` line
+  naming the first mismatching path and both shapes. A damaged newest checkpoint falls back to
+  an older one (and says which step it restored); when none can be read, one line names the
+  directory, the steps tried and what to do.
 - **Any mesh.** :meth:`Checkpointer.restore_latest` restores onto the shardings of the abstract
   state it is given (``jax.ShapeDtypeStruct`` leaves with a ``sharding``), so a run saved on 8
   devices resumes on 4, or on a different ``MeshConfig``.
@@ -41,7 +49,9 @@ import enum
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -50,9 +60,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, first_line
 
-__all__ = ["Checkpointer", "CheckpointError", "abstract_like", "to_jsonable"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "Preempted",
+    "abstract_like",
+    "check_preempted",
+    "install_sigterm_handler",
+    "preempted",
+    "to_jsonable",
+    "uninstall_sigterm_handler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +82,74 @@ _META = "meta"
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message says which and what to do."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived before the run loop could save (during start-up): exit with status 3.
+
+    Not an error of the user's: the command prints the message (one line, no traceback) and exits
+    with :attr:`exit_code`, the status a requeue-on-3 job script resubmits.
+    """
+
+    exit_code = 3
+
+
+# -- SIGTERM, process-wide -------------------------------------------------------------------
+
+_PREEMPTED = threading.Event()  # set by the process-wide handler
+_PREVIOUS: list[Any] = []  # the handler install_sigterm_handler replaced (empty: not installed)
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    _PREEMPTED.set()
+
+
+def install_sigterm_handler() -> bool:
+    """Install the process-wide SIGTERM handler: call it first thing in a program.
+
+    From then on SIGTERM only sets a flag (:func:`preempted`); every :class:`Checkpointer` created
+    afterwards shares it instead of installing its own, so a preemption that arrives while models
+    and data load or the step compiles is seen by :func:`check_preempted` or by the run loop.
+    Idempotent. Returns False (and installs nothing) outside the main thread, where Python does
+    not allow signal handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if not _PREVIOUS:
+        _PREVIOUS.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    return True
+
+
+def uninstall_sigterm_handler() -> None:
+    """Put back the handler :func:`install_sigterm_handler` replaced, and clear the flag."""
+    if _PREVIOUS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _PREVIOUS.pop())
+    _PREEMPTED.clear()
+
+
+def preempted() -> bool:
+    """True once SIGTERM arrived after :func:`install_sigterm_handler`."""
+    return _PREEMPTED.is_set()
+
+
+def check_preempted(during: str = "start-up", *, resume_step: int | None = None) -> None:
+    """Raise :class:`Preempted` if SIGTERM arrived; call it between the phases of start-up.
+
+    Args:
+      during: what was being done, for the message (e.g. ``"loading the model"``).
+      resume_step: the step of the latest checkpoint, when there is one (it is unchanged).
+    """
+    if not preempted():
+        return
+    if resume_step:
+        raise Preempted(
+            f"preempted before resuming (SIGTERM during {during}): the checkpoint of step "
+            f"{resume_step} is unchanged; run the same command again to resume from it"
+        )
+    raise Preempted(
+        f"preempted before the first checkpoint (SIGTERM during {during}): nothing to resume; "
+        "run the same command again to start over"
+    )
 
 
 def to_jsonable(obj: Any, _path: str = "meta") -> Any:
@@ -135,8 +223,9 @@ class Checkpointer:
         0 saves only when forced (preemption, the end of a run).
       keep: how many committed checkpoints to keep; older ones are deleted after a newer commits.
       async_save: write in a background thread (default). False blocks in ``save``.
-      handle_sigterm: install the SIGTERM handler that sets :attr:`preempted` (main thread only;
-        the previous handler is put back by :meth:`close`).
+      handle_sigterm: watch for SIGTERM (:attr:`preempted`). After :func:`install_sigterm_handler`
+        this shares the process-wide flag (a SIGTERM that arrived earlier counts); otherwise
+        it installs its own handler (main thread only), put back by :meth:`close`.
     """
 
     def __init__(
@@ -162,6 +251,7 @@ class Checkpointer:
         self.keep = keep
         self._preempted = threading.Event()
         self._previous_handler: Any = None
+        self.restored_step: int | None = None  # the step restore_latest returned last
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -170,9 +260,18 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE, _META)
+            self.directory,
+            options=options,
+            # Handlers named up front, so a fresh manager can read a step's metadata (the saved
+            # shapes) before restoring it.
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
         )
-        if handle_sigterm and threading.current_thread() is threading.main_thread():
+        if handle_sigterm and _PREVIOUS:
+            self._preempted = _PREEMPTED  # the process-wide handler is installed: share its flag
+        elif handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- preemption ------------------------------------------------------------------------
@@ -251,7 +350,7 @@ class Checkpointer:
         return dict(out[_META])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Restore the newest committed checkpoint onto the shapes and shardings given.
+        """Restore the newest readable checkpoint onto the shapes and shardings given.
 
         Args:
           abstract_state: a pytree with the structure of the saved state whose leaves are
@@ -259,23 +358,43 @@ class Checkpointer:
             arrays whose shardings are used.
 
         Returns:
-          ``(step, state, meta)``, or None when there is no committed checkpoint. If the newest
-          checkpoint cannot be read (its files were damaged after the commit), the next older one
-          is tried, with a warning; the unreadable newer ones are renamed ``<step>.unreadable``
-          (kept, never read again) so the resumed run can save those steps anew.
+          ``(step, state, meta)``, or None when there is no committed checkpoint. ``step`` is the
+          step actually restored (also kept as :attr:`restored_step`): if the newest checkpoint
+          cannot be read (its files were damaged after the commit), the next older one is tried,
+          with a warning, and the unreadable newer ones are renamed ``<step>.unreadable`` (kept,
+          never read again) so the resumed run can save those steps anew. A logger must resume
+          from this step, not from :meth:`latest_step` read before the call.
 
         Raises:
-          CheckpointError: no checkpoint matches ``abstract_state`` (a different model size or
-            state layout), naming the directory and what to do.
+          CheckpointError: one line, for (a) a checkpoint saved with a different config: the
+            first parameter path whose shape differs, with both shapes, or the first path only
+            one side has; nothing is renamed; (b) every checkpoint unreadable: the directory,
+            the steps tried, the first cause, and what to do.
         """
         self.wait()
         self._manager.reload()
         steps = self.all_steps()
         if not steps:
             return None
+        _quiet_closed_loop_noise()
         target = jax.tree.map(_to_abstract, abstract_state)
-        errors = []
+        wanted = _shapes(target)
+        failures: list[tuple[int, BaseException]] = []
         for step in reversed(steps):
+            try:
+                saved = self._saved_shapes(step)
+            except Exception as err:  # noqa: BLE001 - an unreadable checkpoint: try the older one
+                self._unreadable(step, err, failures)
+                continue
+            layout = _layout_difference(saved, wanted)
+            if layout is not None and layout[0] == "shape":
+                _, path, had, want = layout
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} was saved with a different "
+                    f"config: {path} has shape {had} there but {want} in this run (the model size "
+                    "or trainer settings differ); resume with the config the run was started "
+                    f"with, or set a new run.dir (or delete {self.directory} to start over)"
+                )
             try:
                 out = self._manager.restore(
                     step,
@@ -286,26 +405,47 @@ class Checkpointer:
                         }
                     ),
                 )
-            except Exception as err:  # noqa: BLE001 - reported below, with every step tried
-                errors.append((step, err))
-                log.warning(
-                    "checkpoint step %d in %s cannot be restored: %s",
-                    step,
-                    self.directory,
-                    _first_line(err),
-                )
+            except Exception as err:  # noqa: BLE001 - classified below
+                if layout is not None:
+                    _, path, side = layout
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.directory} holds a different state "
+                        f"layout: {path} is {side} (the model, optimizer or trainer settings "
+                        "differ); resume with the config the run was started with, or set a new "
+                        f"run.dir (or delete {self.directory} to start over)"
+                    ) from None
+                self._unreadable(step, err, failures)
                 continue
-            if errors:
+            if failures:
                 log.warning("restored the older checkpoint step %d instead", step)
-                self._set_aside([s for s, _ in errors])
+                self._set_aside([s for s, _ in failures])
+            self.restored_step = step
             return step, out[_STATE], dict(out[_META])
-        step, err = errors[0]
+        first_step, first_err = failures[0]
         raise CheckpointError(
-            f"no checkpoint in {self.directory} matches the run state (tried steps "
-            f"{[s for s, _ in errors]}). Step {step} failed with: {_first_line(err)}\n"
-            "The model size, optimizer or trainer state layout probably changed since it was "
-            "saved: resume with the config the run was started with, or start a new run directory."
-        ) from err
+            f"every checkpoint in {self.directory} is unreadable (tried steps "
+            f"{', '.join(str(s) for s, _ in failures)}; step {first_step}: {_cause(first_err)}): "
+            f"their files were damaged after saving. Delete {self.directory} to start this stage "
+            "over, or set a new run.dir"
+        ) from None
+
+    def _unreadable(self, step: int, err: BaseException, failures: list) -> None:
+        failures.append((step, err))
+        log.warning(
+            "checkpoint step %d in %s cannot be read: %s",
+            step,
+            self.directory,
+            _cause(err),
+        )
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...] | None]:
+        """Path -> shape of the arrays saved at ``step``, from its metadata (no array is read)."""
+        meta = self._manager.item_metadata(step)[_STATE]
+        if meta is None:
+            raise CheckpointError(f"step {step} has no state metadata")
+        tree = getattr(meta, "tree", meta)
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_metadata)[0]
+        return {_path(p): _saved_shape(x) for p, x in leaves if _is_array_metadata(x)}
 
     def _set_aside(self, steps: list[int]) -> None:
         """Rename unreadable step directories to ``<step>.unreadable`` (kept for inspection,
@@ -351,6 +491,90 @@ class Checkpointer:
         )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+def _cause(err: BaseException) -> str:
+    """A short cause for a failed read: a TensorStore status and the file it names, or the
+    exception's first line (never the multi-hundred-character TensorStore spec)."""
+    line = first_line(err, 2000)
+    status = re.match(r"([A-Z][A-Z_]{3,}): ", line)
+    if status:
+        item = re.search(r'Error reading "([^"]+)"', line)
+        return f"{status.group(1)} while reading {item.group(1) if item else 'its array files'}"
+    return f"{type(err).__name__}: {first_line(err, 160)}"
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path(keys: tuple) -> str:
+    """'params/layers/attn/q_proj/kernel' for a key path (an nnx Variable's '/value' dropped)."""
+    names = [_key_name(k) for k in keys]
+    if len(names) > 1 and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+def _is_array_metadata(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _saved_shape(x: Any) -> tuple[int, ...] | None:
+    # A PRNG key array is stored as its raw uint32 data (an extra trailing axis): not compared.
+    return None if _is_key(x.dtype) else tuple(int(d) for d in x.shape)
+
+
+def _is_key(dtype: Any) -> bool:
+    try:
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def _shapes(target: Any) -> dict[str, tuple[int, ...] | None]:
+    leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+    return {
+        _path(p): (None if _is_key(x.dtype) else tuple(int(d) for d in x.shape)) for p, x in leaves
+    }
+
+
+def _layout_difference(saved: dict, wanted: dict) -> tuple | None:
+    """The first difference between the saved and the wanted path -> shape maps, in the run
+    state's order: ``("shape", path, saved_shape, wanted_shape)``, or ``("layout", path, side)``
+    for a path only one side has. Key arrays (shape None) are not compared."""
+    for path, want in wanted.items():
+        had = saved.get(path)
+        if had is not None and want is not None and had != want:
+            return ("shape", path, had, want)
+    missing = [p for p in wanted if p not in saved]
+    if missing:
+        return ("layout", missing[0], "in this run but not in the checkpoint")
+    extra = [p for p in saved if p not in wanted]
+    if extra:
+        return ("layout", extra[0], "in the checkpoint but not in this run")
+    return None
+
+
+_NOISE_FILTERED = False
+
+
+def _quiet_closed_loop_noise() -> None:
+    """Drop the ``RuntimeError('Event loop is closed')`` that TensorStore callbacks report (via
+    ``sys.unraisablehook``) when a failed Orbax read has already closed its event loop: hundreds
+    of lines that say nothing about the checkpoint. Every other unraisable error still goes to
+    the previous hook. Installed once, by the first restore."""
+    global _NOISE_FILTERED
+    if _NOISE_FILTERED:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _NOISE_FILTERED = True

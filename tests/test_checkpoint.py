@@ -292,8 +292,83 @@ def test_mismatched_state_gives_a_clear_error(tmp_path):
         jax.random.key(0),
     )
     with Checkpointer(tmp_path / "c", save_every=1) as ck:
-        with pytest.raises(CheckpointError, match="layout probably changed"):
+        with pytest.raises(CheckpointError) as info:
             ck.restore_latest(abstract_like(wrong))
+    message = str(info.value)
+    assert "params/extra is in this run but not in the checkpoint" in message
+    assert "\n" not in message and "config the run was started with" in message
+    assert sorted(os.listdir(tmp_path / "c")) == ["1"]  # nothing set aside as unreadable
+
+
+def test_a_different_model_width_names_the_parameter_and_both_shapes(tmp_path, capfd):
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
+        ck.save(1, _state(), {})
+        ck.save(2, _state(), {})
+    wider = _State({"w": jnp.zeros((8, 6)), "b": jnp.ones(4)}, jnp.int32(0), jax.random.key(0))
+    with Checkpointer(tmp_path / "c", save_every=1) as ck:
+        with pytest.raises(CheckpointError) as info:
+            ck.restore_latest(abstract_like(wider))
+    message = str(info.value)
+    assert "params/w has shape (8, 4) there but (8, 6) in this run" in message
+    assert "different config" in message and "step 2" in message
+    assert "\n" not in message and len(message) < 400
+    assert info.value.__cause__ is None  # no chained 100-line Orbax trace behind it
+    assert sorted(os.listdir(tmp_path / "c")) == ["1", "2"]
+    assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def _damage(step_dir):
+    """Overwrite every array data file of a committed step (disk trouble after the commit)."""
+    files = [
+        p for p in step_dir.joinpath("state").rglob("*") if p.is_file() and p.parent.name == "d"
+    ]
+    assert files
+    for path in files:
+        path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def test_every_checkpoint_unreadable_is_one_line_naming_the_directory(tmp_path):
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
+        for step in (1, 2, 3):
+            ck.save(step, _state(step), {"cursor": step})
+    for step in (1, 2, 3):
+        _damage(tmp_path / "c" / str(step))
+    with Checkpointer(tmp_path / "c", save_every=1) as ck:
+        with pytest.raises(CheckpointError) as info:
+            ck.restore_latest(abstract_like(_state()))
+    message = str(info.value)
+    assert f"every checkpoint in {tmp_path / 'c'} is unreadable" in message
+    assert "tried steps 3, 2, 1" in message and "DATA_LOSS" in message
+    assert "Delete" in message and "run.dir" in message
+    assert "model size" not in message  # not the wrong guess
+    assert '"driver"' not in message and "\n" not in message and len(message) < 400
+    assert info.value.__cause__ is None
+    assert sorted(os.listdir(tmp_path / "c")) == ["1", "2", "3"]  # nothing renamed
+
+
+def test_the_closed_event_loop_noise_of_a_failed_read_is_dropped(monkeypatch):
+    """TensorStore callbacks that outlive a failed Orbax read report RuntimeError('Event loop is
+    closed') through sys.unraisablehook: dropped; every other unraisable error still shows."""
+    import gc
+
+    from rlhf_jax import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    monkeypatch.setattr(checkpoint, "_NOISE_FILTERED", False)
+    checkpoint._quiet_closed_loop_noise()
+
+    class RaisesInDel:
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    noise, other = RaisesInDel("Event loop is closed"), RaisesInDel("something else")
+    del noise, other
+    gc.collect()
+    assert seen == ["something else"]
 
 
 def test_meta_must_be_json(tmp_path):
@@ -312,6 +387,70 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         Checkpointer(tmp_path / "file", save_every=1)
+
+
+def test_sigterm_before_the_checkpointer_exists_is_not_lost(tmp_path):
+    from rlhf_jax import checkpoint
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert checkpoint.install_sigterm_handler() and checkpoint.install_sigterm_handler()
+        checkpoint.check_preempted("loading the model")  # nothing arrived yet: no-op
+        os.kill(os.getpid(), signal.SIGTERM)  # during start-up: only a flag is set
+        assert checkpoint.preempted()
+        with pytest.raises(checkpoint.Preempted) as info:
+            checkpoint.check_preempted("loading the model")
+        assert info.value.exit_code == 3
+        assert str(info.value).startswith("preempted before the first checkpoint")
+        assert "nothing to resume" in str(info.value)
+        with pytest.raises(checkpoint.Preempted, match="checkpoint of step 40 is unchanged"):
+            checkpoint.check_preempted("compiling", resume_step=40)
+        ck = Checkpointer(tmp_path / "c", save_every=1)  # shares the flag: already preempted
+        assert ck.preempted
+        ck.close()
+        assert signal.getsignal(signal.SIGTERM) is checkpoint._on_sigterm  # still installed
+    finally:
+        checkpoint.uninstall_sigterm_handler()
+    assert signal.getsignal(signal.SIGTERM) == before and not checkpoint.preempted()
+
+
+def test_sigterm_during_start_up_exits_3_with_one_line(tmp_path):
+    """The real signal, in a child that installs the handler first thing: status 3, not 143."""
+    script = tmp_path / "startup.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from rlhf_jax import checkpoint
+            checkpoint.install_sigterm_handler()
+            print("loading", flush=True)
+            for _ in range(1200):  # start-up work, until the signal arrives
+                if checkpoint.preempted():
+                    break
+                time.sleep(0.05)
+            try:
+                checkpoint.check_preempted("loading the model")
+            except checkpoint.Preempted as err:
+                print(f"rlhf-jax: {err}", file=sys.stderr)
+                sys.exit(err.exit_code)
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert proc.stdout.readline().strip() == "loading"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert err.strip().splitlines() == [
+        "rlhf-jax: preempted before the first checkpoint (SIGTERM during loading the model): "
+        "nothing to resume; run the same command again to start over"
+    ]
 
 
 def test_sigterm_sets_preempted_and_close_restores_handler(tmp_path):
@@ -334,9 +473,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog)
     shutil.rmtree(tmp_path / "c" / "2" / "state")  # files lost after the commit (disk trouble)
     with Checkpointer(tmp_path / "c", save_every=1) as ck:
         step, state, meta = ck.restore_latest(abstract_like(_state()))
-        assert step == 1 and meta == {"cursor": 1}
+        assert step == 1 and meta == {"cursor": 1} and ck.restored_step == 1
         np.testing.assert_array_equal(state.params["w"], _state().params["w"])
-        assert "cannot be restored" in caplog.text
+        assert "step 2" in caplog.text and "cannot be read" in caplog.text
         # The damaged step is kept aside (not deleted), and the resumed run can save it anew.
         assert (tmp_path / "c" / "2.unreadable").is_dir() and ck.all_steps() == [1]
         assert ck.save(2, _state(3.0), {"cursor": 2}, force=True)
