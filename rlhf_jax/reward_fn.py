@@ -24,16 +24,24 @@ positions whose mask is 1 are decoded, so padding never reaches the function. Th
 includes the stop token; ``skip_special_tokens=True`` (the default) removes it and other special
 tokens from the text, as TRL's online trainers do before calling a reward function.
 
-Validation (:class:`RewardFunctionError`, a ``ValueError``, with a message that says what to fix):
-a malformed spec, a module or file that cannot be imported, a missing or non-callable attribute, a
-return value that is not a sequence of real numbers, has the wrong length, or holds NaN/inf. An
-error raised inside the callback surfaces from the jitted step as a JAX runtime error whose text
-contains this message.
+Validation (:class:`RewardFunctionError`, a ``ValueError``, with a one-line message that says
+what to fix): a malformed spec, a module or file that does not exist or fails to import, a missing
+or non-callable attribute, a return value that is not a sequence of real numbers, has the wrong
+length, or holds NaN/inf.
+
+Pre-flight. A function that raises or returns bad scores would otherwise fail only inside the
+first compiled PPO iteration, after compiling. :meth:`RewardFunction.check` (strings) or
+:meth:`RewardFunction.check_tokens` (the prompt batch the run will use) calls it once on a few
+decoded samples, before anything is compiled or written, and raises one
+:class:`RewardFunctionError`. An error raised later inside the callback surfaces from the jitted
+step as a JAX runtime error; :meth:`RewardFunction.callback_error` returns the original
+:class:`RewardFunctionError`, to re-raise it as one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import numbers
@@ -46,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, first_line
 
 __all__ = [
     "RewardFunctionError",
@@ -94,20 +102,14 @@ def load_reward_fn(spec: str | Callable[..., Any]) -> Callable[..., Any]:
     if module_name.endswith(".py"):
         module = _import_file(spec, module_name)
     else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise RewardFunctionError(
-                f"reward_fn={spec!r}: cannot import module {module_name!r} ({exc}); is it on "
-                "PYTHONPATH, or did you mean a file path ending in .py?"
-            ) from exc
+        module = _import_module(spec, module_name)
     obj: Any = module
-    for name in attr_path.split("."):
+    for i, name in enumerate(attr_path.split(".")):
         if not hasattr(obj, name):
-            public = sorted(n for n in dir(module) if not n.startswith("_"))
+            where = module_name if i == 0 else f"{module_name}:{'.'.join(attr_path.split('.')[:i])}"
             raise RewardFunctionError(
-                f"reward_fn={spec!r}: {module_name!r} has no attribute {attr_path!r}; "
-                f"it defines: {', '.join(public) or '(nothing public)'}"
+                f"reward_fn={spec!r}: {where!r} has no function {name!r}{_suggest(obj, name)}; "
+                "write 'module:function' or 'path/to/file.py:function'"
             )
         obj = getattr(obj, name)
     if not callable(obj):
@@ -117,10 +119,45 @@ def load_reward_fn(spec: str | Callable[..., Any]) -> Callable[..., Any]:
     return obj
 
 
+def _suggest(obj: Any, name: str) -> str:
+    """' (did you mean ...?)' from the public callables of ``obj``, or '' (never the whole list)."""
+    names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    if close:
+        return f" (did you mean {', '.join(repr(c) for c in close)}?)"
+    if 0 < len(names) <= 8:
+        return f" (it defines {', '.join(repr(c) for c in sorted(names))})"
+    return ""
+
+
+def _import_module(spec: str, module_name: str) -> Any:
+    """Import ``module_name``; a missing module and a module whose import fails are told apart."""
+    try:
+        found = importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or a malformed name
+        found = False
+    if not found:
+        raise RewardFunctionError(
+            f"reward_fn={spec!r}: no module named {module_name!r} (searched sys.path: the working "
+            "directory and PYTHONPATH); install it, add its directory to PYTHONPATH, or give a "
+            "file as 'path/to/file.py:function'"
+        )
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise RewardFunctionError(
+            f"reward_fn={spec!r}: module {module_name!r} was found but importing it failed: "
+            f"{type(exc).__name__}: {first_line(exc)}"
+        ) from None
+
+
 def _import_file(spec: str, path: str) -> Any:
     """Import a Python file by path as a uniquely named module."""
     if not os.path.isfile(path):
-        raise RewardFunctionError(f"reward_fn={spec!r}: file {path!r} does not exist")
+        raise RewardFunctionError(
+            f"reward_fn={spec!r}: file {path!r} does not exist (a relative path is read from the "
+            f"working directory, {os.getcwd()})"
+        )
     name = "_rlhf_jax_reward_fn_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
@@ -132,8 +169,9 @@ def _import_file(spec: str, path: str) -> Any:
     except Exception as exc:
         del sys.modules[name]
         raise RewardFunctionError(
-            f"reward_fn={spec!r}: importing {path!r} failed: {exc!r}"
-        ) from exc
+            f"reward_fn={spec!r}: importing {path!r} failed: {type(exc).__name__}: "
+            f"{first_line(exc)}"
+        ) from None
     return module
 
 
@@ -218,6 +256,8 @@ class RewardFunction:
     tokenizer: Any  # transformers tokenizer used to decode prompts and responses
     name: str = "reward_fn"  # how errors name the function (the spec string when loaded)
     skip_special_tokens: bool = True  # drop special tokens (stop/EOS, pad) from the decoded text
+    # the RewardFunctionError the last host call raised (see callback_error); not a setting
+    _errors: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def load(cls, spec: str | Callable[..., Any], tokenizer: Any, **kwargs) -> RewardFunction:
@@ -234,14 +274,95 @@ class RewardFunction:
 
     def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask) -> np.ndarray:
         """Host-side scores ``[B]`` float32 for token arrays ``[B, P]``, ``[B, P]``, ``[B, R]``."""
-        prompts, responses = self.texts(prompt_tokens, prompt_mask, response_tokens, response_mask)
+        self._errors.clear()
+        try:
+            prompts, responses = self.texts(
+                prompt_tokens, prompt_mask, response_tokens, response_mask
+            )
+            return self._scores(prompts, responses)
+        except RewardFunctionError as err:
+            self._errors.append(err)
+            raise
+
+    def _scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         try:
             out = self.fn(prompts, responses)
         except RewardFunctionError:
             raise
-        except Exception as exc:
-            raise RewardFunctionError(f"{self.name} raised {exc!r}") from exc
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            raise RewardFunctionError(
+                f"{self.name} raised {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         return check_scores(out, len(responses), self.name)
+
+    def check(
+        self, prompts: Sequence[str], responses: Sequence[str] | None = None, *, n: int = 4
+    ) -> np.ndarray:
+        """Pre-flight: call the function once on a few samples, before anything is compiled.
+
+        Args:
+          prompts: decoded prompts (e.g. the first rows of the run's prompt data); the first
+            ``n`` are used.
+          responses: as many responses; default: an empty one (what a policy that stops at once
+            produces) and then the prompts' own text (strings of the model's vocabulary).
+          n: how many samples.
+
+        Returns:
+          The ``[k]`` float32 scores, ``k = min(n, len(prompts))``.
+
+        Raises:
+          RewardFunctionError: one line: the function raised (its exception's first line), or
+            returned the wrong number of scores, non-numbers, NaN or inf.
+        """
+        prompts = [str(p) for p in list(prompts)[: max(1, n)]]
+        if not prompts:
+            raise ValueError("RewardFunction.check needs at least one prompt")
+        if responses is None:
+            responses = ["", *prompts[1:]]
+        responses = [str(r) for r in list(responses)[: len(prompts)]]
+        if len(responses) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        try:
+            return self._scores(prompts, responses)
+        except RewardFunctionError as err:
+            raise RewardFunctionError(
+                f"reward_fn {self.name!r} failed its check on {len(prompts)} samples, before "
+                f"training: {_after_name(str(err), self.name)}; it must take (prompts: list[str], "
+                "responses: list[str]) and return one finite float per response (first sample: "
+                f"prompt {_short(prompts[0])}, response {_short(responses[0])})"
+            ) from None
+
+    def check_tokens(self, prompt_tokens, prompt_mask, *, n: int = 4) -> np.ndarray:
+        """:meth:`check` on the first ``n`` rows of a prompt batch (``[B, P]`` token ids and
+        mask), decoded exactly as the compiled step will decode them."""
+        kw = {"skip_special_tokens": self.skip_special_tokens}
+        rows = slice(0, max(1, n))
+        prompts = decode_masked(
+            self.tokenizer, np.asarray(prompt_tokens)[rows], np.asarray(prompt_mask)[rows], **kw
+        )
+        return self.check(prompts, n=n)
+
+    def callback_error(self) -> RewardFunctionError | None:
+        """The :class:`RewardFunctionError` the last host call raised, or None.
+
+        An error raised inside :func:`callback_scores` reaches the caller of the compiled step as
+        a ``jax.errors.JaxRuntimeError`` whose text holds a traceback; re-raise this instead::
+
+            except jax.errors.JaxRuntimeError:
+                if (err := reward.callback_error()) is not None:
+                    raise err from None
+                raise
+        """
+        return self._errors[-1] if self._errors else None
+
+
+def _after_name(message: str, name: str) -> str:
+    """'returned 1 scores for 2 responses; ...' from check_scores' 'NAME returned ...'."""
+    return message[len(name) + 1 :] if message.startswith(name + " ") else message
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def callback_scores(

@@ -1,5 +1,6 @@
 """User-supplied reward functions: loading, validation, decoding, and the jitted callback path."""
 
+import re
 import textwrap
 
 import jax
@@ -50,6 +51,9 @@ def reward_module(tmp_path, monkeypatch):
         def raises(prompts, responses):
             raise RuntimeError("boom")
 
+        def one_argument(responses):
+            return [0.0] * len(responses)
+
         class Scorer:
             @staticmethod
             def length(prompts, responses):
@@ -79,15 +83,55 @@ def test_load_module_file_and_callable(reward_module):
         ("my_rewards", "write 'module:function'"),
         ("a:b:c", "write 'module:function'"),
         (":count_dogs", "must be non-empty"),
-        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-        ("my_rewards:count_cats", "has no attribute 'count_cats'.*count_dogs"),
+        ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'.*PYTHONPATH"),
+        ("no_such_pkg_xyz.sub:f", "no module named 'no_such_pkg_xyz.sub'"),
+        ("my_rewards:count_cats", "has no function 'count_cats' \\(did you mean 'count_dogs'"),
+        ("my_rewards:Scorer.size", "'my_rewards:Scorer' has no function 'size'"),
         ("my_rewards:NOT_CALLABLE", "is a int, not a function"),
-        ("missing_dir/missing.py:f", "does not exist"),
+        ("missing_dir/missing.py:f", "does not exist.*working directory"),
+        ("broken_rewards:f", "was found but importing it failed: NameError: name 'undefined_na"),
+        ("syntax_error.py:f", "importing 'syntax_error.py' failed: SyntaxError"),
+        ("numpy:no_such_function_xyz", "'numpy' has no function 'no_such_function_xyz'"),
     ],
 )
-def test_load_errors(reward_module, spec, match):
-    with pytest.raises(rf.RewardFunctionError, match=match):
+def test_load_errors_are_one_line(reward_module, monkeypatch, spec, match):
+    (reward_module / "broken_rewards.py").write_text("x = undefined_name\n")
+    (reward_module / "syntax_error.py").write_text("def f(:\n")
+    monkeypatch.chdir(reward_module)
+    with pytest.raises(rf.RewardFunctionError, match=match) as info:
         rf.load_reward_fn(spec)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert info.value.__cause__ is None  # no chained import traceback behind the line
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("wrong_length", "returned 1 scores for 2 responses"),
+        ("not_numbers", "every score must be a real number"),
+        ("with_nan", "non-finite score nan"),
+        ("raises", "raised RuntimeError: boom"),
+        ("one_argument", "raised TypeError: one_argument\\(\\) takes 1 positional argument"),
+    ],
+)
+def test_pre_flight_check_before_compiling(tokenizer, reward_module, name, match):
+    import my_rewards
+
+    prompts = ["a dog is", "a cat is"]
+    reward = rf.RewardFunction.load(f"my_rewards:{name}", tokenizer)
+    with pytest.raises(rf.RewardFunctionError, match=match) as info:
+        reward.check(prompts)
+    message = str(info.value)
+    assert message.startswith(f"reward_fn 'my_rewards:{name}' failed its check on 2 samples")
+    assert "first sample: prompt 'a dog is', response ''" in message
+    assert "\n" not in message and len(message) < 400, message
+    # A good function passes, on strings and on a prompt batch decoded as the step decodes it.
+    good = rf.RewardFunction.load("my_rewards:count_dogs", tokenizer)
+    my_rewards.CALLS.clear()
+    np.testing.assert_array_equal(good.check(prompts, ["dog", "dog dog"]), [1.0, 2.0])
+    np.testing.assert_array_equal(good.check_tokens(PROMPTS, PROMPT_MASK), [0.0, 0.0])
+    assert my_rewards.CALLS[-1] == (["a dog", "cat"], ["", "cat"])
 
 
 def test_check_scores():
@@ -153,7 +197,7 @@ def test_callback_inside_jit_and_vmap(tokenizer, reward_module):
         ("wrong_length", "returned 1 scores for 2 responses"),
         ("not_numbers", "every score must be a real number"),
         ("with_nan", "non-finite score nan"),
-        ("raises", "raised RuntimeError\\('boom'\\)"),
+        ("raises", "raised RuntimeError: boom"),
     ],
 )
 def test_callback_errors_surface_from_jit(tokenizer, reward_module, name, match):
@@ -163,3 +207,10 @@ def test_callback_errors_surface_from_jit(tokenizer, reward_module, name, match)
     f = jax.jit(lambda *a: rf.callback_scores(reward, *a))
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(f(PROMPTS, PROMPT_MASK, RESPONSES, RESPONSE_MASK))
+    # The one-line error behind the runtime error's traceback, to re-raise.
+    err = reward.callback_error()
+    assert isinstance(err, rf.RewardFunctionError) and re.search(match, str(err))
+    assert "\n" not in str(err)
+    good = rf.RewardFunction.load("my_rewards:count_dogs", tokenizer)
+    good(PROMPTS, PROMPT_MASK, RESPONSES, RESPONSE_MASK)
+    assert good.callback_error() is None
