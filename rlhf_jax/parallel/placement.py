@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlhf_jax.optim import accumulate as accumulate_local
 from rlhf_jax.parallel.mesh import BATCH_AXES, STEP_MODES, ParallelConfig, axis_size, make_mesh
 
 __all__ = [
@@ -174,8 +175,6 @@ def accumulate(
 
     Call it inside the trainer's jitted step, in place of ``optim.accumulate``.
     """
-    from rlhf_jax.optim import accumulate as accumulate_local
-
     if mode not in STEP_MODES:
         raise ValueError(f"mode={mode!r}: choose one of {STEP_MODES}")
     if mesh is None:
