@@ -377,9 +377,53 @@ BAD_INPUTS = [
         "d.jsonl",
         [{"prompt": 1}, {"prompt": 2}],
         dict(_C, on_error="skip"),
-        r"d\.jsonl: no usable rows: 0/2 rows kept; 2 malformed skipped",
+        r"d\.jsonl: no usable rows \(0/2 rows kept; .*2 malformed skipped.*\); the first "
+        r"skipped: line 1, field 'prompt': must be a string",
     ),
 ]
+
+
+def test_degenerate_pairs_are_counted_and_dropped_kept_or_errors(tok):
+    rows = [
+        {"prompt": "a dog is", "chosen": "a cat .", "rejected": "cute ."},
+        {"prompt": "a dog is", "chosen": "cute .", "rejected": "cute ."},
+        {"prompt": "a cat is", "chosen": "a cat .", "rejected": "a cat ."},
+        # different text, the same first 3 tokens: identical once truncated
+        {"prompt": "a cat is", "chosen": "a cute pet .", "rejected": "a cute pet animal ."},
+    ]
+    base = dict(kind="preference", max_prompt_length=4, max_completion_length=3)
+    ds = F.load_dataset(rows, tok, F.DataConfig(**base, overlong="truncate"))
+    assert (ds.stats.rows_read, ds.stats.rows_kept, ds.stats.degenerate_pairs) == (4, 1, 3)
+    assert len(ds) == 1 and ds.stats.truncated_completions == 1
+    assert "3 degenerate pairs (chosen == rejected) dropped" in ds.stats.summary()
+    keep = F.DataConfig(**base, degenerate_pairs="keep")  # overlong="filter": row 4 filtered
+    kept = F.load_dataset(rows, tok, keep)
+    assert (kept.stats.rows_kept, kept.stats.degenerate_pairs, len(kept)) == (3, 2, 3)
+    assert "2 degenerate pairs (chosen == rejected) kept" in kept.stats.summary()
+    with pytest.raises(F.DataError, match=r"row 2, field 'rejected': is the same as 'chosen'"):
+        F.load_dataset(rows, tok, F.DataConfig(**base, degenerate_pairs="error"))
+    skip = F.DataConfig(**base, degenerate_pairs="error", on_error="skip")
+    assert F.load_dataset(rows, tok, skip).stats.skipped_malformed == 2
+    with pytest.raises(F.DataError, match=r"no usable rows \(0/2 rows kept; .* 2 degenerate"):
+        F.load_dataset(rows[1:3], tok, F.DataConfig(**base))
+    with pytest.raises(ValueError, match="degenerate_pairs"):
+        F.DataConfig(**base, degenerate_pairs="ignore")
+
+
+def test_one_summary_line_per_dataset(tok):
+    rows = [
+        {"prompt": "a dog is", "completion": "a furry animal ."},
+        {"prompt": "a dog is a dog is", "completion": "cute ."},  # overlong prompt: filtered
+        {"prompt": "a zebra is", "completion": "cute ."},  # an unknown word
+        {"prompt": "a cat is"},  # malformed
+    ]
+    cfg = F.DataConfig("completion", 4, 6, on_error="skip")
+    line = F.load_dataset(rows, tok, cfg).summary()
+    assert line == (
+        "<list of rows> (completion): 2/4 rows kept; 1 overlong filtered, 0 prompts and 0 "
+        "completions truncated, 0 degenerate pairs (chosen == rejected) dropped, 1 malformed "
+        "skipped, 1 with unknown tokens"
+    )
 
 
 @pytest.mark.parametrize(

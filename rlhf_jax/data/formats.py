@@ -28,7 +28,11 @@ the field -- or, with ``on_error="skip"``, is skipped and counted -- never insid
 Prompts longer than ``max_prompt_length`` or completions longer than ``max_completion_length`` are
 rejected, filtered out (counted) or truncated (counted; prompts keep their last tokens, completions
 their first), by ``overlong``. Text that encodes to the tokenizer's unknown token is counted
-(``rows_with_unknown_tokens``) or, with ``unknown_tokens="error"``, is a row error.
+(``rows_with_unknown_tokens``) or, with ``unknown_tokens="error"``, is a row error. A preference
+row whose chosen and rejected completions are the same tokens (after truncation) teaches a reward
+model nothing: it is a *degenerate pair*, dropped and counted by default (``degenerate_pairs``).
+:meth:`TokenizedDataset.summary` is one line a program prints per dataset: rows read and kept,
+and every count above.
 :class:`DataLoader` yields batches of numpy int32 arrays::
 
     index            [B]         the example's row in the tokenized dataset
@@ -119,6 +123,9 @@ class DataConfig:
     append_eos: bool = True  # end each completion with the tokenizer's EOS if it does not already
     vocab_size: int | None = None  # the model's vocabulary size: checked against the tokenizer
     unknown_tokens: Literal["allow", "error"] = "allow"  # text that encodes to the unk token
+    # preference rows with chosen == rejected (the same tokens): drop and count, keep and count,
+    # or treat as a malformed row (on_error decides: stop or skip)
+    degenerate_pairs: Literal["drop", "keep", "error"] = "drop"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -146,6 +153,11 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.unknown_tokens must be 'allow' or 'error', got {self.unknown_tokens!r}"
             )
+        if self.degenerate_pairs not in ("drop", "keep", "error"):
+            raise ValueError(
+                "DataConfig.degenerate_pairs must be 'drop', 'keep' or 'error', "
+                f"got {self.degenerate_pairs!r}"
+            )
         if self.on_error not in ("raise", "skip"):
             raise ValueError(
                 f"DataConfig.on_error must be 'raise' or 'skip', got {self.on_error!r}"
@@ -163,16 +175,22 @@ class LoadStats:
     truncated_prompts: int = 0
     truncated_completions: int = 0
     rows_with_unknown_tokens: int = 0  # kept rows whose text encodes to the tokenizer's unk token
+    degenerate_pairs: int = 0  # preference rows with chosen == rejected (dropped unless "keep")
+    degenerate_kept: bool = False  # whether those rows were kept (DataConfig.degenerate_pairs)
     errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
+        """One line: ``'N/M rows kept; ...'`` with every count (zeros included, so a reader
+        knows each was checked)."""
+        degenerate = "kept" if self.degenerate_kept else "dropped"
         return (
-            f"{self.rows_kept}/{self.rows_read} rows kept; {self.skipped_malformed} malformed "
-            f"skipped, {self.filtered_overlong} overlong filtered, {self.truncated_prompts} "
-            f"prompts and {self.truncated_completions} completions truncated, "
+            f"{self.rows_kept}/{self.rows_read} rows kept; {self.filtered_overlong} overlong "
+            f"filtered, {self.truncated_prompts} prompts and {self.truncated_completions} "
+            f"completions truncated, {self.degenerate_pairs} degenerate pairs (chosen == "
+            f"rejected) {degenerate}, {self.skipped_malformed} malformed skipped, "
             f"{self.rows_with_unknown_tokens} with unknown tokens"
         )
 
@@ -488,6 +506,10 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return int(self.arrays["prompt_tokens"].shape[0])
 
+    def summary(self) -> str:
+        """The one line to print per loaded dataset: ``'<source> (<kind>): <stats>'``."""
+        return f"{self.source} ({self.kind}): {self.stats.summary()}"
+
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The examples at ``indices`` as one batch (with their ``index``)."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -513,7 +535,7 @@ def load_dataset(
     name = _source_name(source)
     enc = _Encoder(tokenizer, config, name)
     P, R = config.max_prompt_length, config.max_completion_length
-    stats = LoadStats()
+    stats = LoadStats(degenerate_kept=config.degenerate_pairs == "keep")
     prompts: list[list[int]] = []
     completions: list[list[list[int]]] = []
     margins: list[float | None] = []
@@ -556,6 +578,13 @@ def load_dataset(
                 if any(len(c) > R for c in c_ids):
                     stats.truncated_completions += 1
                     c_ids = [_fit(c, R, "first") for c in c_ids]
+            degenerate = config.kind == "preference" and c_ids[0] == c_ids[1]
+            if degenerate and config.degenerate_pairs == "error":
+                raise _RowError(
+                    "rejected",
+                    "is the same as 'chosen' (after tokenization), so the pair teaches nothing; "
+                    "fix the row or set degenerate_pairs='drop'",
+                )
             if margin is None and margins and margins[0] is not None:
                 raise _RowError("margin", "is missing but earlier rows have margins")
             if margin is not None and margins and margins[0] is None:
@@ -568,6 +597,10 @@ def load_dataset(
             if len(stats.errors) < _MAX_ERRORS_KEPT:
                 stats.errors.append(str(err))
             continue
+        if degenerate:
+            stats.degenerate_pairs += 1
+            if config.degenerate_pairs == "drop":
+                continue
         stats.rows_with_unknown_tokens += enc.saw_unknown
         prompts.append(p_ids)
         completions.append(c_ids)
@@ -575,9 +608,8 @@ def load_dataset(
     if stats.rows_read == 0:
         raise DataError(name, "has no rows")
     if not prompts:
-        raise DataError(
-            name, f"no usable rows: {stats.summary()}; first errors: {stats.errors[:3]}"
-        )
+        first = f"; the first skipped: {stats.errors[0][len(name) + 2 :]}" if stats.errors else ""
+        raise DataError(name, f"no usable rows ({stats.summary()}){first}")
     stats.rows_kept = len(prompts)
     pad = int(tokenizer.pad_token_id)
     arrays = _pad_prompts(prompts, P, pad)
