@@ -496,7 +496,7 @@ SFT_CHILD = textwrap.dedent(
     from rlhf_jax.checkpoint import Checkpointer
     from rlhf_jax.logging import RunLogger
     from rlhf_jax.optim import OptimConfig
-    from rlhf_jax.train import LoopConfig
+    from rlhf_jax.train import LoopConfig, run_loop
 
     class DyingCheckpointer(Checkpointer):
         # kill -9 this process right after the save of step `die_in_save_at` has started
@@ -531,8 +531,10 @@ SFT_CHILD = textwrap.dedent(
         ckpt.die_in_save_at = die_in_save_at
         logger = RunLogger(run_dir, resume_step=ckpt.latest_step() or 0, tensorboard=False,
                            progress=False)
-        _, result = sft_lib.run(cfg, model, batches, key=jax.random.PRNGKey(1), logger=logger,
-                                checkpointer=ckpt)
+        # The trainer's own compiled step under the shared run loop (what the SFT stage runs).
+        result = run_loop(sft_lib.make_step(model.graphdef, cfg), sft_lib.init_state(model.params, cfg),
+                          batches, loop=cfg.loop, key=jax.random.PRNGKey(1), logger=logger,
+                          checkpointer=ckpt, meta={"stage": "sft"})
         logger.close()
         ckpt.close()
         print(run_dir, "start", result.start_step, "stop", result.stop_reason, flush=True)
