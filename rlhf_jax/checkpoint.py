@@ -247,6 +247,14 @@ class Checkpointer:
                 f"checkpoint directory {self.directory} exists and is not a directory; "
                 "choose another run directory"
             )
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot create the checkpoint directory {self.directory}: "
+                f"{err.strerror or first_line(err)}; choose a run.dir on a writable disk, whose "
+                "path does not pass through a regular file"
+            ) from None
         self.save_every = save_every
         self.keep = keep
         self._preempted = threading.Event()

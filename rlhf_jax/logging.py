@@ -39,7 +39,9 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["RunLogger", "read_metrics", "METRICS_FILE", "SAMPLES_FILE"]
+from rlhf_jax.errors import UserError
+
+__all__ = ["RunLogger", "RunLogError", "read_metrics", "METRICS_FILE", "SAMPLES_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id, so a resumed run continues the
 # Metrics shown on the progress bar when progress_keys is not given: the first keys whose name
 # (last '/' component) contains one of these, in this order of preference.
 _PROGRESS_HINTS = ("loss", "reward", "score", "gold", "kl", "acc")
+
+
+class RunLogError(UserError, OSError):
+    """The run directory cannot be created or written; the message says which and what to do."""
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -172,7 +178,16 @@ class RunLogger:
         self._stale_max: int | None = None
         if not self.enabled:
             return
-        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK):
+                raise PermissionError(13, "not writable (a read-only disk, or no permission)")
+        except OSError as err:
+            raise RunLogError(
+                f"cannot write the run directory {os.path.abspath(self.run_dir)}: "
+                f"{err.strerror or err}; choose a run.dir on a writable disk, whose path does not "
+                "pass through a regular file"
+            ) from None
         metrics_path = os.path.join(self.run_dir, METRICS_FILE)
         if resume_step is not None:
             _truncate_after(metrics_path, int(resume_step))

@@ -387,6 +387,23 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         Checkpointer(tmp_path / "file", save_every=1)
+    with pytest.raises(CheckpointError, match=r"cannot create the checkpoint directory .*Not a"):
+        Checkpointer(tmp_path / "file" / "run" / "checkpoints", save_every=1)
+
+
+def test_a_read_only_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path, exist_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path / "c", save_every=1)
+    assert str(info.value) == (
+        f"cannot create the checkpoint directory {tmp_path / 'c'}: Read-only file system; choose "
+        "a run.dir on a writable disk, whose path does not pass through a regular file"
+    )
 
 
 def test_sigterm_before_the_checkpointer_exists_is_not_lost(tmp_path):

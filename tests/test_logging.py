@@ -114,6 +114,19 @@ def test_stale_lines_of_the_killed_run_are_never_written_twice(tmp_path):
     assert _raw_steps(tmp_path)[-1] == 1 and len(_raw_steps(tmp_path)) == 10
 
 
+def test_an_unwritable_run_directory_is_one_line(tmp_path, monkeypatch):
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.logging import RunLogError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunLogError, match=r"cannot write the run directory .*file/run: Not a") as e:
+        RunLogger(tmp_path / "file" / "run", tensorboard=False, progress=False)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount
+    with pytest.raises(RunLogError, match=r"not writable \(a read-only disk"):
+        RunLogger(tmp_path / "ro", tensorboard=False, progress=False)
+
+
 def test_read_metrics_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path)
