@@ -67,6 +67,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = os.path.join(os.fspath(run_dir), METRICS_FILE)
     if not os.path.exists(path):
+        stages = sorted(
+            name
+            for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+            if os.path.isfile(os.path.join(run_dir, name, METRICS_FILE))
+        )
+        if stages:
+            raise FileNotFoundError(
+                f"{path} does not exist: {os.fspath(run_dir)!r} holds the stages "
+                f"{', '.join(stages)}; give one of them, e.g. "
+                f"{os.path.join(os.fspath(run_dir), stages[-1])}"
+            )
         raise FileNotFoundError(
             f"{path} does not exist: is {os.fspath(run_dir)!r} a run directory written by "
             "rlhf-jax (it holds metrics.jsonl)?"

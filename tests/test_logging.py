@@ -130,6 +130,10 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path, monkeypatch):
 def test_read_metrics_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path)
+    for stage in ("ppo", "sft"):  # a run directory holds one directory per stage
+        _fake_ppo_run(tmp_path / "run" / stage, steps=1, tensorboard=False, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"holds the stages ppo, sft; give one of them"):
+        read_metrics(tmp_path / "run")
     (tmp_path / METRICS_FILE).write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
         read_metrics(tmp_path)
