@@ -317,6 +317,29 @@ def test_a_different_model_width_names_the_parameter_and_both_shapes(tmp_path, c
     assert "Event loop is closed" not in capfd.readouterr().err
 
 
+def test_a_different_model_width_with_the_real_trainer_state(tmp_path):
+    """The same, on an SFT TrainState (nnx parameters inside, Adam moments): the paths of the
+    saved metadata and of the run state must be matched, or the check never fires."""
+    from rlhf_jax import models
+    from rlhf_jax.algorithms import sft as sft_lib
+
+    def state(width):
+        cfg = models.ModelConfig(
+            arch="gpt2", vocab_size=32, hidden_size=width, num_layers=1, num_heads=2,
+            num_kv_heads=2, head_dim=width // 2, intermediate_size=32, max_position_embeddings=16,
+        )  # fmt: skip
+        return sft_lib.init_state(
+            models.init_model(cfg, jax.random.key(0)).params, sft_lib.SFTConfig()
+        )
+
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
+        ck.save(1, state(16), {})
+    with Checkpointer(tmp_path / "c", save_every=1) as ck:
+        with pytest.raises(CheckpointError, match=r"params/embed/embedding has shape \(32, 16\) "):
+            ck.restore_latest(abstract_like(state(32)))
+        assert ck.restore_latest(abstract_like(state(16)))[0] == 1
+
+
 def _damage(step_dir):
     """Overwrite every array data file of a committed step (disk trouble after the commit)."""
     files = [
