@@ -425,8 +425,20 @@ class Checkpointer:
                 self._unreadable(step, err, failures)
                 continue
             if failures:
-                log.warning("restored the older checkpoint step %d instead", step)
-                self._set_aside([s for s, _ in failures])
+                bad = [s for s, _ in failures]
+                moved = self._set_aside(bad)
+                log.warning(
+                    "checkpoint step%s %s in %s cannot be read (%s%s): resumed from the older "
+                    "step %d; the unreadable one%s kept as %s",
+                    "s" if len(bad) > 1 else "",
+                    ", ".join(str(s) for s in bad),
+                    self.directory,
+                    f"step {bad[0]}: " if len(bad) > 1 else "",
+                    _cause(failures[0][1]),
+                    step,
+                    "s are" if len(bad) > 1 else " is",
+                    ", ".join(os.path.basename(m) for m in moved) or "(not moved: not process 0)",
+                )
             self.restored_step = step
             return step, out[_STATE], dict(out[_META])
         first_step, first_err = failures[0]
@@ -438,13 +450,9 @@ class Checkpointer:
         ) from None
 
     def _unreadable(self, step: int, err: BaseException, failures: list) -> None:
+        # Reported once: in the warning of a fallback, or in the error when nothing restores.
         failures.append((step, err))
-        log.warning(
-            "checkpoint step %d in %s cannot be read: %s",
-            step,
-            self.directory,
-            _cause(err),
-        )
+        log.debug("checkpoint step %d in %s cannot be read: %s", step, self.directory, _cause(err))
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...] | None]:
         """Path -> shape of the arrays saved at ``step``, from its metadata (no array is read)."""
@@ -455,9 +463,11 @@ class Checkpointer:
         leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_metadata)[0]
         return {_path(p): _saved_shape(x) for p, x in leaves if _is_array_metadata(x)}
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def _set_aside(self, steps: list[int]) -> list[str]:
         """Rename unreadable step directories to ``<step>.unreadable`` (kept for inspection,
-        never read again), so the resumed run can save those steps anew."""
+        never read again), so the resumed run can save those steps anew. Returns the new paths
+        (empty on processes other than 0)."""
+        moved = []
         if jax.process_index() == 0:
             for step in steps:
                 src = os.path.join(self.directory, str(step))
@@ -467,12 +477,13 @@ class Checkpointer:
                     dst, n = f"{src}.unreadable{n}", n + 1
                 if os.path.isdir(src):
                     os.rename(src, dst)
-                    log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+                    moved.append(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("rlhf_jax.checkpoint.set_aside")
         self._manager.reload()
+        return moved
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -350,7 +350,7 @@ def _damage(step_dir):
         path.write_bytes(os.urandom(path.stat().st_size))
 
 
-def test_every_checkpoint_unreadable_is_one_line_naming_the_directory(tmp_path):
+def test_every_checkpoint_unreadable_is_one_line_naming_the_directory(tmp_path, caplog):
     with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
         for step in (1, 2, 3):
             ck.save(step, _state(step), {"cursor": step})
@@ -367,6 +367,7 @@ def test_every_checkpoint_unreadable_is_one_line_naming_the_directory(tmp_path):
     assert '"driver"' not in message and "\n" not in message and len(message) < 400
     assert info.value.__cause__ is None
     assert sorted(os.listdir(tmp_path / "c")) == ["1", "2", "3"]  # nothing renamed
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # the error says it all
 
 
 def test_the_closed_event_loop_noise_of_a_failed_read_is_dropped(monkeypatch):
@@ -515,7 +516,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog)
         step, state, meta = ck.restore_latest(abstract_like(_state()))
         assert step == 1 and meta == {"cursor": 1} and ck.restored_step == 1
         np.testing.assert_array_equal(state.params["w"], _state().params["w"])
-        assert "step 2" in caplog.text and "cannot be read" in caplog.text
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, warnings  # one line says what happened
+        assert warnings[0].startswith(f"checkpoint step 2 in {tmp_path / 'c'} cannot be read (")
+        assert warnings[0].endswith(
+            "resumed from the older step 1; the unreadable one is kept as 2.unreadable"
+        )
         # The damaged step is kept aside (not deleted), and the resumed run can save it anew.
         assert (tmp_path / "c" / "2.unreadable").is_dir() and ck.all_steps() == [1]
         assert ck.save(2, _state(3.0), {"cursor": 2}, force=True)
