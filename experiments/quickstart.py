@@ -1,16 +1,17 @@
-"""Run the embedded default task end to end: SFT -> reward model -> PPO, then a report.
+"""Run the embedded default task end to end: SFT -> label -> reward model -> PPO, then a report.
 
-    python experiments/quickstart.py                      # seed 0, into runs/quickstart/
-    python experiments/quickstart.py --seed 1 --run-dir runs/quickstart-1
-    python experiments/quickstart.py --help               # every knob of QuickstartConfig
+    python experiments/quickstart.py                         # seed 0, into runs/quickstart/
+    python experiments/quickstart.py run.seed=1 run.dir=runs/quickstart-1
+    python experiments/quickstart.py --help                  # every config key
 
-Intentionally kept short: the pipeline is :func:`rlhf_jax.quickstart.run` (also ``rlhf-jax
-quickstart``); its report lands in ``<run-dir>/report.md``, ``report.json`` and ``ppo_curves.png``.
+Intentionally kept short: this is ``rlhf-jax quickstart`` (:func:`rlhf_jax.quickstart.run`, the
+pipeline's stages on the toy task); the report lands in ``<run.dir>/report.md``, ``report.json``
+and ``ppo_curves.png``.
 """
 
-import tyro
+import sys
 
-from rlhf_jax.quickstart import QuickstartConfig, run
+from rlhf_jax.cli import main
 
 if __name__ == "__main__":
-    run(tyro.cli(QuickstartConfig, description=__doc__.splitlines()[0]))
+    sys.exit(main(["quickstart", *sys.argv[1:]]))

@@ -274,7 +274,9 @@ def _explain(err: Mapping[str, Any], errors, cls: type, prefix: str, sources) ->
     return f"{where}{path}: expected {_type_name(declared)}, got {got} {value!r}{hint}"
 
 
-def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: str = "") -> Any:
+def from_dict(
+    cls: type, data: Mapping[str, Any] | None, *, sources=None, path: str = "", base: Any = None
+) -> Any:
     """Build the dataclass ``cls`` from nested plain data, checking every key and type.
 
     Args:
@@ -283,6 +285,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: 
         the source defaults of a preset ``data`` chooses: see the module docstring).
       sources: optional ``{key path: "file.yaml:12"}`` used to point errors at their origin.
       path: the key path of ``data`` inside a bigger config (for messages).
+      base: a ``cls`` instance whose values stand in for the dataclass defaults (e.g. the
+        quickstart's tuned config under a user's YAML and overrides).
     """
     if data is None:
         data = {}
@@ -290,7 +294,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, sources=None, path: 
         raise ConfigError(f"{path or 'the config'}: expected a mapping of keys, got {data!r}")
     sources = sources or {}
     validator = _validator(cls)  # outside the try: a schema pydantic cannot build is a bug here
-    text = json.dumps({"value": to_dict(_layer(cls, data, None))}, default=str)
+    below = None if base is None else to_dict(base)
+    text = json.dumps({"value": to_dict(_layer(cls, data, below))}, default=str)
     try:
         return validator.model_validate_json(text).value
     except pydantic.ValidationError as err:
@@ -488,10 +493,12 @@ def load_config(
     overrides: Sequence[str] = (),
     *,
     cls: type | None = None,
+    base: Any = None,
 ) -> Any:
     """Defaults < the YAML file at ``path`` (None: defaults only) < ``key.path=value`` overrides.
 
-    Returns a frozen :class:`ExperimentConfig` (or ``cls``). Raises :class:`ConfigError` with the
+    Returns a frozen :class:`ExperimentConfig` (or ``cls``). ``base``, a ``cls`` instance, replaces
+    the dataclass defaults (the quickstart's tuned config). Raises :class:`ConfigError` with the
     file and line, or the override, of the first bad key or value.
     """
     if cls is None:
@@ -501,4 +508,6 @@ def load_config(
     if path is not None:
         data, sources = load_yaml(path)
     data = apply_overrides(data, overrides, sources)
-    return from_dict(cls, data, sources=sources)
+    if base is not None:
+        cls = type(base)
+    return from_dict(cls, data, sources=sources, base=base)

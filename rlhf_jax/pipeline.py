@@ -1,21 +1,85 @@
 """The pipeline: every algorithm is a stage, and every stage runs through one skeleton.
 
-(Being rebuilt: for now this module holds the experiment config schema.)
+A **stage** is an algorithm with its config, its inputs and its outputs:
+
+- *inputs* are models (a policy, a reference, a reward model, ...) and datasets. A model input is
+  any Hugging Face directory (``config.json`` + safetensors + tokenizer), so a stage can start from
+  a checkpoint made elsewhere; left unset it is the result of an earlier stage of the same run
+  (``<run.dir>/<stage>/final``), which is itself a Hugging Face directory;
+- *outputs* land in ``<run.dir>/<stage>/``: ``final/`` (the resulting model, with its tokenizer,
+  loadable by ``transformers`` and by any later stage), ``metrics.jsonl``, ``samples.jsonl``,
+  ``tensorboard/`` and ``checkpoints/`` (Orbax, exact resume).
+
+:func:`run_stage` is the one skeleton::
+
+    mesh -> the stage's prepare (load and validate every input; build the initial state, the
+    step, the batches, the evaluation) -> create the run directory -> place the state on the mesh
+    -> run loop (eval, stop, checkpoints, logs, SIGTERM) -> the stage's finish -> final/
+
+Nothing is written before ``prepare`` has returned, so a bad config, a missing file or a batch
+that does not fit leaves no half-made run directory behind.
+
+Adding an algorithm means writing its config and its step (``rlhf_jax/algorithms/``), a
+``prepare`` that turns its stage config into a :class:`Plan`, and one :func:`register` call.
+``docs/internals.md`` walks through it.
+
+The stages registered here: ``sft``, ``label`` (sample K responses per prompt from a policy and
+rank them with a labeller function: the comparison data of a reward model), ``rm`` and ``ppo``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
 from rlhf_jax.algorithms.ppo import PPOConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.data.toy import ToyTask
 from rlhf_jax.parallel import ParallelConfig
+from rlhf_jax.train import LoopConfig, LoopResult
+
+__all__ = [
+    "CONFIG_FILE",
+    "FINAL_DIR",
+    "STAGES",
+    "Context",
+    "EvalConfig",
+    "ExperimentConfig",
+    "LabelStage",
+    "Outputs",
+    "PPOStage",
+    "Plan",
+    "RMStage",
+    "RunConfig",
+    "SFTStage",
+    "Stage",
+    "StageResult",
+    "find_model",
+    "register",
+    "run_stage",
+    "sample_responses",
+]
+
+CONFIG_FILE = "config.yaml"  # the resolved config, written into run.dir by every stage
+FINAL_DIR = "final"  # <stage dir>/final: the stage's result, a Hugging Face directory
+META_FILE = "rlhf_jax_stage.json"  # in final/: the stage, its last step, stop reason and info
+POLICY_STAGES = ("ppo", "sft")  # where a run's policy is found, latest stage first
+
 
 # ------------------------------------------------------------------------------------------
-# The experiment config
+# The config schema
 # ------------------------------------------------------------------------------------------
 
 
@@ -23,7 +87,7 @@ from rlhf_jax.parallel import ParallelConfig
 class RunConfig:
     """Where a run writes and how it logs; shared by every stage of the pipeline."""
 
-    dir: str = "runs/experiment"  # run directory; stage X writes to <dir>/X (sft, rm, ppo)
+    dir: str = "runs/experiment"  # run directory; stage X writes to <dir>/X (sft, rm, ppo, ...)
     seed: int = 0  # the run seed every PRNG key is derived from
     tensorboard: bool = True  # write TensorBoard event files in each stage's directory
     wandb_project: str | None = None  # log to this Weights & Biases project (needs wandb)
@@ -50,13 +114,13 @@ class RunConfig:
             raise ValueError(f"run.scan_unroll={self.scan_unroll}: must be >= 1")
 
     def stage_dir(self, stage: str) -> str:
-        """The directory of one stage (``sft``, ``rm``, ``ppo``) of this run."""
+        """The directory of one stage (``sft``, ``rm``, ``ppo``, ...) of this run."""
         return os.path.join(self.dir, stage)
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTStage:
-    """Stage 1: supervised fine-tuning of a Hugging Face checkpoint on prompt/completion rows."""
+    """Supervised fine-tuning of a Hugging Face checkpoint on prompt/completion rows."""
 
     model: str = ""  # Hugging Face checkpoint directory to fine-tune (config.json + safetensors)
     tokenizer: str | None = None  # tokenizer directory; None = the model's directory
@@ -77,18 +141,49 @@ class SFTStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class RMStage:
-    """Stage 2: a reward model from comparisons, initialised from the SFT model."""
+class LabelStage:
+    """Comparison data from a policy's samples: K responses per prompt, ranked by a labeller.
 
-    model: str | None = None  # HF checkpoint to start from; None = this run's SFT result
-    tokenizer: str | None = None  # tokenizer directory; None = the SFT stage's tokenizer
-    train_file: str = ""  # rows {prompt, chosen, rejected} (pairs) or {prompt, completions} (K)
-    eval_file: str | None = None  # held-out comparisons (eval/accuracy every eval_every steps)
+    Writes ``<run.dir>/label/train.jsonl`` (and ``eval.jsonl`` from ``eval_prompts_file``), ranking
+    rows ``{prompt, completions}`` best first, which ``rm`` reads by default.
+    """
+
+    policy: str | None = None  # HF directory sampled from; None = this run's sft/final
+    prompts_file: str = ""  # rows {prompt} or {messages}: the prompts to answer and rank
+    eval_prompts_file: str | None = None  # prompts of a held-out ranking set (eval.jsonl)
+    num_completions: int = 4  # K responses per prompt (InstructGPT ranks 4 to 9)
+    labeller: str = ""  # "module:function" (prompts, groups, *, seed) -> best-first index lists
+    data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
+    max_new_tokens: int = 64  # response length R
+    temperature: float = 1.0  # sampling temperature (1 = the policy's own distribution)
+    stop_tokens: tuple[int, ...] = ()  # token ids that end a response (besides the EOS)
+    stop_at_eos: bool = True  # stop a response at the tokenizer's EOS
+    chunk: int = 256  # prompts per compiled sampling call (one shape, one compile)
+
+    def __post_init__(self):
+        if self.data.kind != "prompt":
+            raise ValueError(f"label.data.kind={self.data.kind!r}: labelling reads 'prompt' rows")
+        if self.num_completions < 2:
+            raise ValueError(f"label.num_completions={self.num_completions}: a ranking needs >= 2")
+        if self.max_new_tokens < 1 or self.chunk < 1 or not self.temperature > 0:
+            raise ValueError("label.max_new_tokens and label.chunk must be >= 1, temperature > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMStage:
+    """A reward model from comparisons, initialised from a policy's trunk with a fresh head."""
+
+    model: str | None = None  # HF directory of the trunk; None = this run's sft/final
+    tokenizer: str | None = None  # tokenizer directory; None = the model's directory
+    train_file: str | None = None  # {prompt, chosen, rejected} or {prompt, completions}
+    # rows; None = this run's label/train.jsonl
+    eval_file: str | None = None  # held-out comparisons; None = label/eval.jsonl if it exists
     eval_size: int = 256  # comparisons of eval_file in the evaluation batch
     data: DataConfig = DataConfig(
         kind="preference", max_prompt_length=128, max_completion_length=128
     )  # "preference" (pairs) or "ranking" (set num_completions), lengths, bad-row policy
-    normalize_samples: int = 256  # SFT samples scored to normalise the head to mean 0, std 1
+    normalize_samples: int = 256  # policy samples scored to normalise the head to mean 0, std 1
+    normalize_prompts_file: str | None = None  # their prompts; None = the train file's prompts
     trainer: RewardModelConfig = RewardModelConfig()  # loss, optimizer, loop, batch size
     save_every: int = 500  # checkpoint every N steps (also at the end and on SIGTERM); 0 = not
 
@@ -103,13 +198,33 @@ class RMStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOStage:
-    """Stage 3: PPO from the SFT policy against the reward model, KL-anchored to the SFT model."""
+class EvalConfig:
+    """Evaluation of a policy on held-out prompts, every ``trainer.loop.eval_every`` steps."""
 
+    prompts_file: str | None = None  # rows {prompt} or {messages}; None = no evaluation
+    size: int = 256  # prompts read from it (the first ones)
+    samples_per_prompt: int = 1  # responses sampled per prompt
+    evaluator: str | None = None  # "module:function" (prompts, responses) -> {name: [B] values}
+    win_rate_metric: str | None = "gold"  # evaluator metric of the win rate vs the reference
+    log_samples: int = 4  # samples written to samples.jsonl / TensorBoard at each evaluation
+
+    def __post_init__(self):
+        if self.size < 1 or self.samples_per_prompt < 1 or self.log_samples < 0:
+            raise ValueError("eval.size, eval.samples_per_prompt >= 1; eval.log_samples >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStage:
+    """PPO from a policy against a reward model (or function), KL-anchored to a reference."""
+
+    policy: str | None = None  # HF directory the policy starts from; None = this run's sft/final
+    reference: str | None = None  # the frozen KL anchor; None = the policy's starting point
+    reward_model: str | None = None  # HF *ForSequenceClassification directory; None = rm/final
     prompts_file: str = ""  # rows {prompt} or {messages} (other fields are ignored)
     data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
     batch_size: int = 16  # prompts per iteration (each answered trainer.num_samples times)
     trainer: PPOConfig = PPOConfig()  # PPO hyperparameters, optimizer, loop (iterations)
+    eval: EvalConfig = EvalConfig()  # held-out prompts: reward, KL, length, entropy, win rate
     save_every: int = 50  # checkpoint every N iterations (also at the end and on SIGTERM)
     stop_at_eos: bool = True  # add the tokenizer's EOS to trainer.stop_tokens, pad with its pad id
 
@@ -124,8 +239,465 @@ class PPOStage:
 class ExperimentConfig:
     """A whole experiment: the run directory and logs, placement, and each pipeline stage."""
 
-    run: RunConfig = RunConfig()  # run directory, seed, logging, checkpoint retention, resume
+    run: RunConfig = RunConfig()  # run directory, seed, logging, checkpoint retention
     parallel: ParallelConfig = ParallelConfig()  # mesh, sharding preset, multi-host start
-    sft: SFTStage = SFTStage()  # stage 1: supervised fine-tuning
-    rm: RMStage = RMStage()  # stage 2: reward model
-    ppo: PPOStage = PPOStage()  # stage 3: PPO
+    sft: SFTStage = SFTStage()  # supervised fine-tuning
+    label: LabelStage = LabelStage()  # comparison data: a policy's samples ranked by a labeller
+    rm: RMStage = RMStage()  # reward model
+    ppo: PPOStage = PPOStage()  # PPO
+    toy: ToyTask = ToyTask()  # the embedded task's sizes (used by `rlhf-jax quickstart` only)
+
+
+# ------------------------------------------------------------------------------------------
+# Stages, plans, results
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What a stage leaves: the model written to ``final/`` (None for a data stage) and info."""
+
+    model: Any = None  # a rlhf_jax.models.Model record
+    tokenizer: Any = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a stage's ``prepare`` hands the skeleton; built before anything is written.
+
+    A training stage gives ``state``, ``make_step``, ``batches`` and ``loop``; the skeleton places
+    the state on the mesh by the parallel preset's rules, calls ``make_step(state_shardings)`` for
+    the compiled step, runs :func:`rlhf_jax.train.run_loop`, then ``finish(state, result)``. A
+    data stage (``loop=None``) only has ``finish(None, None)``.
+    """
+
+    finish: Callable[[Any, LoopResult | None], Outputs]
+    state: Any = None
+    make_step: Callable[[Any], Callable] | None = None  # (state_shardings) -> step
+    batches: Callable[[int], Any] | None = None  # host batches: this process's rows of batch s
+    loop: LoopConfig | None = None
+    key: jax.Array | None = None
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None
+    tokenizer: Any = None  # saved into final/ and the stage directory
+    save_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A registered stage: its name (subcommand and directory), description and prepare."""
+
+    name: str
+    description: str
+    prepare: Callable[[Context], Plan]
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to :data:`STAGES` (its name becomes an ``rlhf-jax`` subcommand)."""
+    STAGES[stage.name] = stage
+    return stage
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What :func:`run_stage` returns."""
+
+    stage: str
+    dir: str  # <run.dir>/<stage>
+    final: str | None  # the final/ directory (None for a data stage or when preempted)
+    result: LoopResult | None
+    outputs: Outputs | None
+
+    @property
+    def preempted(self) -> bool:
+        return self.result is not None and self.result.stop_reason == "preempted"
+
+
+@dataclasses.dataclass
+class Context:
+    """What a stage's ``prepare`` may use: the config, the mesh, and the input loaders."""
+
+    cfg: ExperimentConfig
+    stage: str
+    mesh: Any
+    logger: Any = None  # the stage's RunLogger once the skeleton made it (None in prepare)
+    say: Callable[[str], None] = print
+
+    @property
+    def section(self) -> Any:
+        return getattr(self.cfg, self.stage)
+
+    @property
+    def dir(self) -> str:
+        return self.cfg.run.stage_dir(self.stage)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.seed
+
+    # -- models ----------------------------------------------------------------------------
+
+    def model_dir(self, value: str | None, key: str, default_stage: str | None) -> str:
+        """The Hugging Face directory a model input names (see :func:`find_model`)."""
+        if value:
+            return find_model(value, key)
+        if default_stage is None:
+            raise config_lib.ConfigError(f"{key} is not set: give a Hugging Face model directory")
+        path = os.path.join(self.cfg.run.stage_dir(default_stage), FINAL_DIR)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise config_lib.ConfigError(
+                f"{key} is not set and this run has no {default_stage} result ({path}): run "
+                f"`rlhf-jax {default_stage}` with the same run.dir first, or set {key} to a "
+                "Hugging Face model directory"
+            )
+        return path
+
+    def load_model(self, path: str, **heads) -> Any:
+        from rlhf_jax import models
+
+        run = self.cfg.run
+        return models.from_pretrained(
+            path,
+            dtype=run.dtype,
+            param_dtype=run.param_dtype,
+            scan_unroll=run.scan_unroll,
+            **heads,
+        )
+
+    def load_tokenizer(self, path: str, model: Any = None) -> Any:
+        from rlhf_jax import models
+
+        try:
+            return models.load_tokenizer(path, config=None if model is None else model.config)
+        except (OSError, ValueError) as err:
+            raise config_lib.ConfigError(
+                f"{self.stage}: cannot load a tokenizer from {path} ({_first_line(err)}): give "
+                "the tokenizer directory saved with the model"
+            ) from None
+
+    # -- data ------------------------------------------------------------------------------
+
+    def dataset(self, path: str | None, key: str, tokenizer: Any, data: DataConfig, model=None):
+        """Load, validate and tokenize a data file; prints its one-line summary."""
+        from rlhf_jax.data import formats
+
+        if not path:
+            raise config_lib.ConfigError(f"{key} is not set: give a JSONL/JSON/Parquet file")
+        if not os.path.exists(path):
+            raise config_lib.ConfigError(f"{key}={path!r}: no such file")
+        if model is not None and data.vocab_size is None:
+            data = dataclasses.replace(data, vocab_size=model.config.vocab_size)
+        ds = formats.load_dataset(path, tokenizer, data)
+        self.say(f"[{self.stage}] {path}: {ds.stats.summary()}")
+        return ds
+
+    def batches(self, dataset, batch_size: int, key: str, *, rename=None):
+        """The deterministic batcher over ``dataset``, this process's rows of each batch."""
+        from rlhf_jax import parallel
+        from rlhf_jax.data.batches import epoch_batches
+
+        try:
+            return epoch_batches(
+                dataset,
+                batch_size,
+                self.seed,
+                rename=rename,
+                rows=parallel.process_rows(batch_size),
+                what=f"{dataset.source} ({key})",
+            )
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from None
+
+
+def find_model(path: str, key: str = "model") -> str:
+    """The Hugging Face directory ``path`` names: itself, a stage's ``final/``, or a run's policy.
+
+    ``path`` may be a Hugging Face directory (``config.json``), a stage directory of a run
+    (``runs/x/ppo``: its ``final/``) or a run directory (its latest policy: ``ppo/final``, else
+    ``sft/final``).
+    """
+    candidates = [path, os.path.join(path, FINAL_DIR)]
+    candidates += [os.path.join(path, s, FINAL_DIR) for s in POLICY_STAGES]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    if not os.path.exists(path):
+        raise config_lib.ConfigError(f"{key}={path!r}: no such directory")
+    raise config_lib.ConfigError(
+        f"{key}={path!r} holds no model: expected a Hugging Face directory with config.json, a "
+        "stage directory with final/, or a run directory"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    from rlhf_jax.errors import first_line
+
+    return first_line(err)
+
+
+# ------------------------------------------------------------------------------------------
+# The skeleton
+# ------------------------------------------------------------------------------------------
+
+
+def _check_writable(run_dir: str) -> None:
+    """Fail before anything is written if ``run_dir`` cannot be created or written."""
+    probe = os.path.abspath(run_dir)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise config_lib.ConfigError(
+            f"run.dir={run_dir!r}: {probe} is a file, not a directory: choose another run.dir"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise config_lib.ConfigError(
+            f"run.dir={run_dir!r}: {probe} is not writable: choose a run.dir you can write to"
+        )
+
+
+def _is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+def _write_config(cfg: ExperimentConfig) -> None:
+    if not _is_writer():
+        return
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    path = os.path.join(cfg.run.dir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_lib.to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def _tools(ctx: Context, plan: Plan):
+    """The stage's Checkpointer and RunLogger (resuming where its checkpoints stand)."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.logging import RunLogger
+
+    cfg = ctx.cfg
+    ckpt = Checkpointer(
+        os.path.join(ctx.dir, "checkpoints"),
+        save_every=plan.save_every,
+        keep=cfg.run.keep_checkpoints,
+    )
+    latest = ckpt.latest_step()
+    if latest is not None and not plan.loop.resume:
+        ckpt.close()
+        raise config_lib.ConfigError(
+            f"{ctx.dir} holds checkpoints up to step {latest} but {ctx.stage}.trainer.loop.resume "
+            "is false: choose a new run.dir, delete that directory, or resume"
+        )
+    logger = RunLogger(
+        ctx.dir,
+        tensorboard=cfg.run.tensorboard,
+        wandb_project=cfg.run.wandb_project,
+        progress_total=plan.loop.max_steps,
+        progress=cfg.run.progress,
+        resume_step=latest or 0,
+        wandb_run_name=f"{os.path.basename(os.path.normpath(cfg.run.dir))}-{ctx.stage}",
+        config=config_lib.to_dict(cfg),
+    )
+    return ckpt, logger
+
+
+def _gathered(params: Any) -> Any:
+    """``params`` as host numpy arrays on every process (a multi-process run gathers them)."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def save_final(stage_dir: str, outputs: Outputs, meta: Mapping[str, Any]) -> str:
+    """Write ``outputs.model`` (+ tokenizer, + meta) as the Hugging Face directory ``final/``.
+
+    Written into a temporary directory and renamed into place, so ``final/`` is either the
+    previous result or the whole new one, never half of it.
+    """
+    from rlhf_jax import models
+
+    path = os.path.join(stage_dir, FINAL_DIR)
+    model = outputs.model.replace(params=_gathered(outputs.model.params))
+    if not _is_writer():
+        return path
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_pretrained(model, tmp)
+    if outputs.tokenizer is not None:
+        outputs.tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(_jsonable(dict(meta)), f, indent=2)
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic | jax.Array | np.ndarray):
+        return np.asarray(x).tolist()
+    return x
+
+
+def run_stage(
+    cfg: ExperimentConfig,
+    name: str,
+    *,
+    devices: Sequence[Any] | None = None,
+    verbose: bool = True,
+) -> StageResult:
+    """Run stage ``name`` of ``cfg`` through the skeleton (module docstring); see :class:`Plan`.
+
+    Returns a :class:`StageResult`; ``result.preempted`` when SIGTERM stopped it (the state was
+    saved: run the same command again to resume). Raises a :class:`rlhf_jax.errors.UserError`
+    for bad input, before anything is written.
+    """
+    from rlhf_jax import parallel
+    from rlhf_jax.train import run_loop
+
+    if name not in STAGES:
+        raise config_lib.ConfigError(f"unknown stage {name!r}; the stages are: {sorted(STAGES)}")
+    say = print if verbose else (lambda *a, **k: None)
+    parallel.initialize_distributed(cfg.parallel.distributed)
+    mesh = parallel.make_mesh(cfg.parallel.mesh, parallel.mesh_devices(cfg.parallel.mesh, devices))
+    ctx = Context(cfg=cfg, stage=name, mesh=mesh, say=say)
+    _check_writable(cfg.run.dir)
+    plan = STAGES[name].prepare(ctx)
+    # ---- everything above validated and loaded; from here on the run directory is written ----
+    _write_config(cfg)
+    if plan.loop is None:  # a data stage
+        outputs = plan.finish(None, None)
+        return StageResult(name, ctx.dir, None, None, outputs)
+    pcfg = cfg.parallel
+    shardings = parallel.state_shardings(plan.state, mesh, pcfg.preset)
+    state = jax.device_put(plan.state, shardings)
+    step = plan.make_step(shardings)
+    batches = parallel.shard_batches(plan.batches, mesh)
+    ckpt, logger = _tools(ctx, plan)
+    ctx.logger = logger
+    try:
+        result = run_loop(
+            step,
+            state,
+            batches,
+            loop=plan.loop,
+            key=plan.key,
+            eval_fn=plan.eval_fn,
+            logger=logger,
+            checkpointer=ckpt,
+            meta={"stage": name},
+        )
+    finally:
+        logger.close()
+        ckpt.close()
+    if result.stop_reason == "preempted":
+        print(
+            f"[{name}] preempted at step {result.step}: checkpoint saved; run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return StageResult(name, ctx.dir, None, result, None)
+    outputs = plan.finish(result.state, result)
+    if outputs.tokenizer is None:
+        outputs.tokenizer = plan.tokenizer
+    meta = {
+        "stage": name,
+        "step": result.step,
+        "stop_reason": result.stop_reason,
+        "info": outputs.info,
+    }
+    final = save_final(ctx.dir, outputs, meta)
+    say(f"[{name}] {result.step} steps ({result.stop_reason}); result in {final}")
+    return StageResult(name, ctx.dir, final, result, outputs)
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling a model on a prompt dataset (label, RM normalisation, evaluation, generate)
+# ------------------------------------------------------------------------------------------
+
+
+def stop_tokens(tokenizer: Any, extra: Sequence[int] = (), *, at_eos: bool = True) -> tuple:
+    """``extra`` plus the tokenizer's EOS id (when ``at_eos``), without repeats."""
+    ids = [int(t) for t in extra]
+    if at_eos and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))
+
+
+def pad_id(tokenizer: Any, default: int = 0) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else default
+
+
+def sample_responses(
+    graphdef: Any,
+    params: Any,
+    prompt_tokens: np.ndarray,
+    prompt_mask: np.ndarray,
+    key: jax.Array,
+    *,
+    n: int = 1,
+    max_new_tokens: int,
+    sampling: Any = None,
+    stop: Sequence[int] = (),
+    pad_token_id: int = 0,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` responses to each prompt: ``(tokens, mask)`` ``[B * n, R]`` int32 (numpy).
+
+    Sampling runs in chunks of ``chunk`` prompts (the last padded), so every call reuses one
+    compiled sampler; sample ``i`` of prompt ``b`` draws from its (key, b, i) stream
+    (:func:`rlhf_jax.rollout.sample`), whatever the chunking.
+    """
+    from rlhf_jax import rollout
+
+    sampling = rollout.SamplingConfig() if sampling is None else sampling
+    b = len(prompt_tokens)
+    chunk = max(1, min(chunk, b))
+    pad = -b % chunk
+    pt = np.concatenate([prompt_tokens, np.repeat(prompt_tokens[:1], pad, 0)])
+    pm = np.concatenate([prompt_mask, np.repeat(prompt_mask[:1], pad, 0)])
+    tokens, masks = [], []
+    for start in range(0, b + pad, chunk):
+        out = rollout.sample(
+            graphdef,
+            params,
+            jnp.asarray(pt[start : start + chunk]),
+            jnp.asarray(pm[start : start + chunk]),
+            key,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_tokens=tuple(stop),
+            n=n,
+            prompt_index=jnp.arange(start, start + chunk, dtype=jnp.int32),
+            pad_token_id=pad_token_id,
+        )
+        t, m = jax.device_get((out.tokens, out.mask))
+        tokens.append(np.asarray(t, np.int32))
+        masks.append(np.asarray(m, np.int32))
+    return np.concatenate(tokens)[: b * n], np.concatenate(masks)[: b * n]
+
+
+def decode(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray, *, special: bool) -> list[str]:
+    """Each row's text where ``mask == 1``; ``special=True`` keeps special tokens (a response's
+    stop token stays in its text, so a function can tell a finished answer from a cut one)."""
+    from rlhf_jax.reward_fn import decode_masked
+
+    return decode_masked(tokenizer, tokens, mask, skip_special_tokens=not special)
+
+
+# The stages themselves are in rlhf_jax.stages (imported here so that they are registered).
+from rlhf_jax import stages as _stages  # noqa: E402, F401

@@ -6,7 +6,7 @@ fake CPU devices, trains the problem of :func:`train` for a few steps on a hybri
 ``data`` axis spans the processes, and process 0 writes the losses and final parameters to ``F``
 (``.npz``). The test compares them with one process holding all the devices.
 
-The training is the trainers' own path, as ``sft.run(..., mesh=, parallel_cfg=)`` takes it: the
+The training is the trainers' own path, as ``pipeline.run_stage`` takes it: the
 state placed by the preset's rules (``parallel.state_shardings``), the step of
 ``rlhf_jax.algorithms.sft.make_step`` compiled for the mesh (``parallel.jit_step``, gradients by
 ``parallel.accumulate`` in the ``jit`` or ``shard_map`` form), and each process feeding only its

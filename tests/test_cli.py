@@ -18,27 +18,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_top_level_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for sub in ("sft", "rm", "ppo", "quickstart", "export", "report"):
+    for sub in ("sft", "label", "rm", "ppo", "quickstart", "generate", "evaluate", "export"):
         assert f"• {sub}" in out
 
 
-@pytest.mark.parametrize("sub", ["sft", "rm", "ppo", "quickstart"])
+@pytest.mark.parametrize("sub", ["sft", "label", "rm", "ppo", "quickstart"])
 def test_training_help_lists_every_config_key(capsys, sub):
-    from rlhf_jax.quickstart import QuickstartConfig
-
     assert main([sub, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config" in out and "--print-config" in out
-    cfg = QuickstartConfig() if sub == "quickstart" else ExperimentConfig()
-    for key, *_ in C._flat(cfg):
+    for key, *_ in C._flat(ExperimentConfig()):
         assert f"  {key} " in out, key
 
 
-def test_quickstart_print_config_reads_the_toy_preset(capsys):
+@pytest.mark.parametrize("argv", [["dpo", "--help"], ["dpo"], ["nope", "x=1"]])
+def test_unknown_command_is_refused_even_with_help(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"unknown command {argv[0]!r}; the commands are: sft, label, rm, ppo" in err
+
+
+def test_quickstart_print_config_is_the_shipped_toy_config(capsys):
+
     toy = os.path.join(ROOT, "experiments", "configs", "toy.yaml")
-    assert main(["quickstart", "--config", toy, "seed=3", "--print-config"]) == 0
+    assert main(["quickstart", "--config", toy, "run.seed=3", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "seed: 3" in out and "run_dir: runs/toy" in out
+    assert "seed: 3" in out and "dir: runs/quickstart" in out
+    # the quickstart's tuned values are the base under a user's overrides
+    assert main(["quickstart", "ppo.trainer.kl_coef=0.2", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "kl_coef: 0.2" in out and "max_steps: 600" in out
 
 
 def test_print_config_applies_overrides(capsys, tmp_path):
@@ -95,8 +104,8 @@ E2E = textwrap.dedent(
     out = sys.argv[1]
     # A Hugging Face checkpoint (a tiny GPT-2 for the toy vocabulary) and TRL-format data files.
     tok = toy.load_tokenizer(toy.build_tokenizer(os.path.join(out, "base")))
-    qcfg = quickstart.QuickstartConfig(hidden_size=16, num_layers=1, num_heads=2)
-    base = models.init_model(quickstart.policy_config(qcfg, tok), jax.random.PRNGKey(0))
+    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
+    base = models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0))
     models.save_pretrained(base, os.path.join(out, "base"))
     tok.save_pretrained(os.path.join(out, "base"))
     toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
@@ -146,6 +155,23 @@ E2E = textwrap.dedent(
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert np.abs(ours - sft).max() > 1e-6, "PPO did not change the policy"
     assert os.path.exists(os.path.join(out, "export", "reward_model", "config.json"))
+
+    # PPO from Hugging Face directories made elsewhere (the export), evaluating on held-out
+    # prompts every iteration, stopped by the threshold on the evaluation's reward.
+    other = os.path.join(out, "from_hf")
+    argv = ["ppo", "--config", config, f"run.dir={other}",
+            f"ppo.policy={out}/export/policy", f"ppo.reward_model={out}/export/reward_model",
+            f"ppo.eval.prompts_file={out}/prompts.jsonl", "ppo.eval.size=8",
+            "ppo.trainer.loop.max_steps=5", "ppo.trainer.loop.eval_every=1",
+            "ppo.trainer.loop.stop_metric=kl", "ppo.trainer.loop.stop_direction=above",
+            "ppo.trainer.loop.stop_value=-1000"]
+    assert main(argv) == 0
+    records = read_metrics(os.path.join(other, "ppo"))
+    assert len(records) == 1, records  # the first evaluation crossed the threshold: stopped
+    for key in ("eval/reward", "eval/kl", "eval/length", "eval/entropy", "eval/reference/reward"):
+        assert key in records[0], key
+    assert os.path.getsize(os.path.join(other, "ppo", "samples.jsonl")) > 0
+    assert os.path.isfile(os.path.join(other, "ppo", "final", "config.json"))
     print("E2E OK", flush=True)
     """
 )
@@ -205,6 +231,9 @@ def test_sft_rm_ppo_export_end_to_end_in_a_subprocess(tmp_path):
     for stage in ("sft", "rm", "ppo"):
         assert (run / stage / "final").is_dir() and (run / stage / "metrics.jsonl").exists()
     assert (run / "ppo" / "report.png").exists() and (run / "config.yaml").exists()
+    for stage in ("sft", "rm", "ppo"):  # each stage's result is a Hugging Face directory
+        assert (run / stage / "final" / "config.json").exists()
+        assert (run / stage / "final" / "tokenizer.json").exists()
     ppo_keys = read_metrics(run / "ppo")[-1]
     assert "score/mean" in ppo_keys and "kl/response" in ppo_keys
 
@@ -245,21 +274,18 @@ def test_dry_run_compiles_from_config_json_only(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["sft"], "sft.model is not set: a Hugging Face checkpoint directory"),
-        (["sft", "sft.model=no/such/dir"], "sft.model='no/such/dir': no such file or directory"),
-        (["sft", "sft.model=TMP"], "sft.train_file is not set"),
+        (["sft", "run.dir=TMP/run"], "sft.model is not set: give a Hugging Face checkpoint"),
+        (["sft", "sft.model=no/such/dir"], "sft.model='no/such/dir': no such directory"),
         (
-            ["rm", "rm.train_file=TMP/f.jsonl", "sft.model=TMP", "run.dir=TMP/run"],
-            "no sft result in TMP/run/sft/final: run `rlhf-jax sft` with the same run.dir first",
+            ["rm", "rm.train_file=TMP/f.jsonl", "run.dir=TMP/run"],
+            "rm.model is not set and this run has no sft result (TMP/run/sft/final): run "
+            "`rlhf-jax sft` with the same run.dir first",
         ),
         (
-            ["ppo", "ppo.prompts_file=missing.jsonl"],
-            "ppo.prompts_file='missing.jsonl': no such file",
+            ["ppo", "ppo.policy=TMP", "run.dir=TMP/run"],
+            "ppo.policy='TMP' holds no model: expected a Hugging Face directory",
         ),
-        (
-            ["export", "TMP", "TMP/out"],
-            "TMP/config.yaml does not exist: RUN_DIR must be the run.dir",
-        ),
+        (["export", "TMP", "TMP/out"], "TMP/sft/final holds no sft result"),
     ],
 )
 def test_stage_errors_name_the_key_and_the_fix(capsys, tmp_path, argv, message):
@@ -268,3 +294,4 @@ def test_stage_errors_name_the_key_and_the_fix(capsys, tmp_path, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message.replace("TMP", str(tmp_path)) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "a failed start left a run directory behind"

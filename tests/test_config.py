@@ -89,14 +89,13 @@ def test_the_three_presets_exist():
 
 @pytest.mark.parametrize("path", PRESETS, ids=[os.path.basename(p) for p in PRESETS])
 def test_presets_load(path):
+    cfg = C.load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
     if os.path.basename(path).startswith("toy"):
-        from rlhf_jax.quickstart import QuickstartConfig
+        from rlhf_jax.quickstart import default_config
 
-        cfg = C.load_config(path, cls=QuickstartConfig)
-        assert cfg.run_dir == "runs/toy"
+        assert cfg == default_config()  # the quickstart fills the file keys at run time
     else:
-        cfg = C.load_config(path)
-        assert isinstance(cfg, ExperimentConfig)
         assert cfg.sft.model and cfg.rm.train_file and cfg.ppo.prompts_file
     assert C.from_dict(type(cfg), C.to_dict(cfg)) == cfg
 

@@ -10,7 +10,7 @@ from rlhf_jax import models
 from rlhf_jax.algorithms import reward_model as rm
 from rlhf_jax.data import toy
 from rlhf_jax.optim import OptimConfig
-from rlhf_jax.train import LoopConfig
+from rlhf_jax.train import LoopConfig, run_loop
 
 
 def _cfg(vocab):
@@ -155,12 +155,17 @@ def test_heldout_accuracy_rises_on_labelled_toy_data(tok, sft_model):
         loop=LoopConfig(max_steps=40, eval_every=20),
         batch_size=32,
     )
-    key = jax.random.PRNGKey(5)
-    untrained = rm.init_reward_model(sft_model, jax.random.split(key)[0])  # as run() builds it
-    before = rm.make_eval(untrained.graphdef, cfg)(
-        untrained.params, jax.tree.map(jnp.asarray, held_out)
+    untrained = rm.init_reward_model(sft_model, jax.random.split(jax.random.PRNGKey(5))[0])
+    evaluate = rm.make_eval(untrained.graphdef, cfg)
+    held_out = jax.tree.map(jnp.asarray, held_out)
+    before = evaluate(untrained.params, held_out)
+    res = run_loop(
+        rm.make_step(untrained.graphdef, cfg),
+        rm.init_state(untrained.params, cfg),
+        batches,
+        loop=cfg.loop,
+        eval_fn=lambda state: evaluate(state.params, held_out),
     )
-    model, res, info = rm.run(cfg, sft_model, batches, key=key, eval_batch=held_out)
-    first, last = float(before["accuracy"]), info["eval_accuracy"]
+    first, last = float(before["accuracy"]), float(evaluate(res.state.params, held_out)["accuracy"])
     assert last >= 0.65 and last >= first + 0.15, (first, last)
     assert res.history[-1]["loss"] < res.history[0]["loss"]

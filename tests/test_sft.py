@@ -9,7 +9,7 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.algorithms import sft
 from rlhf_jax.optim import OptimConfig
-from rlhf_jax.train import LoopConfig
+from rlhf_jax.train import LoopConfig, run_loop
 
 V = 13
 
@@ -125,7 +125,15 @@ def test_loss_decreases_on_a_tiny_corpus(tiny):
         batch_size=8,
         completion_only=False,
     )
-    trained, res = sft.run(cfg, tiny, lambda s: batch, eval_batch=batch)
+    evaluate = sft.make_eval(tiny.graphdef, completion_only=False)
+    res = run_loop(
+        sft.make_step(tiny.graphdef, cfg),
+        sft.init_state(tiny.params, cfg),
+        lambda s: batch,
+        loop=cfg.loop,
+        eval_fn=lambda state: evaluate(state.params, batch),
+    )
+    trained = tiny.replace(params=res.state.params)
     first, last = res.history[0]["loss"], res.evals[-1]["loss"]
     assert last < 0.5 * first, (first, last)
     assert res.evals[-1]["token_accuracy"] > 0.5

@@ -1,4 +1,4 @@
-"""The real entry points (``rlhf_jax.cli.run_sft`` / ``run_ppo``) on 8 fake CPU devices.
+"""The real entry point (``rlhf_jax.pipeline.run_stage``: sft, ppo) on 8 fake CPU devices.
 
 Each stage builds its mesh from ``parallel.*`` of the config and runs born sharded: the same
 metrics as on one device (float32, 1e-5 relative), the trained parameters placed as the preset's
@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import cli, parallel
 from rlhf_jax import config as C
+from rlhf_jax import parallel, pipeline
 from rlhf_jax.logging import read_metrics
 
 
@@ -30,9 +30,9 @@ def files(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sharded_runs"))
     base = os.path.join(out, "base")
     tok = toy.load_tokenizer(toy.build_tokenizer(base))
-    qcfg = quickstart.QuickstartConfig(hidden_size=16, num_layers=1, num_heads=2)
+    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
     models.save_pretrained(
-        models.init_model(quickstart.policy_config(qcfg, tok), jax.random.PRNGKey(0)), base
+        models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0)), base
     )
     tok.save_pretrained(base)
     toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
@@ -94,17 +94,16 @@ def one_device(files, tmp_path_factory):
     """SFT and PPO on a one-device mesh: the reference run directory. The reward model is a
     freshly initialised one written as the RM stage's result (its training is not under test
     here; ``parallel.step=shard_map`` of the RM step is, in ``test_parallel.py``)."""
+    from rlhf_jax import models
     from rlhf_jax.algorithms import reward_model as rm_lib
-    from rlhf_jax.checkpoint import Checkpointer
 
     run = str(tmp_path_factory.mktemp("one_device") / "run")
     cfg = _config(files, run, *ONE_DEVICE)
-    sft_model = cli.run_sft(cfg, devices=jax.devices()[:1])
+    sft = pipeline.run_stage(cfg, "sft", devices=jax.devices()[:1], verbose=False)
+    sft_model = models.from_pretrained(sft.final)
     rm = rm_lib.init_reward_model(sft_model, jax.random.PRNGKey(1))
-    final = os.path.join(run, "rm", cli.FINAL_DIR)
-    with Checkpointer(final, save_every=0, keep=1, handle_sigterm=False) as ckpt:
-        ckpt.save(1, {"params": rm.params}, {"stage": "rm"}, force=True)
-    assert cli.run_ppo(cfg, devices=jax.devices()[:1]) is not None
+    pipeline.save_final(os.path.join(run, "rm"), pipeline.Outputs(rm, sft.outputs.tokenizer), {})
+    assert not pipeline.run_stage(cfg, "ppo", devices=jax.devices()[:1], verbose=False).preempted
     return run
 
 
@@ -151,11 +150,12 @@ def test_sft_fsdp_equals_one_device_and_restores_onto_the_mesh(
     run = str(tmp_path / "run")
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
     cfg = _config(files, run, *FSDP, "sft.save_every=3")
-    trained = cli.run_sft(cfg)
+    trained = pipeline.run_stage(cfg, "sft", verbose=False).result.state
     _assert_same_metrics(run, one_device, "sft", steps=3)
     _assert_placed(trained.params, mesh, "fsdp")
     assert len(compiled) == 1 and compiled[0]._cache_size() == 1
-    restored = cli.run_sft(cfg)  # resumes at step 3 = max_steps: the restored state, no step
+    # resumes at step 3 = max_steps: the restored state, no step
+    restored = pipeline.run_stage(cfg, "sft", verbose=False).result.state
     _assert_placed(restored.params, mesh, "fsdp")
     pairs = zip(jax.tree.leaves(restored.params), jax.tree.leaves(trained.params), strict=True)
     for got, want in pairs:
@@ -167,7 +167,7 @@ def test_shard_map_sft_equals_one_device(files, one_device, tmp_path, compiled):
     dp rules: the one-device (jit form) metrics; the parameters stay replicated."""
     run = str(tmp_path / "run")
     cfg = _config(files, run, *SHARD_MAP)
-    trained = cli.run_sft(cfg)
+    trained = pipeline.run_stage(cfg, "sft", verbose=False).result.state
     _assert_same_metrics(run, one_device, "sft", steps=3)
     _assert_placed(trained.params, parallel.make_mesh(cfg.parallel.mesh), "dp")
     assert len(compiled) == 1 and compiled[0]._cache_size() == 1
@@ -178,7 +178,8 @@ def test_ppo_fsdp_equals_one_device(files, one_device, tmp_path, compiled):
     frozen reference and reward model): the one-device metrics, one executable for the run."""
     run = str(tmp_path / "run")
     _copy_stages(one_device, run, ["sft", "rm"])
-    policy = cli.run_ppo(_config(files, run, *FSDP))
+    state = pipeline.run_stage(_config(files, run, *FSDP), "ppo", verbose=False).result.state
     _assert_same_metrics(run, one_device, "ppo", steps=2)
-    _assert_placed(policy.params, parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4)), "fsdp")
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
+    _assert_placed(state.params["policy"], mesh, "fsdp")
     assert len(compiled) == 1 and compiled[0]._cache_size() == 1

@@ -59,7 +59,7 @@ and only on that path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -76,7 +76,7 @@ from rlhf_jax.optim import (
     set_learning_rate,
 )
 from rlhf_jax.reward_fn import RewardFunction, callback_scores
-from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+from rlhf_jax.train import LoopConfig, TrainState, apply_update
 
 __all__ = [
     "PPOConfig",
@@ -93,12 +93,12 @@ __all__ = [
     "update",
     "ppo_loss",
     "loss_counts",
+    "check_stop_tokens",
     "kl_control",
     "rollout_metrics",
     "iteration_fn",
     "make_iteration",
     "make_step",
-    "run",
 ]
 
 _CRITICS = ("shared", "separate")
@@ -178,13 +178,6 @@ class PPOConfig:
                 "override is a whole bundle (unset fields take the rlhf-jax defaults), so set "
                 "one; for a preset with one change pass "
                 "presets.get_preset(name).replace(field=value) as the override"
-            )
-        if self.conventions.missing_stop_penalty is not None and not self.stop_tokens:
-            raise ValueError(
-                f"ppo: the conventions penalise responses without a stop token "
-                f"(missing_stop_penalty={self.conventions.missing_stop_penalty}), but "
-                "ppo.stop_tokens is empty, so every response would be penalised: set "
-                "ppo.stop_tokens (e.g. the tokenizer's eos id)"
             )
         if self.reward_fn is not None and self.critic == "separate":
             raise ValueError(
@@ -322,6 +315,7 @@ def make_models(
     sft: Any,
     reward_model: Any = None,
     *,
+    reference: Any = None,
     reward_fn: RewardFunction | None = None,
     key: jax.Array | None = None,
 ) -> tuple[PPOModels, Any, FrozenParams]:
@@ -329,8 +323,11 @@ def make_models(
 
     Args:
       cfg: the config.
-      sft: the SFT model record (:class:`rlhf_jax.models.Model`: ``graphdef``, ``params``,
-        ``config``); it becomes both the reference (its params, as they are) and the policy's start.
+      sft: the model record the policy starts from (:class:`rlhf_jax.models.Model`:
+        ``graphdef``, ``params``, ``config``), usually the SFT model; it is also the reference
+        (its params, as they are) unless ``reference`` is given.
+      reference: the frozen KL anchor's record, when it is not ``sft`` (e.g. an instruct model
+        as the start and its base as the anchor). Same vocabulary.
       reward_model: the reward-model record (score head); required unless ``reward_fn`` is given.
         With ``critic="separate"`` the critic starts as a copy of it.
       reward_fn: a loaded :class:`rlhf_jax.reward_fn.RewardFunction` replacing the reward model.
@@ -343,6 +340,7 @@ def make_models(
     """
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("give exactly one of reward_model and reward_fn")
+    check_stop_tokens(cfg)
     if cfg.critic == "separate" and reward_model is None:
         raise ValueError("critic='separate' initialises the critic from the reward model")
     key = jax.random.PRNGKey(0) if key is None else key
@@ -352,17 +350,38 @@ def make_models(
     else:
         policy_graphdef, policy_params = sft.graphdef, sft.params
         critic_graphdef, critic_params = reward_model.graphdef, reward_model.params
+    reference = sft if reference is None else reference
+    if reference.config.vocab_size != sft.config.vocab_size:
+        raise ValueError(
+            f"the reference's vocabulary ({reference.config.vocab_size}) differs from the "
+            f"policy's ({sft.config.vocab_size})"
+        )
     static = PPOModels(
         policy=policy_graphdef,
-        reference=sft.graphdef,
+        reference=reference.graphdef,
         reward=None if reward_model is None else reward_model.graphdef,
         critic=critic_graphdef,
         reward_fn=reward_fn,
     )
     frozen = FrozenParams(
-        reference=sft.params, reward=None if reward_model is None else reward_model.params
+        reference=reference.params, reward=None if reward_model is None else reward_model.params
     )
     return static, {"policy": policy_params, "critic": critic_params}, frozen
+
+
+def check_stop_tokens(cfg: PPOConfig) -> None:
+    """Refuse conventions that penalise a missing stop token when there is no stop token.
+
+    Checked when the models are built rather than in :class:`PPOConfig`, because the pipeline
+    adds the tokenizer's EOS to ``stop_tokens`` after the config is read (``ppo.stop_at_eos``).
+    """
+    if cfg.conventions.missing_stop_penalty is not None and not cfg.stop_tokens:
+        raise ValueError(
+            f"the conventions penalise responses without a stop token "
+            f"(missing_stop_penalty={cfg.conventions.missing_stop_penalty}), but "
+            "ppo.trainer.stop_tokens is empty, so every response would be penalised: set "
+            "ppo.trainer.stop_tokens or keep ppo.stop_at_eos=true with a tokenizer that has an EOS"
+        )
 
 
 def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -> PPOState:
@@ -476,12 +495,15 @@ def score(
     prompt_len = prompts.shape[1]
     tokens, mask = rollout.full_sequences(prompts, prompt_mask, sampled)  # [N, P+R]
     response_mask = sampled.mask
-    if cfg.old_logprobs == "recompute" or cfg.critic == "shared":
+    if cfg.old_logprobs == "recompute" or cfg.critic == "shared" or reads_padding(conv):
         logprobs, old_values = _policy_forward(
             cfg, static, state.params, tokens, mask, prompt_len, hp.temperature
         )
         if cfg.old_logprobs == "rollout":
-            logprobs = sampled.learner_logprobs
+            # The sampler's log-probs cover the real tokens only (0 after the stop token); a
+            # preset that charges KL or takes the ratio on the padding reads the forward pass
+            # there, so both modes give the same KL and ratio (0 and 1 at the first iteration).
+            logprobs = jnp.where(response_mask > 0, sampled.learner_logprobs, logprobs)
     else:
         logprobs = sampled.learner_logprobs
         old_values = models.values(
@@ -535,6 +557,12 @@ def score(
         kl=shaping["kl"],
         truncated=sampled.truncated,
     )
+
+
+def reads_padding(conv: presets.Conventions) -> bool:
+    """Whether the conventions use policy log-probs on slots after the stop token: KL charged on
+    every slot (``kl_on='all'``) or every slot a policy step (``score_position='last_fixed'``)."""
+    return conv.kl_on == "all" or conv.score_position == "last_fixed"
 
 
 def loss_masks(cfg: PPOConfig, response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -642,7 +670,7 @@ def update(
     m, micro = cfg.num_minibatches, cfg.optim.grad_accum_steps
     if n_rows % m:
         raise ValueError(
-            f"rollout batch N = B * n = {n_rows} is not divisible by ppo.num_minibatches={m}"
+            f"rollout batch N = B * n = {n_rows} is not divisible by num_minibatches={m}"
         )
     mb_size = n_rows // m
     if mb_size % micro:
@@ -865,87 +893,3 @@ def make_step(
         )
 
     return step
-
-
-def run(
-    cfg: PPOConfig,
-    sft: Any,
-    reward_model: Any,
-    batches: Callable[[int], Any] | Iterable[Any],
-    *,
-    tokenizer: Any = None,
-    hparams: PPOHParams | None = None,
-    eval_fn: Callable[[PPOState], Any] | None = None,
-    logger: Any = None,
-    checkpointer: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    parallel_cfg: parallel.ParallelConfig | None = None,
-    frozen_rules: parallel.Rules | str | None = None,
-) -> tuple[Any, LoopResult]:
-    """Train a policy from ``sft`` with PPO against ``reward_model`` (or ``cfg.reward_fn``).
-
-    Args:
-      cfg: the :class:`PPOConfig` (``cfg.loop`` says when to stop).
-      sft: the SFT model record; the reference and the policy's start. Not modified.
-      reward_model: the reward-model record, or None when ``cfg.reward_fn`` is set.
-      batches: ``batches(s)`` or an iterable of prompt batches (see :func:`make_step`).
-      tokenizer: decodes responses for ``cfg.reward_fn``.
-      hparams: the run's :class:`PPOHParams` (default from ``cfg``).
-      eval_fn, logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
-      mesh, parallel_cfg: where to run (:func:`rlhf_jax.parallel.mesh_and_config`): the state
-        (policy, critic, optimizer) is placed by ``parallel_cfg.preset``'s rules (a checkpoint
-        restores onto that placement), each prompt batch by
-        :func:`rlhf_jax.parallel.shard_batch` (several processes: this process's rows only).
-        The iteration is always the ``jit`` form (``parallel_cfg.step`` is for SFT and RM).
-      frozen_rules: the rules (or preset) of the frozen reference and reward model; default the
-        state's preset.
-
-    Returns:
-      ``(policy model record, LoopResult)``; with a shared critic the record's params include the
-      value head.
-    """
-    reward = None
-    if cfg.reward_fn is not None:
-        if tokenizer is None:
-            raise ValueError("ppo.reward_fn needs the tokenizer to decode responses")
-        reward = RewardFunction.load(cfg.reward_fn, tokenizer)
-        reward_model = None
-    static, params, frozen = make_models(cfg, sft, reward_model, reward_fn=reward)
-    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
-    state = init_state(cfg, params, hparams)
-    shardings = frozen_shardings = None
-    if mesh is not None:
-        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
-        state = jax.device_put(state, shardings)
-        frozen_shardings = parallel.state_shardings(frozen, mesh, frozen_rules or pcfg.preset)
-        frozen = jax.device_put(frozen, frozen_shardings)
-        batches = parallel.shard_batches(batches, mesh)
-    step = make_step(
-        cfg,
-        static,
-        frozen,
-        mesh=mesh,
-        state_shardings=shardings,
-        frozen_shardings=frozen_shardings,
-    )
-    result = run_loop(
-        step,
-        state,
-        batches,
-        loop=cfg.loop,
-        eval_fn=eval_fn,
-        logger=logger,
-        checkpointer=checkpointer,
-        meta={"stage": "ppo"},
-    )
-    policy = _with_params(sft, static.policy, result.state.params["policy"])
-    return policy, result
-
-
-def _with_params(model: Any, graphdef: Any, params: Any) -> Any:
-    """``model`` (a :mod:`rlhf_jax.models` record) with a new graphdef and parameters."""
-    if hasattr(model, "_replace"):
-        return model._replace(graphdef=graphdef, params=params)
-    if dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, graphdef=graphdef, params=params)
-    return model.replace(graphdef=graphdef, params=params)

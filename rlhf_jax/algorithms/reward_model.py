@@ -37,7 +37,7 @@ policy* have mean ``target_mean`` (0) and standard deviation ``target_std`` (1),
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -47,7 +47,7 @@ from flax import nnx
 
 from rlhf_jax import losses, models, parallel
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+from rlhf_jax.train import LoopConfig, TrainState, apply_update
 
 __all__ = [
     "RewardModelConfig",
@@ -60,7 +60,6 @@ __all__ = [
     "normalize_params",
     "pair_accuracy",
     "rm_loss",
-    "run",
     "score_stats",
 ]
 
@@ -132,15 +131,7 @@ def init_reward_model(sft_model: Any, key: jax.Array) -> Any:
         else:
             copied.append((path, var))
     params = nnx.from_flat_state(copied)
-    return _with_params(fresh, params)
-
-
-def _with_params(model: Any, params: Any) -> Any:
-    if hasattr(model, "_replace"):
-        return model._replace(params=params)
-    if dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, params=params)
-    return model.replace(params=params)
+    return fresh.replace(params=params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,83 +320,3 @@ def normalize_params(
     scale = target_std / sigma
     gain, bias = models.score_gain_bias(params)
     return models.set_score_gain_bias(params, gain * scale, (bias - mu) * scale + target_mean)
-
-
-# ------------------------------------------------------------------------------------------
-# High-level entry
-# ------------------------------------------------------------------------------------------
-
-
-def run(
-    cfg: RewardModelConfig,
-    sft_model: Any,
-    batches: Callable[[int], Any] | Iterable[Any],
-    *,
-    key: jax.Array | None = None,
-    eval_batch: Mapping[str, Any] | None = None,
-    normalize_on: Mapping[str, Any] | None = None,
-    logger: Any = None,
-    checkpointer: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    parallel_cfg: parallel.ParallelConfig | None = None,
-) -> tuple[Any, LoopResult, dict[str, float]]:
-    """Train a reward model initialised from ``sft_model`` on comparison ``batches``.
-
-    Args:
-      cfg: the :class:`RewardModelConfig`.
-      sft_model: the SFT policy's Model record (its trunk initialises the reward model).
-      batches: ``batches(s) -> batch`` or an iterable of ranking/pair batches.
-      key: PRNG key (score-head initialisation; the loop's key is derived from it).
-      eval_batch: held-out comparisons, evaluated every ``cfg.loop.eval_every`` steps
-        (``eval/accuracy`` is the held-out accuracy).
-      normalize_on: ``{"tokens", "attention_mask"}`` ``[B, T]``: prompts + responses *sampled from
-        the SFT policy*; with ``cfg.normalize`` the head is normalised on their scores.
-      logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
-      mesh, parallel_cfg: where to run, as in :func:`rlhf_jax.algorithms.sft.run`.
-
-    Returns:
-      ``(reward model record, LoopResult, info)``; ``info`` holds the held-out ``eval_*`` metrics
-      of the final model and the normalisation's ``norm_mean_before``/``norm_std_before``.
-    """
-    key = jax.random.PRNGKey(0) if key is None else key
-    init_key, loop_key = jax.random.split(key)
-    rm = init_reward_model(sft_model, init_key)
-    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
-    state = init_state(rm.params, cfg)
-    shardings = None
-    if mesh is not None:
-        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
-        state = jax.device_put(state, shardings)
-        batches = parallel.shard_batches(batches, mesh)
-    step = make_step(rm.graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=pcfg.step)
-    evaluate = make_eval(rm.graphdef, cfg)
-    eval_fn = None
-    if eval_batch is not None:
-        eval_batch = jax.tree.map(jnp.asarray, as_ranking(eval_batch))
-        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
-    result = run_loop(
-        step,
-        state,
-        batches,
-        loop=cfg.loop,
-        key=loop_key,
-        eval_fn=eval_fn,
-        logger=logger,
-        checkpointer=checkpointer,
-        meta={"stage": "rm"},
-    )
-    params = result.state.params
-    info: dict[str, float] = {}
-    if eval_batch is not None:
-        final = jax.device_get(evaluate(params, eval_batch))
-        info.update({f"eval_{k}": float(v) for k, v in final.items()})
-    if cfg.normalize and normalize_on is not None:
-        raw = jax.jit(lambda p, t, m: models.scores(rm.graphdef, p, t, m, read=cfg.read))(
-            params, jnp.asarray(normalize_on["tokens"]), jnp.asarray(normalize_on["attention_mask"])
-        )
-        mu, sigma = score_stats(raw)
-        info.update({"norm_mean_before": mu, "norm_std_before": sigma})
-        params = normalize_params(
-            params, raw, target_mean=cfg.target_mean, target_std=cfg.target_std
-        )
-    return _with_params(rm, params), result, info

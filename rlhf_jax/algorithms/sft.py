@@ -26,7 +26,7 @@ donated; metrics are ``loss`` (mean token NLL), ``token_accuracy`` (argmax = tar
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,7 +36,7 @@ from flax import nnx
 
 from rlhf_jax import models, parallel
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.train import LoopConfig, LoopResult, TrainState, apply_update, run_loop
+from rlhf_jax.train import LoopConfig, TrainState, apply_update
 
 __all__ = [
     "SFTConfig",
@@ -46,7 +46,6 @@ __all__ = [
     "init_state",
     "make_eval",
     "make_step",
-    "run",
     "sft_loss",
 ]
 
@@ -233,74 +232,3 @@ def make_eval(
         }
 
     return evaluate
-
-
-# ------------------------------------------------------------------------------------------
-# High-level entry
-# ------------------------------------------------------------------------------------------
-
-
-def _with_params(model: Any, params: Any) -> Any:
-    """``model`` (the frozen record of :mod:`rlhf_jax.models`) with new parameters."""
-    if hasattr(model, "_replace"):
-        return model._replace(params=params)
-    if dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, params=params)
-    return model.replace(params=params)
-
-
-def run(
-    cfg: SFTConfig,
-    model: Any,
-    batches: Callable[[int], Any] | Iterable[Any],
-    *,
-    key: jax.Array | None = None,
-    eval_batch: Mapping[str, Any] | None = None,
-    logger: Any = None,
-    checkpointer: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    parallel_cfg: parallel.ParallelConfig | None = None,
-) -> tuple[Any, LoopResult]:
-    """Fine-tune ``model`` (a :class:`rlhf_jax.models.Model` record) on ``batches``.
-
-    Args:
-      cfg: the :class:`SFTConfig`.
-      model: the record with ``graphdef``, ``params``, ``config``; it is not modified.
-      batches: ``batches(s) -> batch`` or an iterable of batches (see :func:`completion_batch`).
-      key: base PRNG key of the loop.
-      eval_batch: a held-out batch evaluated every ``cfg.loop.eval_every`` steps
-        (``eval/loss``, ``eval/token_accuracy``, ``eval/perplexity``).
-      logger, checkpointer: see :func:`rlhf_jax.train.run_loop`.
-      mesh, parallel_cfg: where to run (:func:`rlhf_jax.parallel.mesh_and_config`): the state is
-        placed by ``parallel_cfg.preset``'s rules (a checkpoint restores onto that placement),
-        each batch by :func:`rlhf_jax.parallel.shard_batch` (with several processes ``batches``
-        yields this process's rows only), and ``parallel_cfg.step`` picks the step's form.
-
-    Returns:
-      ``(trained model record, LoopResult)``.
-    """
-    mesh, pcfg = parallel.mesh_and_config(mesh, parallel_cfg)
-    state = init_state(model.params, cfg)
-    shardings = None
-    if mesh is not None:
-        shardings = parallel.state_shardings(state, mesh, pcfg.preset)
-        state = jax.device_put(state, shardings)
-        batches = parallel.shard_batches(batches, mesh)
-    step = make_step(model.graphdef, cfg, mesh=mesh, state_shardings=shardings, mode=pcfg.step)
-    eval_fn = None
-    if eval_batch is not None:
-        evaluate = make_eval(model.graphdef, completion_only=cfg.completion_only)
-        eval_batch = jax.tree.map(jnp.asarray, dict(eval_batch))
-        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
-    result = run_loop(
-        step,
-        state,
-        batches,
-        loop=cfg.loop,
-        key=key,
-        eval_fn=eval_fn,
-        logger=logger,
-        checkpointer=checkpointer,
-        meta={"stage": "sft"},
-    )
-    return _with_params(model, result.state.params), result

@@ -85,6 +85,7 @@ be written to JSONL and read back through the general data path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -128,6 +129,11 @@ __all__ = [
     "toy_tokenizer",
     "well_formed_share",
     "write_jsonl",
+    "LABEL_TEMPERATURE",
+    "ToyTask",
+    "evaluate",
+    "gold_reward",
+    "simulated_labeller",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -845,3 +851,82 @@ def ranking_batch(tokenizer, records: Sequence[dict]) -> dict[str, np.ndarray]:
         response_tokens=rt.reshape(n, k, -1),
         response_mask=rm.reshape(n, k, -1),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The task as the pipeline sees it: sizes, a labeller, a reward and an evaluator.
+# --------------------------------------------------------------------------------------------------
+
+LABEL_TEMPERATURE = 0.3  # the simulated labeller's noise (Plackett-Luce temperature on gold)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyTask:
+    """The embedded task's sizes: the tiny LM trained from scratch and the data made for it."""
+
+    arch: str = "gpt2"  # model family of the from-scratch policy: "gpt2" | "llama"
+    hidden_size: int = 64  # model width
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads (head_dim = hidden_size / num_heads)
+    sft_examples: int = 8192  # demonstrations in the SFT corpus
+    sft_eval_examples: int = 512  # held-out demonstrations (SFT eval loss)
+    rm_prompts: int = 3072  # prompts whose K samples of the SFT policy the labeller ranks
+    rm_eval_prompts: int = 256  # held-out rankings (the reward model's reported accuracy)
+
+    def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"toy.arch={self.arch!r}: choose 'gpt2' or 'llama'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"toy.hidden_size={self.hidden_size} is not divisible by "
+                f"toy.num_heads={self.num_heads}"
+            )
+        sizes = (self.sft_examples, self.sft_eval_examples, self.rm_prompts, self.rm_eval_prompts)
+        if min(sizes) < 1 or self.num_layers < 1:
+            raise ValueError("toy sizes (examples, prompts, layers) must be >= 1")
+
+
+def simulated_labeller(
+    prompts: Sequence[str], groups: Sequence[Sequence[str]], *, seed: int = 0
+) -> list[list[int]]:
+    """The simulated human as a labeller: for each prompt, its ``K`` responses ranked best first.
+
+    Returns the indices into each group in ranked order (Plackett-Luce noise at
+    :data:`LABEL_TEMPERATURE` on the gold score, :func:`rank_responses`). This is the
+    ``labeller`` the ``label`` stage calls (``rlhf_jax.data.toy:simulated_labeller``).
+    """
+    ranked = rank_responses(prompts, groups, temperature=LABEL_TEMPERATURE, seed=seed)
+    out = []
+    for group, rec in zip(groups, ranked, strict=True):
+        left = list(range(len(group)))
+        order = []
+        for text in rec["completions"]:
+            i = next(i for i in left if group[i] == text)
+            left.remove(i)
+            order.append(i)
+        out.append(order)
+    return out
+
+
+def gold_reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """The gold score as a ``module:function`` reward (``rlhf_jax.data.toy:gold_reward``).
+
+    Responses arrive decoded with their stop token (``"a furry animal ."``); a response cut off at
+    the length limit has none and is malformed.
+    """
+    return gold_scores(prompts, responses).astype(np.float32)
+
+
+def evaluate(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-response evaluation metrics (the pipeline's ``evaluator`` hook on the toy task).
+
+    ``gold`` (the simulated human's score), ``well_formed`` and ``good`` (gold >=
+    :data:`GOOD_THRESHOLD`), each ``[B]`` float64; the pipeline averages them and computes the win
+    rate against the reference on ``gold``.
+    """
+    gold = gold_scores(prompts, responses)
+    return {
+        "gold": gold,
+        "well_formed": np.array([is_well_formed(r) for r in responses], np.float64),
+        "good": (gold >= GOOD_THRESHOLD).astype(np.float64),
+    }

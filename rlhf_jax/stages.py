@@ -1,0 +1,535 @@
+"""The pipeline's stages: each turns its config section into a :class:`rlhf_jax.pipeline.Plan`.
+
+A stage's ``prepare(ctx)`` loads and validates its inputs through the :class:`Context`
+(``ctx.model_dir``, ``ctx.load_model``, ``ctx.dataset``, ``ctx.batches``), builds the algorithm's
+initial state and says how to compile its step; :func:`rlhf_jax.pipeline.run_stage` does the rest.
+Nothing here writes a file before ``finish``.
+
+- ``sft``: :mod:`rlhf_jax.algorithms.sft` on prompt/completion rows.
+- ``label``: K samples per prompt from a policy, ranked by a labeller function, written as ranking
+  rows (``label/train.jsonl``, ``label/eval.jsonl``) for the reward model.
+- ``rm``: :mod:`rlhf_jax.algorithms.reward_model` on comparisons, initialised from a policy's trunk,
+  normalised on that policy's samples after training.
+- ``ppo``: :mod:`rlhf_jax.algorithms.ppo` against a reward model or a reward function, with the
+  held-out evaluation of :func:`policy_evaluator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax.pipeline import (
+    Context,
+    Outputs,
+    Plan,
+    Stage,
+    decode,
+    pad_id,
+    register,
+    sample_responses,
+    stop_tokens,
+)
+
+__all__ = [
+    "policy_evaluator",
+    "prepare_label",
+    "prepare_ppo",
+    "prepare_rm",
+    "prepare_sft",
+    "same_tokenizer",
+]
+
+
+def _held_out(ctx: Context, path, key, tokenizer, data, model, size) -> dict | None:
+    if not path:
+        return None
+    ds = ctx.dataset(path, key, tokenizer, data, model)
+    return jax.tree.map(jnp.asarray, ds.take(np.arange(min(len(ds), size))))
+
+
+def same_tokenizer(a: Any, b: Any, where: str) -> None:
+    """Raise a ConfigError when two tokenizers map text to different ids."""
+    if len(a) != len(b) or a.get_vocab() != b.get_vocab():
+        raise config_lib.ConfigError(
+            f"{where}: the tokenizers differ ({len(a)} vs {len(b)} tokens, or other ids), so the "
+            "models would read different token ids: use models trained with the same tokenizer"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# sft
+# ------------------------------------------------------------------------------------------
+
+
+def prepare_sft(ctx: Context) -> Plan:
+    from rlhf_jax.algorithms import sft
+
+    st = ctx.section
+    if not st.model:
+        raise config_lib.ConfigError(
+            "sft.model is not set: give a Hugging Face checkpoint directory, e.g. sft.model=gpt2"
+        )
+    model_dir = ctx.model_dir(st.model, "sft.model", None)
+    model = ctx.load_model(model_dir)
+    tokenizer = ctx.load_tokenizer(st.tokenizer or model_dir, model)
+    train = ctx.dataset(st.train_file, "sft.train_file", tokenizer, st.data, model)
+    batches = ctx.batches(train, st.trainer.batch_size, "sft.trainer.batch_size")
+    eval_batch = _held_out(
+        ctx, st.eval_file, "sft.eval_file", tokenizer, st.data, model, st.eval_size
+    )
+    eval_fn = None
+    if eval_batch is not None:
+        evaluate = sft.make_eval(model.graphdef, completion_only=st.trainer.completion_only)
+        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
+
+    def make_step(shardings):
+        return sft.make_step(
+            model.graphdef,
+            st.trainer,
+            mesh=ctx.mesh,
+            state_shardings=shardings,
+            mode=ctx.cfg.parallel.step,
+        )
+
+    def finish(state, result):
+        return Outputs(model.replace(params=state.params), tokenizer, {})
+
+    return Plan(
+        finish=finish,
+        state=sft.init_state(model.params, st.trainer),
+        make_step=make_step,
+        batches=batches,
+        loop=st.trainer.loop,
+        key=jax.random.PRNGKey(ctx.seed),
+        eval_fn=eval_fn,
+        tokenizer=tokenizer,
+        save_every=st.save_every,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# label
+# ------------------------------------------------------------------------------------------
+
+
+def _labeller(spec: str) -> Callable:
+    from rlhf_jax.reward_fn import load_reward_fn
+
+    if not spec:
+        raise config_lib.ConfigError(
+            "label.labeller is not set: give a 'module:function' that ranks responses, e.g. "
+            "rlhf_jax.data.toy:simulated_labeller on the toy task"
+        )
+    return load_reward_fn(spec)
+
+
+def _check_order(order: Any, k: int, spec: str, i: int) -> list[int]:
+    from rlhf_jax.errors import UserError
+
+    try:
+        out = [int(x) for x in order]
+    except (TypeError, ValueError):
+        out = []
+    if sorted(out) != list(range(k)):
+        raise UserError(
+            f"label.labeller {spec!r} returned {order!r} for prompt {i}: it must return, per "
+            f"prompt, the indices 0..{k - 1} of its {k} responses in best-first order"
+        )
+    return out
+
+
+def prepare_label(ctx: Context) -> Plan:
+    from rlhf_jax import rollout
+    from rlhf_jax.data import toy
+
+    st = ctx.section
+    policy_dir = ctx.model_dir(st.policy, "label.policy", "sft")
+    model = ctx.load_model(policy_dir)
+    tokenizer = ctx.load_tokenizer(policy_dir, model)
+    labeller = _labeller(st.labeller)
+    sets = [
+        ("train", ctx.dataset(st.prompts_file, "label.prompts_file", tokenizer, st.data, model))
+    ]
+    if st.eval_prompts_file:
+        key = "label.eval_prompts_file"
+        sets.append(("eval", ctx.dataset(st.eval_prompts_file, key, tokenizer, st.data, model)))
+    k = st.num_completions
+    stop = stop_tokens(tokenizer, st.stop_tokens, at_eos=st.stop_at_eos)
+
+    def finish(state, result):
+        info = {}
+        for i, (name, ds) in enumerate(sets):
+            pt, pm = ds.arrays["prompt_tokens"], ds.arrays["prompt_mask"]
+            seed = ctx.seed + 1 + i
+            tokens, mask = sample_responses(
+                model.graphdef,
+                model.params,
+                pt,
+                pm,
+                jax.random.PRNGKey(seed),
+                n=k,
+                max_new_tokens=st.max_new_tokens,
+                sampling=rollout.SamplingConfig(temperature=st.temperature),
+                stop=stop,
+                pad_token_id=pad_id(tokenizer),
+                chunk=st.chunk,
+            )
+            prompts = decode(tokenizer, pt, pm, special=False)
+            responses = decode(tokenizer, tokens, mask, special=True)
+            groups = [responses[j * k : (j + 1) * k] for j in range(len(prompts))]
+            orders = labeller(prompts, groups, seed=seed)
+            records = [
+                {"prompt": p, "completions": [g[j] for j in _check_order(o, k, st.labeller, n)]}
+                for n, (p, g, o) in enumerate(zip(prompts, groups, orders, strict=True))
+            ]
+            if jax.process_index() == 0:
+                toy.write_jsonl(os.path.join(ctx.dir, f"{name}.jsonl"), records)
+            info[f"{name}_rows"] = len(records)
+            ctx.say(f"[label] {len(records)} rankings of {k} -> {ctx.dir}/{name}.jsonl")
+        return Outputs(info=info)
+
+    return Plan(finish=finish, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------
+# rm
+# ------------------------------------------------------------------------------------------
+
+
+def _label_file(ctx: Context, value: str | None, name: str, required: bool) -> str | None:
+    if value:
+        return value
+    path = os.path.join(ctx.cfg.run.stage_dir("label"), f"{name}.jsonl")
+    if os.path.exists(path) or not required:
+        return path if os.path.exists(path) else None
+    raise config_lib.ConfigError(
+        f"rm.train_file is not set and this run has no labelled comparisons ({path}): set "
+        "rm.train_file or run `rlhf-jax label` with the same run.dir first"
+    )
+
+
+def prepare_rm(ctx: Context) -> Plan:
+    from rlhf_jax import models, rollout
+    from rlhf_jax.algorithms import reward_model as rm_lib
+
+    st = ctx.section
+    trainer = st.trainer
+    model_dir = ctx.model_dir(st.model, "rm.model", "sft")
+    rm = ctx.load_model(model_dir, lm_head=False, score_head=True, key=jax.random.PRNGKey(ctx.seed))
+    tokenizer = ctx.load_tokenizer(st.tokenizer or model_dir, rm)
+    train_file = _label_file(ctx, st.train_file, "train", True)
+    train = ctx.dataset(train_file, "rm.train_file", tokenizer, st.data, rm)
+    batches = ctx.batches(train, trainer.batch_size, "rm.trainer.batch_size")
+    eval_file = _label_file(ctx, st.eval_file, "eval", False)
+    eval_batch = _held_out(ctx, eval_file, "rm.eval_file", tokenizer, st.data, rm, st.eval_size)
+    evaluate = rm_lib.make_eval(rm.graphdef, trainer)
+    eval_fn = None
+    if eval_batch is not None:
+        eval_batch = jax.tree.map(jnp.asarray, rm_lib.as_ranking(eval_batch))
+        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
+
+    normalize_on = None
+    if trainer.normalize and st.normalize_samples > 0:  # samples of the policy the RM starts from
+        if st.normalize_prompts_file:
+            key = "rm.normalize_prompts_file"
+            prompt_data = dataclasses.replace(
+                st.data, kind="prompt", max_completion_length=0, num_completions=None
+            )
+            rows = ctx.dataset(st.normalize_prompts_file, key, tokenizer, prompt_data, rm).arrays
+        else:
+            rows = train.arrays
+        idx = np.arange(st.normalize_samples) % len(rows["prompt_tokens"])
+        pt, pm = rows["prompt_tokens"][idx], rows["prompt_mask"][idx]
+        policy = ctx.load_model(model_dir)
+        tokens, mask = sample_responses(
+            policy.graphdef,
+            policy.params,
+            pt,
+            pm,
+            jax.random.PRNGKey(ctx.seed + 1),
+            max_new_tokens=st.data.max_completion_length,
+            sampling=rollout.SamplingConfig(temperature=1.0),
+            stop=stop_tokens(tokenizer),
+            pad_token_id=pad_id(tokenizer),
+        )
+        del policy
+        normalize_on = (np.concatenate([pt, tokens], 1), np.concatenate([pm, mask], 1))
+
+    def make_step(shardings):
+        return rm_lib.make_step(
+            rm.graphdef,
+            trainer,
+            mesh=ctx.mesh,
+            state_shardings=shardings,
+            mode=ctx.cfg.parallel.step,
+        )
+
+    def finish(state, result):
+        params = state.params
+        info: dict[str, float] = {}
+        if eval_batch is not None:
+            final = jax.device_get(evaluate(params, eval_batch))
+            info.update({f"eval_{k}": float(v) for k, v in final.items()})
+        if normalize_on is not None:
+            score = jax.jit(lambda p, t, m: models.scores(rm.graphdef, p, t, m, read=trainer.read))
+            raw = score(params, jnp.asarray(normalize_on[0]), jnp.asarray(normalize_on[1]))
+            mu, sigma = rm_lib.score_stats(raw)
+            info.update({"norm_mean_before": mu, "norm_std_before": sigma})
+            params = rm_lib.normalize_params(
+                params, raw, target_mean=trainer.target_mean, target_std=trainer.target_std
+            )
+        return Outputs(rm.replace(params=params), tokenizer, info)
+
+    return Plan(
+        finish=finish,
+        state=rm_lib.init_state(rm.params, trainer),
+        make_step=make_step,
+        batches=batches,
+        loop=trainer.loop,
+        key=jax.random.PRNGKey(ctx.seed),
+        eval_fn=eval_fn,
+        tokenizer=tokenizer,
+        save_every=st.save_every,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# ppo
+# ------------------------------------------------------------------------------------------
+
+
+def _policy_params(params):
+    """The policy's parameters without a shared critic's value head (the LM layout)."""
+    from flax import nnx
+
+    if isinstance(params, nnx.State) and "value_head" in params:
+        return nnx.State({k: v for k, v in params.items() if k != "value_head"})
+    return params
+
+
+def _check_minibatches(st) -> None:
+    t = st.trainer
+    rows = st.batch_size * t.num_samples
+    if rows % t.num_minibatches:
+        raise config_lib.ConfigError(
+            f"ppo.trainer.num_minibatches={t.num_minibatches} does not divide the rollout batch "
+            f"ppo.batch_size x ppo.trainer.num_samples = {st.batch_size} x {t.num_samples} = "
+            f"{rows}: change one of them"
+        )
+    per = rows // t.num_minibatches
+    if per % t.optim.grad_accum_steps:
+        raise config_lib.ConfigError(
+            f"a PPO minibatch of {per} rows does not split into "
+            f"ppo.trainer.optim.grad_accum_steps={t.optim.grad_accum_steps} microbatches"
+        )
+
+
+def prepare_ppo(ctx: Context) -> Plan:
+    from rlhf_jax import parallel
+    from rlhf_jax.algorithms import ppo
+    from rlhf_jax.reward_fn import RewardFunction
+
+    st = ctx.section
+    trainer = st.trainer
+    _check_minibatches(st)
+    policy_dir = ctx.model_dir(st.policy, "ppo.policy", "sft")
+    policy = ctx.load_model(policy_dir)
+    tokenizer = ctx.load_tokenizer(policy_dir, policy)
+    reference = policy
+    if st.reference:
+        ref_dir = ctx.model_dir(st.reference, "ppo.reference", None)
+        reference = ctx.load_model(ref_dir)
+        same_tokenizer(tokenizer, ctx.load_tokenizer(ref_dir, reference), "ppo.reference")
+    if st.stop_at_eos:
+        trainer = dataclasses.replace(
+            trainer,
+            stop_tokens=stop_tokens(tokenizer, trainer.stop_tokens),
+            pad_token_id=pad_id(tokenizer, trainer.pad_token_id),
+        )
+    trainer = dataclasses.replace(trainer, seed=ctx.seed)  # the run seed drives rollouts
+    try:
+        ppo.check_stop_tokens(trainer)
+    except ValueError as err:
+        raise config_lib.ConfigError(str(err)) from None
+    prompts = ctx.dataset(st.prompts_file, "ppo.prompts_file", tokenizer, st.data, policy)
+    batches = ctx.batches(
+        prompts, st.batch_size, "ppo.batch_size", rename={"index": "prompt_index"}
+    )
+    reward_fn = reward_model = None
+    if trainer.reward_fn:
+        reward_fn = RewardFunction.load(trainer.reward_fn, tokenizer)
+        rows = prompts.take(np.arange(min(4, len(prompts))))
+        _check_reward_fn(reward_fn, rows, tokenizer)
+    else:
+        rm_dir = ctx.model_dir(st.reward_model, "ppo.reward_model", "rm")
+        reward_model = ctx.load_model(rm_dir, lm_head=False, score_head=True)
+        same_tokenizer(tokenizer, ctx.load_tokenizer(rm_dir, reward_model), "ppo.reward_model")
+    static, params, frozen = ppo.make_models(
+        trainer, policy, reward_model, reference=reference, reward_fn=reward_fn
+    )
+    frozen_shardings = parallel.state_shardings(frozen, ctx.mesh, ctx.cfg.parallel.preset)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    eval_fn = None
+    if st.eval.prompts_file:
+        eval_fn = policy_evaluator(ctx, trainer, static, frozen, tokenizer, reward_fn)
+
+    def make_step(shardings):
+        return ppo.make_step(
+            trainer,
+            static,
+            frozen,
+            mesh=ctx.mesh,
+            state_shardings=shardings,
+            frozen_shardings=frozen_shardings,
+        )
+
+    def finish(state, result):
+        return Outputs(policy.replace(params=_policy_params(state.params["policy"])), tokenizer)
+
+    return Plan(
+        finish=finish,
+        state=ppo.init_state(trainer, params),
+        make_step=make_step,
+        batches=batches,
+        loop=trainer.loop,
+        eval_fn=eval_fn,
+        tokenizer=tokenizer,
+        save_every=st.save_every,
+    )
+
+
+def _check_reward_fn(reward_fn, rows: Mapping[str, np.ndarray], tokenizer) -> None:
+    """Call the reward function once on a few prompts (with an empty response each) before
+    anything compiles, so a function that raises or returns the wrong thing fails in a second."""
+    pt, pm = rows["prompt_tokens"], rows["prompt_mask"]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rt = np.full((len(pt), 1), eos, np.int32)
+    reward_fn(pt, pm, rt, np.ones_like(rt))
+
+
+def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn=None):
+    """The PPO stage's ``eval_fn(state) -> metrics`` on the held-out prompts of ``ppo.eval``.
+
+    Samples ``eval.samples_per_prompt`` responses per prompt from the current policy (fixed key,
+    so successive evaluations share the noise) and reports their mean reward-model score
+    (``reward``), the KL to the reference in nats per response (``kl``: the k1 estimate
+    ``sum_t log pi - log pi_ref`` over the response, whose mean over samples of pi estimates
+    KL(pi || pi_ref)), the response length and the per-token entropy estimate of the sampled
+    tokens; with ``eval.evaluator`` the mean of each metric it returns and the win rate
+    (ties 1/2) against the reference's samples on ``eval.win_rate_metric``. The reference's own
+    figures are reported as ``reference/<name>``. ``eval.log_samples`` samples go to
+    ``samples.jsonl`` and TensorBoard.
+    """
+    from rlhf_jax import models, rollout
+    from rlhf_jax.reward_fn import load_reward_fn
+
+    st = ctx.section
+    ev = st.eval
+    ds = ctx.dataset(ev.prompts_file, "ppo.eval.prompts_file", tokenizer, st.data)
+    rows = ds.take(np.arange(min(len(ds), ev.size)))
+    pt, pm = rows["prompt_tokens"], rows["prompt_mask"]
+    n = ev.samples_per_prompt
+    prompts = [p for p in decode(tokenizer, pt, pm, special=False) for _ in range(n)]
+    full_pt, full_pm = np.repeat(pt, n, 0), np.repeat(pm, n, 0)
+    evaluator = load_reward_fn(ev.evaluator) if ev.evaluator else None
+    sampling = rollout.SamplingConfig(
+        temperature=trainer.temperature, top_p=trainer.top_p, top_k=trainer.top_k
+    )
+    start = pt.shape[1]
+    key = jax.random.PRNGKey(ctx.seed + 3)
+    conv = trainer.conventions
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def measure(graphdef, policy_params, reference_params, reward_params, tokens, mask):
+        seq = jnp.concatenate([full_pt, tokens], 1)
+        seq_mask = jnp.concatenate([full_pm, mask], 1)
+        t = trainer.temperature
+        lp = models.token_logprobs(graphdef, policy_params, seq, seq_mask, start=start,
+                                   temperature=t)  # fmt: skip
+        lr = models.token_logprobs(static.reference, reference_params, seq, seq_mask,
+                                   start=start, temperature=t)  # fmt: skip
+        m = mask.astype(jnp.float32)
+        score = jnp.zeros(tokens.shape[0], jnp.float32)
+        if static.reward is not None:
+            score = models.scores(static.reward, reward_params, seq, seq_mask, read=conv.score_read)
+        return jnp.sum((lp - lr) * m, -1), -jnp.sum(lp * m), score
+
+    def summarize(graphdef, params):
+        tokens, mask = sample_responses(
+            graphdef,
+            params,
+            pt,
+            pm,
+            key,
+            n=n,
+            max_new_tokens=trainer.response_length,
+            sampling=sampling,
+            stop=trainer.stop_tokens,
+            pad_token_id=trainer.pad_token_id,
+            chunk=len(pt),
+        )
+        kl, neg_logp, score = jax.device_get(
+            measure(graphdef, params, frozen.reference, frozen.reward, tokens, mask)
+        )
+        if reward_fn is not None:
+            score = reward_fn(full_pt, full_pm, tokens, mask)
+        responses = decode(tokenizer, tokens, mask, special=True)
+        length = mask.sum(-1)
+        metrics = {
+            "reward": float(np.mean(score)),
+            "kl": float(np.mean(kl)),
+            "length": float(np.mean(length)),
+            "entropy": float(neg_logp) / max(float(length.sum()), 1.0),
+        }
+        per = {}
+        if evaluator is not None:
+            per = {k: np.asarray(v, np.float64) for k, v in evaluator(prompts, responses).items()}
+            metrics.update({k: float(np.mean(v)) for k, v in per.items()})
+        samples = [
+            {"prompt": p, "response": r, "reward": float(s)}
+            for p, r, s in zip(prompts, responses, score, strict=True)
+        ]
+        return metrics, per, samples
+
+    ref_metrics, ref_per, _ = summarize(static.reference, frozen.reference)
+    reference_figures = {f"reference/{k}": v for k, v in ref_metrics.items()}
+
+    def eval_fn(state):
+        params = state.params["policy"]
+        metrics, per, samples = summarize(static.policy, params)
+        win = ev.win_rate_metric
+        if win and win in per and win in ref_per:
+            a, b = per[win], ref_per[win]
+            metrics["win_rate"] = float(np.mean((a > b) + 0.5 * (a == b)))
+        if ctx.logger is not None and ev.log_samples:
+            ctx.logger.log_samples(int(state.step), samples[: ev.log_samples])
+        return {**metrics, **reference_figures}
+
+    return eval_fn
+
+
+register(Stage("sft", "Supervised fine-tuning of a causal LM on demonstrations.", prepare_sft))
+register(
+    Stage(
+        "label",
+        "Sample K responses per prompt from a policy and rank them with a labeller function.",
+        prepare_label,
+    )
+)
+register(Stage("rm", "Train a reward model from pairwise or K-wise comparisons.", prepare_rm))
+register(
+    Stage(
+        "ppo",
+        "PPO against a reward model (or function) with a KL penalty to a frozen reference.",
+        prepare_ppo,
+    )
+)
