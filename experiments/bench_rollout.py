@@ -14,6 +14,10 @@ shared machine measure the other jobs too.
     python experiments/bench_rollout.py --quick    # 2 timed runs, 16 new tokens: a smoke run
     python experiments/bench_rollout.py --sizes tiny --profile   # where a decode step's time goes
 
+    # A/B against another revision, interleaved in one process (run i of A, run i of B, ...):
+    mkdir -p /tmp/base && git archive REV rlhf_jax | tar -x -C /tmp/base
+    python experiments/bench_rollout.py --baseline /tmp/base --runs 10
+
 With ``--floor`` (the default) each size also prints the rollout floor of ``bench_floor.py``: the
 matmuls of a decode step alone, at the best rate jax, numpy or torch reach for those shapes here,
 times the new tokens, plus the prefill at the peak GEMM rate; transformers' time over that floor
@@ -30,8 +34,10 @@ This script must not run with ``jax_disable_most_optimizations`` (the test setti
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -60,6 +66,10 @@ class Args:
     profile: bool = False  # also list the ops that dominate a decode step (a profiler trace)
     floor: bool = True  # also time the decode matmuls alone (bench_floor.py): the speed-up bound
     seed: int = 0
+    # A directory holding another copy of the rlhf_jax package (another revision): its rollout
+    # is timed interleaved with this one's (same weights, prompts and process), and the ratio of
+    # the medians printed.
+    baseline: str | None = None
 
 
 def make_checkpoint(size: str, directory: str, seed: int) -> None:
@@ -126,6 +136,66 @@ def bench_transformers(path: str, prompts: np.ndarray, args: Args) -> tuple[floa
 
     run()  # warm-up
     return median_time(run, args.runs)
+
+
+def load_baseline(directory: str):
+    """``(models, rollout)`` of the rlhf_jax package under ``directory``, imported beside this
+    process's own (its modules are swapped out of ``sys.modules`` for the import and back after;
+    the functions keep their own module globals)."""
+
+    def ours():
+        return {k: v for k, v in sys.modules.items() if k.split(".")[0] == "rlhf_jax"}
+
+    saved = ours()
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, os.path.abspath(directory))
+    try:
+        base_models = importlib.import_module("rlhf_jax.models")
+        base_rollout = importlib.import_module("rlhf_jax.rollout")
+    finally:
+        sys.path.remove(os.path.abspath(directory))
+        for k in ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+    if not base_rollout.__file__.startswith(os.path.abspath(directory)):
+        raise SystemExit(f"--baseline {directory}: imported {base_rollout.__file__} instead")
+    return base_models, base_rollout
+
+
+def ab_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float]:
+    """Median wall seconds of one ``sample`` call of (baseline, this revision), runs interleaved."""
+    base_models, base_rollout = load_baseline(args.baseline)
+    tokens = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones_like(tokens)
+    fns = []
+    for mods, roll in ((base_models, base_rollout), (models, rollout)):
+        model = mods.from_pretrained(path)
+
+        seeds = iter(range(1, 1 << 30))
+
+        def run(model=model, roll=roll, seeds=seeds):
+            out = roll.sample(
+                model.graphdef,
+                model.params,
+                tokens,
+                mask,
+                next(seeds),
+                max_new_tokens=args.new_tokens,
+                sampling=roll.SamplingConfig(temperature=1.0),
+                stop_tokens=(),
+            )
+            jax.block_until_ready(out)
+
+        run()  # compile
+        fns.append(run)
+    times = ([], [])
+    for _ in range(args.runs):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_jax(path: str, prompts: np.ndarray, args: Args) -> tuple[float, float, float]:
@@ -242,6 +312,8 @@ def main(args: Args) -> None:
             make_checkpoint(size, path, args.seed)
             jax_sec, jax_cpu, compile_sec = bench_jax(path, prompts, args)
             hf_sec, hf_cpu = bench_transformers(path, prompts, args)
+            if args.baseline:
+                base_ab, this_ab = ab_jax(path, prompts, args)
             if args.profile:
                 profile_rollout(path, prompts, args)
         floor_ms = None
@@ -263,6 +335,12 @@ def main(args: Args) -> None:
             f"{hf_cpu * 1e3:.1f} ms (ratio {hf_cpu / jax_cpu:.2f}x); load average "
             f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
+        if args.baseline:
+            print(
+                f"{'':6s} A/B interleaved, {args.runs} runs each: baseline {base_ab * 1e3:.1f} ms, "
+                f"this revision {this_ab * 1e3:.1f} ms (this / baseline "
+                f"{this_ab / base_ab:.3f})"
+            )
         if floor_ms is not None:
             print(
                 f"{'':6s} floor (decode matmuls alone, best of jax/numpy/torch; prefill at "

@@ -3,9 +3,12 @@
 :func:`sample` generates responses to a batch of left-padded prompts inside one compiled function:
 a prefill of the ``B`` prompts into a preallocated KV cache, the cache repeated ``n`` times (``n``
 samples per prompt without re-running the prefill), then a ``lax.while_loop`` of one-token decode
-steps that stops as soon as every sequence has produced a stop token. It runs the learner's own
-model code (:func:`rlhf_jax.models.decode`), so its log-probs agree with
-:func:`rlhf_jax.models.token_logprobs` by construction.
+steps that stops as soon as every sequence has produced a stop token. Each step runs the layer
+code of the learner's forward (:func:`rlhf_jax.models.transformer.block`, through
+``models.apply.decode_step``) on a per-layer arrangement of the same weights (q/k/v and gate/up
+kernels concatenated, a ``[B, Hkv, S, Dh]`` cache). Its log-probs therefore agree with
+:func:`rlhf_jax.models.token_logprobs` to float32 rounding (the fused matmuls may round
+differently; the tests hold them to 1e-5), not bit for bit.
 
 Sampling distribution, per step (the order of ``transformers``' logits warpers)::
 

@@ -15,6 +15,11 @@ The formulas follow the Hugging Face ``transformers`` implementations (``modelin
 ``modeling_llama.py``, ``modeling_qwen2.py``, ``modeling_qwen3.py``); the golden tests check the
 logits against them to 1e-4.
 
+One forward: a layer is computed by one function, :func:`block`, on a dict of its weights. The
+``nnx`` modules hold the parameters (their names below) and the training forward runs
+:func:`block` in a layer ``lax.scan``; the rollout's decode step (:func:`decode_step`) runs the
+same :func:`block` in a Python loop over per-layer, fused weights (see "One-token decoding").
+
 Parameter names (the sharding rules of :mod:`rlhf_jax.parallel` match on these paths; the
 ``layers`` subtree carries a leading layer axis ``L`` that :func:`jax.lax.scan` runs over)::
 
@@ -89,6 +94,7 @@ class ModelConfig:
     tie_word_embeddings: bool | None = None  # default True for gpt2, False otherwise
     attention_bias: bool | None = None  # q/k/v bias: True for gpt2/qwen2, False for llama/qwen3
     qk_norm: bool | None = None  # per-head RMSNorm of q and k: True for qwen3
+    mlp_bias: bool | None = None  # MLP biases: True for gpt2, False otherwise (Llama mlp_bias)
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     param_dtype: str = "float32"  # parameter dtype: 'float32' | 'bfloat16'
     bos_token_id: int | None = None
@@ -146,8 +152,10 @@ class ModelConfig:
             put("attention_bias", self.arch in ("gpt2", "qwen2"))
         if self.qk_norm is None:
             put("qk_norm", self.arch == "qwen3")
-        if gpt2 and (self.qk_norm or not self.attention_bias):
-            raise ValueError("ModelConfig: gpt2 has q/k/v biases and no qk_norm")
+        if self.mlp_bias is None:
+            put("mlp_bias", gpt2)
+        if gpt2 and (self.qk_norm or not self.attention_bias or not self.mlp_bias):
+            raise ValueError("ModelConfig: gpt2 has q/k/v and MLP biases and no qk_norm")
         scaling = self.rope_scaling
         if scaling is not None:
             scaling = dict(scaling)
@@ -283,10 +291,10 @@ def _norm(cfg: ModelConfig, size: int) -> Norm:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query causal self-attention with an optional KV cache."""
+    """The attention parameters of a layer (q/k/v/o projections, Qwen3's q/k norms); the
+    computation is :func:`block`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
         d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # GPT-2 scales the residual projections' init by 1/sqrt(2L) (Radford et al. 2019).
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
@@ -298,80 +306,215 @@ class Attention(nnx.Module):
             self.q_norm = _norm(cfg, dh)
             self.k_norm = _norm(cfg, dh)
 
-    def __call__(self, x, positions, kv_mask, inv_freq, cache_k, cache_v, index):
-        """``x: [B, t, D]``; cache ``[B, S, Hkv, Dh]`` (or None: S = t, no cache).
-
-        Query ``i`` attends to slots ``j <= index + i`` with ``kv_mask[:, j] == 1``.
-        Returns ``(out [B, t, D], new cache_k, new cache_v)``.
-        """
-        cfg = self.cfg
-        b, t, _ = x.shape
-        h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(b, t, h, dh)
-        k = self.k_proj(x).reshape(b, t, hkv, dh)
-        v = self.v_proj(x).reshape(b, t, hkv, dh)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.arch != "gpt2":
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-        if cache_k is None:
-            keys, vals = k, v
-        else:
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
-            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            vals = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-            cache_k, cache_v = keys, vals
-        s = keys.shape[1]
-        qpos = index + jnp.arange(t)  # [t] slot of each query
-        allowed = (jnp.arange(s)[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
-        # [B, t, S]
-        g = h // hkv
-        qg = q.reshape(b, t, hkv, g, dh)
-        att = jnp.einsum(
-            "btkgd,bskd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
-        att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, vals.astype(q.dtype))
-        return self.o_proj(out.reshape(b, t, h * dh)), cache_k, cache_v
-
 
 class MLP(nnx.Module):
-    """GPT-2: ``down(gelu_tanh(up x))``; Llama family: ``down(silu(gate x) * up x)`` (SwiGLU)."""
+    """The MLP parameters of a layer. GPT-2: ``down(gelu_tanh(up x))``; Llama family:
+    ``down(silu(gate x) * up x)`` (SwiGLU). The computation is :func:`block`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.gpt2 = cfg.arch == "gpt2"
+        gpt2 = cfg.arch == "gpt2"
         d, f = cfg.hidden_size, cfg.intermediate_size
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
-        if not self.gpt2:
-            self.gate_proj = _linear(cfg, d, f, False, rngs)
-        self.up_proj = _linear(cfg, d, f, self.gpt2, rngs)
-        self.down_proj = _linear(cfg, f, d, self.gpt2, rngs, out_std)
-
-    def __call__(self, x):
-        if self.gpt2:
-            return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not gpt2:
+            self.gate_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
+        self.up_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
+        self.down_proj = _linear(cfg, f, d, cfg.mlp_bias, rngs, out_std)
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (:func:`block`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, kv_mask, inv_freq, cache_k, cache_v, index):
-        a, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, kv_mask, inv_freq, cache_k, cache_v, index
+    def weights(self) -> dict:
+        """This block's parameters as the weight dict :func:`block` reads (unfused)."""
+
+        def lin(m):
+            return {"kernel": m.kernel[...], "bias": None if m.bias is None else m.bias[...]}
+
+        def norm(n):
+            return {"scale": n.scale[...], "bias": None if n.bias is None else n.bias[...]}
+
+        att, mlp = self.attn, self.mlp
+        w = {
+            "attn_norm": norm(self.attn_norm),
+            "q": lin(att.q_proj),
+            "k": lin(att.k_proj),
+            "v": lin(att.v_proj),
+            "o": lin(att.o_proj),
+            "mlp_norm": norm(self.mlp_norm),
+            "up": lin(mlp.up_proj),
+            "down": lin(mlp.down_proj),
+        }
+        if self.cfg.arch != "gpt2":
+            w["gate"] = lin(mlp.gate_proj)
+        if self.cfg.qk_norm:
+            w["q_norm"], w["k_norm"] = norm(att.q_norm), norm(att.k_norm)
+        return w
+
+    def __call__(self, x, positions, allowed, inv_freq, cache, index, *, heads_first=False):
+        return block(
+            self.cfg,
+            self.weights(),
+            x,
+            positions,
+            allowed,
+            inv_freq,
+            cache,
+            index,
+            heads_first=heads_first,
         )
-        x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, cache_k, cache_v
+
+
+# ------------------------------------------------------------------------------------------
+# The computation: one implementation for training, prefill and decoding
+#
+# Every forward of the model -- the training forward and the cached ``decode`` (layer
+# ``lax.scan`` over the stacked ``[L, ...]`` parameters) and the rollout's decode step (a Python
+# loop over per-layer, fused weights, :func:`decode_step`) -- runs these functions. They read
+# a per-layer weight dict (:meth:`Block.weights`; fused by :func:`fuse_layer`) and a KV cache in
+# either layout, so a new family is written once, here.
+
+
+def _dense(x, w, dtype):
+    """``nnx.Linear`` as a function: ``x @ kernel (+ bias)``, operands in the compute dtype."""
+    kernel = w["kernel"].astype(dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if w.get("bias") is not None:
+        y = y + w["bias"].astype(dtype)
+    return y
+
+
+def _norm_w(cfg: ModelConfig, x, w):
+    return _norm_fn(x, w["scale"], w.get("bias"), cfg.norm_eps, cfg.compute_dtype)
+
+
+def embed(cfg: ModelConfig, table, pos_table, tokens, positions):
+    """``[B, t]`` tokens -> ``[B, t, D]`` in the compute dtype (+ learned positions, GPT-2)."""
+    cdt = cfg.compute_dtype
+    x = jnp.take(table.astype(cdt), tokens, axis=0)
+    if pos_table is not None:
+        x = x + jnp.take(pos_table.astype(cdt), positions, axis=0)
+    return x.astype(cdt)
+
+
+def lm_logits(cfg: ModelConfig, table, lm_head, hidden):
+    """``[..., D] -> [..., V]`` float32 logits: ``h @ lm_head``, or ``h @ embed.T`` when tied."""
+    if cfg.tie_word_embeddings:
+        w = table.astype(hidden.dtype)
+        return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    w = lm_head.astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def attention_mask(cfg: ModelConfig, kv_mask, index, t: int):
+    """``[B, t, S]`` bool: query ``i`` (slot ``index + i``) may attend to slot ``j`` iff
+    ``j <= index + i`` and ``kv_mask[:, j] == 1``."""
+    s = kv_mask.shape[1]
+    qpos = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [t]
+    slots = jnp.arange(s, dtype=jnp.int32)
+    causal = slots[None, :] <= qpos[:, None]  # [t, S]
+    return causal[None] & (kv_mask[:, None, :] > 0)
+
+
+def _project_qkv(cfg: ModelConfig, w, y):
+    b, t = y.shape[:2]
+    h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cdt = cfg.compute_dtype
+    if "qkv" in w:  # fused (decode_step)
+        qkv = _dense(y, w["qkv"], cdt)  # [B, t, (H + 2 Hkv) Dh]
+        q, k, v = jnp.split(qkv, [h * dh, (h + hkv) * dh], axis=-1)
+    else:
+        q, k, v = (_dense(y, w[n], cdt) for n in "qkv")
+    return q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
+
+
+def _mlp(cfg: ModelConfig, w, y):
+    cdt = cfg.compute_dtype
+    if cfg.arch == "gpt2":
+        return _dense(jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True), w["down"], cdt)
+    if "gate_up" in w:  # fused (decode_step)
+        gate, up = jnp.split(_dense(y, w["gate_up"], cdt), 2, axis=-1)
+    else:
+        gate, up = _dense(y, w["gate"], cdt), _dense(y, w["up"], cdt)
+    return _dense(jax.nn.silu(gate) * up, w["down"], cdt)
+
+
+def _attend(q, keys, vals, allowed, heads_first: bool):
+    """Softmax attention of ``q [B, t, H, Dh]`` over a cache ``[B, S, Hkv, Dh]`` (or
+    ``[B, Hkv, S, Dh]`` with ``heads_first``) where ``allowed [B, t, S]``; ``[B, t, H, Dh]``."""
+    b, t, h, dh = q.shape
+    hkv = keys.shape[1] if heads_first else keys.shape[2]
+    kv = "bksd" if heads_first else "bskd"
+    qg = q.reshape(b, t, hkv, h // hkv, dh)
+    att = jnp.einsum(
+        f"btkgd,{kv}->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32
+    ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
+    att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, vals.astype(q.dtype))
+    return out.reshape(b, t, h, dh)
+
+
+def block(
+    cfg: ModelConfig,
+    w: dict,
+    x: jax.Array,
+    positions: jax.Array,
+    allowed: jax.Array,
+    inv_freq,
+    cache,
+    index,
+    *,
+    heads_first: bool = False,
+):
+    """One pre-norm transformer layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Args:
+      cfg: the :class:`ModelConfig`.
+      w: the layer's weights (:meth:`Block.weights`, or :func:`fuse_layer` of it).
+      x: ``[B, t, D]`` in the compute dtype.
+      positions: ``[B, t]`` int32 position ids (RoPE angles).
+      allowed: ``[B, t, S]`` bool, :func:`attention_mask`.
+      inv_freq: :func:`rope_inv_freq` (None for GPT-2).
+      cache: None (``S = t``: attend to this call's keys), or ``(k, v)`` of ``[B, S, Hkv, Dh]``
+        (``heads_first``: ``[B, Hkv, S, Dh]``); the ``t`` new keys/values are written at slots
+        ``[index, index + t)``.
+      index: the first slot written (int or traced int32).
+
+    Returns:
+      ``(x [B, t, D], new cache or None)``.
+    """
+    q, k, v = _project_qkv(cfg, w, _norm_w(cfg, x, w["attn_norm"]))
+    if cfg.qk_norm:
+        q, k = _norm_w(cfg, q, w["q_norm"]), _norm_w(cfg, k, w["k_norm"])
+    if cfg.arch != "gpt2":
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+    if cache is None:
+        keys, vals = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) if heads_first else (k, v)
+        new_cache = None
+    else:
+        ck, cv = cache
+        zero = jnp.zeros((), jnp.int32)
+        idx = jnp.asarray(index, jnp.int32)
+        if heads_first:
+            k, v, start = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), (zero, zero, idx, zero)
+        else:
+            start = (zero, idx, zero, zero)
+        keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+        vals = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        new_cache = (keys, vals)
+    out = _attend(q, keys, vals, allowed, heads_first)
+    b, t = x.shape[:2]
+    x = x + _dense(out.reshape(b, t, -1), w["o"], cfg.compute_dtype)
+    x = x + _mlp(cfg, w, _norm_w(cfg, x, w["mlp_norm"]))
+    return x, new_cache
 
 
 def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -451,18 +594,17 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         chex.assert_rank([tokens, positions, kv_mask], 2)
-        x = self.embed(tokens)
-        if cfg.arch == "gpt2":
-            x = x + self.pos_embed(positions)
-        x = x.astype(cfg.compute_dtype)
+        pos_table = self.pos_embed.embedding[...] if cfg.arch == "gpt2" else None
+        x = embed(cfg, self.embed.embedding[...], pos_table, tokens, positions)
         inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
+        allowed = attention_mask(cfg, kv_mask, index, tokens.shape[1])  # [B, t, S]
         layer_def, layer_state = nnx.split(self.layers)
 
         def body(h, xs):
             state, ck, cv = xs
             layer = nnx.merge(layer_def, state)
-            h, ck, cv = layer(h, positions, kv_mask, inv_freq, ck, cv, index)
-            return h, (ck, cv)
+            h, kv = layer(h, positions, allowed, inv_freq, None if ck is None else (ck, cv), index)
+            return h, (None, None) if kv is None else kv
 
         if cache is None:
             xs = (layer_state, None, None)
@@ -476,11 +618,8 @@ class Transformer(nnx.Module):
         """``[..., D] -> [..., V]`` float32 logits (``h @ embed.T`` when tied)."""
         if not self.has_lm_head:
             raise ValueError("this model was built with lm_head=False (a reward/critic model)")
-        if self.config.tie_word_embeddings:
-            w = self.embed.embedding[...].astype(hidden.dtype)
-            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+        head = None if self.config.tie_word_embeddings else self.lm_head.kernel[...]
+        return lm_logits(self.config, self.embed.embedding[...], head, hidden)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -497,70 +636,59 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
 # inside a decode ``while_loop`` it costs more than the arithmetic on CPU: every step XLA copies
 # each layer's weights out of the stacked ``[L, ...]`` parameters (a slice of a loop-carried
 # array is a copy, static index or not), slices and re-stacks the ``[L, B, S, Hkv, Dh]`` cache,
-# and transposes it for the attention einsum. The one-token step below runs on a different
-# arrangement of the same numbers, built once per rollout *outside* the loop:
+# and transposes it for the attention einsum. :func:`decode_step` runs the same :func:`block`
+# on a different arrangement of the same numbers, built once per rollout *outside* the loop:
 #
 # - :func:`step_weights`: per-layer (unstacked) weights, q/k/v kernels (and SwiGLU gate/up)
-#   concatenated into one matmul each;
-# - :func:`step_cache`: a tuple of per-layer ``(k, v)``, each ``[B, Hkv, S, Dh]``, so that the
-#   ``t = 1`` attention is a batched mat-vec over contiguous ``[S, Dh]`` blocks and each new
-#   key/value is an in-place ``dynamic_update_slice`` of one loop-carried buffer;
-# - :func:`decode_step`: a Python loop over the layers (no scan).
-#
-# The formulas are those of :class:`Attention`, :class:`MLP` and :class:`Block` (tests compare
-# the step with :func:`rlhf_jax.models.decode` and with the full forward).
+#   concatenated into one matmul each (:func:`fuse_layer`);
+# - :func:`step_cache`: a tuple of per-layer ``(k, v)``, each ``[B, Hkv, S, Dh]``
+#   (``heads_first``), so that the ``t = 1`` attention is a batched mat-vec over contiguous
+#   ``[S, Dh]`` blocks and each new key/value is an in-place ``dynamic_update_slice`` of one
+#   loop-carried buffer;
+# - a Python loop over the layers (no scan).
+
+
+def fuse_layer(w: dict) -> dict:
+    """A :meth:`Block.weights` dict with q/k/v (``qkv``) and SwiGLU gate/up (``gate_up``)
+    kernels and biases concatenated along the output axis: one matmul each."""
+
+    def cat(parts):
+        kernel = jnp.concatenate([p["kernel"] for p in parts], -1)
+        biases = [p.get("bias") for p in parts]
+        bias = None if biases[0] is None else jnp.concatenate(biases, -1)
+        return {"kernel": kernel, "bias": bias}
+
+    out = {k: v for k, v in w.items() if k not in ("q", "k", "v", "gate", "up")}
+    out["qkv"] = cat([w["q"], w["k"], w["v"]])
+    if "gate" in w:
+        out["gate_up"] = cat([w["gate"], w["up"]])
+    else:
+        out["up"] = w["up"]
+    return out
 
 
 def step_weights(module: Transformer) -> dict:
     """The parameters of ``module`` arranged for :func:`decode_step` (one copy; call it outside
     the decode loop).
 
-    Returns a dict pytree: ``embed [V, D]``, ``pos_embed [Pmax, D]`` (GPT-2) , ``final_norm``,
-    ``lm_head [D, V]`` (untied only) and ``layers``: a tuple of ``L`` dicts with ``attn_norm``,
-    ``qkv`` (kernel ``[D, (H + 2 Hkv) Dh]``), ``o``, ``q_norm``/``k_norm`` (Qwen3), ``mlp_norm``,
-    ``up`` (SwiGLU: gate and up kernels concatenated, ``[D, 2F]``) and ``down``.
+    Returns a dict pytree: ``embed [V, D]``, ``pos_embed [Pmax, D]`` (GPT-2), ``final_norm``,
+    ``lm_head [D, V]`` (untied only) and ``layers``: a tuple of ``L`` :func:`fuse_layer` dicts.
     """
     cfg = module.config
     if not module.has_lm_head:
         raise ValueError("this model was built with lm_head=False (a reward/critic model)")
-    lay = module.layers
-    att, mlp = lay.attn, lay.mlp
-
-    def val(x):
-        return None if x is None else x[...]
-
-    def norm(n, i):
-        return {"scale": n.scale[...][i], "bias": None if n.bias is None else n.bias[...][i]}
-
-    def cat(linears, i):
-        kernel = jnp.concatenate([m.kernel[...][i] for m in linears], -1)
-        biases = [val(m.bias) for m in linears]
-        bias = None if biases[0] is None else jnp.concatenate([b[i] for b in biases], -1)
-        return {"kernel": kernel, "bias": bias}
-
-    layers = []
-    for i in range(cfg.num_layers):
-        w = {
-            "attn_norm": norm(lay.attn_norm, i),
-            "qkv": cat([att.q_proj, att.k_proj, att.v_proj], i),
-            "o": cat([att.o_proj], i),
-            "mlp_norm": norm(lay.mlp_norm, i),
-            "up": cat([mlp.up_proj] if cfg.arch == "gpt2" else [mlp.gate_proj, mlp.up_proj], i),
-            "down": cat([mlp.down_proj], i),
-        }
-        if cfg.qk_norm:
-            w["q_norm"] = norm(att.q_norm, i)
-            w["k_norm"] = norm(att.k_norm, i)
-        layers.append(w)
+    stacked = module.layers.weights()  # [L, ...] leaves
+    layers = tuple(
+        fuse_layer(jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(cfg.num_layers)
+    )
+    fn = module.final_norm
     out = {
         "embed": module.embed.embedding[...],
-        "final_norm": {"scale": module.final_norm.scale[...], "bias": val(module.final_norm.bias)},
-        "layers": tuple(layers),
+        "pos_embed": module.pos_embed.embedding[...] if cfg.arch == "gpt2" else None,
+        "final_norm": {"scale": fn.scale[...], "bias": None if fn.bias is None else fn.bias[...]},
+        "layers": layers,
+        "lm_head": None if cfg.tie_word_embeddings else module.lm_head.kernel[...],
     }
-    if cfg.arch == "gpt2":
-        out["pos_embed"] = module.pos_embed.embedding[...]
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = module.lm_head.kernel[...]
     return out
 
 
@@ -586,19 +714,6 @@ def init_step_cache(config: ModelConfig, batch_size: int, max_length: int, dtype
     )
 
 
-def _dense(x, w, dtype):
-    """``nnx.Linear`` as a function (operands in the compute dtype)."""
-    kernel = w["kernel"].astype(dtype)
-    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    if w["bias"] is not None:
-        y = y + w["bias"].astype(dtype)
-    return y
-
-
-def _norm_w(cfg: ModelConfig, x, w):
-    return _norm_fn(x, w["scale"], w["bias"], cfg.norm_eps, cfg.compute_dtype)
-
-
 def decode_step(
     config: ModelConfig,
     weights: dict,
@@ -621,60 +736,19 @@ def decode_step(
 
     Returns:
       ``(hidden [B, t, D] in the compute dtype, new cache)``: what ``Transformer.__call__``
-      computes on the :func:`init_cache` layout.
+      computes on the :func:`init_cache` layout (the same :func:`block`).
     """
     cfg = config
-    cdt = cfg.compute_dtype
-    b, t = tokens.shape
-    h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    g = h // hkv
-    s = cache[0][0].shape[2]
-    index = jnp.asarray(index, jnp.int32)
-    x = jnp.take(weights["embed"].astype(cdt), tokens, axis=0)
-    if cfg.arch == "gpt2":
-        x = x + jnp.take(weights["pos_embed"].astype(cdt), positions, axis=0)
-    x = x.astype(cdt)
+    x = embed(cfg, weights["embed"], weights["pos_embed"], tokens, positions)
     inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
-    qpos = index + jnp.arange(t)  # [t] slot of each query
-    allowed = (jnp.arange(s)[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
-    zero = jnp.zeros((), jnp.int32)
+    allowed = attention_mask(cfg, kv_mask, index, tokens.shape[1])
     new_cache = []
-    for w, (ck, cv) in zip(weights["layers"], cache, strict=True):
-        qkv = _dense(_norm_w(cfg, x, w["attn_norm"]), w["qkv"], cdt)  # [B, t, (H+2Hkv) Dh]
-        q = qkv[..., : h * dh].reshape(b, t, h, dh)
-        k = qkv[..., h * dh : (h + hkv) * dh].reshape(b, t, hkv, dh)
-        v = qkv[..., (h + hkv) * dh :].reshape(b, t, hkv, dh)
-        if cfg.qk_norm:
-            q, k = _norm_w(cfg, q, w["q_norm"]), _norm_w(cfg, k, w["k_norm"])
-        if cfg.arch != "gpt2":
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-        start = (zero, zero, index, zero)
-        ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), start)
-        new_cache.append((ck, cv))
-        qg = q.reshape(b, t, hkv, g, dh)
-        att = jnp.einsum(
-            "btkgd,bksd->bkgts", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
-        ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
-        att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, cv.astype(q.dtype))
-        x = x + _dense(out.reshape(b, t, h * dh), w["o"], cdt)
-        y = _norm_w(cfg, x, w["mlp_norm"])
-        if cfg.arch == "gpt2":
-            y = jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True)
-        else:
-            gate, up = jnp.split(_dense(y, w["up"], cdt), 2, axis=-1)
-            y = jax.nn.silu(gate) * up
-        x = x + _dense(y, w["down"], cdt)
+    for w, kv in zip(weights["layers"], cache, strict=True):
+        x, kv = block(cfg, w, x, positions, allowed, inv_freq, kv, index, heads_first=True)
+        new_cache.append(kv)
     return _norm_w(cfg, x, weights["final_norm"]), tuple(new_cache)
 
 
 def step_logits(config: ModelConfig, weights: dict, hidden: jax.Array) -> jax.Array:
-    """``[..., D] -> [..., V]`` float32 logits from :func:`step_weights` (as ``lm_logits``)."""
-    if config.tie_word_embeddings:
-        w = weights["embed"].astype(hidden.dtype)
-        return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
-    w = weights["lm_head"].astype(hidden.dtype)
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    """``[..., D] -> [..., V]`` float32 logits from :func:`step_weights` (:func:`lm_logits`)."""
+    return lm_logits(config, weights["embed"], weights["lm_head"], hidden)
