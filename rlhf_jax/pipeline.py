@@ -144,8 +144,10 @@ class SFTStage:
 class LabelStage:
     """Comparison data from a policy's samples: K responses per prompt, ranked by a labeller.
 
-    Writes ``<run.dir>/label/train.jsonl`` (and ``eval.jsonl`` from ``eval_prompts_file``), ranking
-    rows ``{prompt, completions}`` best first, which ``rm`` reads by default.
+    Writes ``<run.dir>/label/train.jsonl`` (and ``eval.jsonl`` from ``eval_prompts_file``): ranking
+    rows ``{prompt, completions}`` best first (``output: ranking``), which ``rm`` reads by default,
+    or preference rows ``{prompt, chosen, rejected}`` of the best and the worst response
+    (``output: pairs``, e.g. for DPO).
     """
 
     policy: str | None = None  # HF directory sampled from; None = this run's sft/final
@@ -153,6 +155,9 @@ class LabelStage:
     eval_prompts_file: str | None = None  # prompts of a held-out ranking set (eval.jsonl)
     num_completions: int = 4  # K responses per prompt (InstructGPT ranks 4 to 9)
     labeller: str = ""  # "module:function" (prompts, groups, *, seed) -> best-first index lists
+    output: str = (
+        "ranking"  # "ranking": {prompt, completions} | "pairs": {prompt, chosen, rejected}
+    )
     data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
     max_new_tokens: int = 64  # response length R
     temperature: float = 1.0  # sampling temperature (1 = the policy's own distribution)
@@ -163,6 +168,8 @@ class LabelStage:
     def __post_init__(self):
         if self.data.kind != "prompt":
             raise ValueError(f"label.data.kind={self.data.kind!r}: labelling reads 'prompt' rows")
+        if self.output not in ("ranking", "pairs"):
+            raise ValueError(f"label.output={self.output!r}: choose 'ranking' or 'pairs'")
         if self.num_completions < 2:
             raise ValueError(f"label.num_completions={self.num_completions}: a ranking needs >= 2")
         if self.max_new_tokens < 1 or self.chunk < 1 or not self.temperature > 0:

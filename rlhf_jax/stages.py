@@ -187,10 +187,13 @@ def prepare_label(ctx: Context) -> Plan:
             responses = decode(tokenizer, tokens, mask, special=True)
             groups = [responses[j * k : (j + 1) * k] for j in range(len(prompts))]
             orders = labeller(prompts, groups, seed=seed)
-            records = [
-                {"prompt": p, "completions": [g[j] for j in _check_order(o, k, st.labeller, n)]}
-                for n, (p, g, o) in enumerate(zip(prompts, groups, orders, strict=True))
-            ]
+            records = []
+            for n, (p, g, o) in enumerate(zip(prompts, groups, orders, strict=True)):
+                ranked = [g[j] for j in _check_order(o, k, st.labeller, n)]
+                if st.output == "pairs":
+                    records.append({"prompt": p, "chosen": ranked[0], "rejected": ranked[-1]})
+                else:
+                    records.append({"prompt": p, "completions": ranked})
             if jax.process_index() == 0:
                 toy.write_jsonl(os.path.join(ctx.dir, f"{name}.jsonl"), records)
             info[f"{name}_rows"] = len(records)
