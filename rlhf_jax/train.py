@@ -281,6 +281,8 @@ def run_loop(
         if restored is not None:
             start, state, _ = restored
             start = int(start)
+            if logger is not None and hasattr(logger, "truncate_to"):
+                logger.truncate_to(start)  # the step restored, which a damaged newer one may lower
             _write(logger, f"resumed from the checkpoint of step {start}")
     get_batch = _batch_source(batches, start)
     history: list[dict[str, float]] = []
