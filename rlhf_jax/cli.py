@@ -149,6 +149,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rlhf-jax`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    from rlhf_jax.checkpoint import Preempted, install_sigterm_handler
+
+    install_sigterm_handler()  # first thing: a SIGTERM during start-up is seen, and exits 3
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -189,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(err), err.exit_code)
+    except Preempted as err:
+        print(f"rlhf-jax: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def _base(sub: str):

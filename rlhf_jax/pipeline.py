@@ -288,6 +288,9 @@ class Plan:
     eval_fn: Callable[[Any], Mapping[str, Any]] | None = None
     tokenizer: Any = None  # saved into final/ and the stage directory
     save_every: int = 0
+    # what a failure inside the compiled step really was, when a host callback hides it (a
+    # reward function raising inside the step): () -> a UserError to raise instead, or None
+    explain: Callable[[], Exception | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +401,7 @@ class Context:
         if model is not None and data.vocab_size is None:
             data = dataclasses.replace(data, vocab_size=model.config.vocab_size)
         ds = formats.load_dataset(path, tokenizer, data)
-        self.say(f"[{self.stage}] {path}: {ds.stats.summary()}")
+        self.say(f"[{self.stage}] {ds.summary()}")
         return ds
 
     def batches(self, dataset, batch_size: int, key: str, *, rename=None):
@@ -406,6 +409,13 @@ class Context:
         from rlhf_jax import parallel
         from rlhf_jax.data.batches import epoch_batches
 
+        split = parallel.axis_size(self.mesh, parallel.BATCH_AXES)
+        if batch_size % split:
+            raise config_lib.ConfigError(
+                f"{key}={batch_size} does not split over the mesh's data x fsdp = {split} "
+                f"devices: use a multiple of {split}, or set parallel.mesh (e.g. "
+                "parallel.mesh.data=1 for one device)"
+            )
         try:
             return epoch_batches(
                 dataset,
@@ -574,6 +584,7 @@ def run_stage(
     for bad input, before anything is written.
     """
     from rlhf_jax import parallel
+    from rlhf_jax.checkpoint import check_preempted
     from rlhf_jax.train import run_loop
 
     if name not in STAGES:
@@ -583,7 +594,9 @@ def run_stage(
     mesh = parallel.make_mesh(cfg.parallel.mesh, parallel.mesh_devices(cfg.parallel.mesh, devices))
     ctx = Context(cfg=cfg, stage=name, mesh=mesh, say=say)
     _check_writable(cfg.run.dir)
+    check_preempted("start-up")
     plan = STAGES[name].prepare(ctx)
+    check_preempted("loading the models and data")
     # ---- everything above validated and loaded; from here on the run directory is written ----
     _write_config(cfg)
     if plan.loop is None:  # a data stage
@@ -597,6 +610,7 @@ def run_stage(
     ckpt, logger = _tools(ctx, plan)
     ctx.logger = logger
     try:
+        check_preempted("placing the state", resume_step=ckpt.latest_step())
         result = run_loop(
             step,
             state,
@@ -608,6 +622,11 @@ def run_stage(
             checkpointer=ckpt,
             meta={"stage": name},
         )
+    except jax.errors.JaxRuntimeError:
+        cause = plan.explain() if plan.explain is not None else None
+        if cause is None:
+            raise
+        raise cause from None
     finally:
         logger.close()
         ckpt.close()

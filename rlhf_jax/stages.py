@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -371,7 +371,7 @@ def prepare_ppo(ctx: Context) -> Plan:
     if trainer.reward_fn:
         reward_fn = RewardFunction.load(trainer.reward_fn, tokenizer)
         rows = prompts.take(np.arange(min(4, len(prompts))))
-        _check_reward_fn(reward_fn, rows, tokenizer)
+        reward_fn.check_tokens(rows["prompt_tokens"], rows["prompt_mask"])  # before compiling
     else:
         rm_dir = ctx.model_dir(st.reward_model, "ppo.reward_model", "rm")
         reward_model = ctx.load_model(rm_dir, lm_head=False, score_head=True)
@@ -407,16 +407,8 @@ def prepare_ppo(ctx: Context) -> Plan:
         eval_fn=eval_fn,
         tokenizer=tokenizer,
         save_every=st.save_every,
+        explain=None if reward_fn is None else reward_fn.callback_error,
     )
-
-
-def _check_reward_fn(reward_fn, rows: Mapping[str, np.ndarray], tokenizer) -> None:
-    """Call the reward function once on a few prompts (with an empty response each) before
-    anything compiles, so a function that raises or returns the wrong thing fails in a second."""
-    pt, pm = rows["prompt_tokens"], rows["prompt_mask"]
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rt = np.full((len(pt), 1), eos, np.int32)
-    reward_fn(pt, pm, rt, np.ones_like(rt))
 
 
 def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn=None):
