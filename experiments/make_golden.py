@@ -1,13 +1,15 @@
 """Regenerate the golden fixtures of tests/test_hf.py with transformers + PyTorch.
 
-For each family (GPT-2, Llama with GQA and llama3 rope_scaling, Qwen2, Qwen3) this builds a tiny
-random model with ``transformers`` (seeded), saves it as safetensors under
+For each family (GPT-2, Llama with GQA and llama3 rope_scaling, Qwen2, Qwen3; Llama with YaRN
+rope scaling and q/k/v/o and MLP biases; Mistral with a sliding window shorter than the batch)
+this builds a tiny random model with ``transformers`` (seeded), saves it as safetensors under
 ``tests/fixtures/golden/<name>/`` and stores the reference float32 logits of a left-padded batch
 in ``reference.npz`` (tokens, attention_mask, position_ids, logits). Position ids follow the
 rlhf-jax convention ``max(cumsum(mask) - 1, 0)``, passed explicitly to the HF forward.
 
     python experiments/make_golden.py            # writes tests/fixtures/golden/
     python experiments/make_golden.py --out DIR
+    python experiments/make_golden.py --only mistral llama_yarn   # just these (same seeds)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ T = 12
 
 
 def configs():
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     llama_like = dict(
         vocab_size=VOCAB,
@@ -69,6 +71,20 @@ def configs():
         ),
         "qwen2": Qwen2Config(**llama_like, tie_word_embeddings=False),
         "qwen3": Qwen3Config(**llama_like, tie_word_embeddings=True, attention_bias=False),
+        "llama_yarn": LlamaConfig(
+            **llama_like,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        # a window of 5 < the 12 tokens of the batch: the mask matters
+        "mistral": MistralConfig(**llama_like, tie_word_embeddings=False, sliding_window=5),
     }
 
 
@@ -124,10 +140,12 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     default = os.path.join(here, os.pardir, "tests", "fixtures", "golden")
     parser.add_argument("--out", default=os.path.normpath(default))
+    parser.add_argument("--only", nargs="*", help="fixture names to write (default: all)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    for seed, (name, config) in enumerate(configs().items()):
-        make(name, config, args.out, seed)
+    for seed, (name, config) in enumerate(configs().items()):  # the seed is the position
+        if not args.only or name in args.only:
+            make(name, config, args.out, seed)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelLoadError, hf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral")
+ARCH_OF = {"llama_yarn": "llama"}  # fixture name -> model_type
 ATOL = 1e-4
 
 
@@ -39,15 +40,17 @@ _decode = jax.jit(models.decode, static_argnums=0, static_argnames="last_only")
 
 
 def test_config_read(golden):
-    arch, model, _ = golden
+    name, model, _ = golden
     cfg = model.config
-    assert cfg.arch == arch and cfg.num_layers == 2 and cfg.vocab_size == 96
-    if arch != "gpt2":
+    assert cfg.arch == ARCH_OF.get(name, name) and cfg.num_layers == 2 and cfg.vocab_size == 96
+    if name != "gpt2":
         assert cfg.num_kv_heads == 2 and cfg.head_dim == 8
-    assert cfg.qk_norm == (arch == "qwen3")
-    assert cfg.tie_word_embeddings == (arch in ("gpt2", "qwen3"))
-    if arch == "llama":
-        assert dict(cfg.rope_scaling)["rope_type"] == "llama3"
+    assert cfg.qk_norm == (name == "qwen3")
+    assert cfg.tie_word_embeddings == (name in ("gpt2", "qwen3"))
+    assert cfg.mlp_bias == (name in ("gpt2", "llama_yarn"))
+    assert cfg.sliding_window == (5 if name == "mistral" else None)
+    if name in ("llama", "llama_yarn"):
+        assert dict(cfg.rope_scaling)["rope_type"] == {"llama": "llama3"}.get(name, "yarn")
 
 
 def test_golden_logits_full_forward(golden):
@@ -80,6 +83,22 @@ def test_golden_logits_prefill_then_cached_decode(golden):
     got = np.concatenate(got, 1)
     real = mask > 0
     np.testing.assert_allclose(got[real], ref["logits"][real], atol=ATOL, rtol=0)
+
+
+def test_golden_models_sample_through_the_rollout(golden):
+    """Each family samples (prefill + decode steps past the sliding window), and the sampler's
+    log-probs are the learner's."""
+    from rlhf_jax import rollout
+
+    _, model, ref = golden
+    tokens, mask = ref["tokens"], ref["attention_mask"]
+    ro = rollout.sample(model.graphdef, model.params, tokens, mask, 0, max_new_tokens=6, n=2)
+    assert ro.tokens.shape == (6, 6) and bool(np.all(np.asarray(ro.lengths) == 6))
+    full, full_mask = rollout.full_sequences(tokens, mask, ro)
+    want = jax.jit(models.token_logprobs, static_argnums=0, static_argnames="start")(
+        model.graphdef, model.params, full, full_mask, start=tokens.shape[1]
+    )
+    np.testing.assert_allclose(ro.learner_logprobs, want, atol=1e-5, rtol=0)
 
 
 def test_save_pretrained_round_trip(golden, tmp_path):

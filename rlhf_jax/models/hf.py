@@ -21,7 +21,7 @@ layouts).
 Tensor names (``{i}`` the layer; ``W`` = ``.weight``, Linear weights are ``[out, in]`` and are
 transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
 
-    ours                       gpt2 (transformer.)             llama/qwen2/qwen3 (model.)
+    ours                       gpt2 (transformer.)             llama/mistral/qwen2/qwen3 (model.)
     embed                      wte.W                           embed_tokens.W
     pos_embed                  wpe.W                           -
     attn_norm                  h.{i}.ln_1.{W,bias}             layers.{i}.input_layernorm.W
@@ -59,8 +59,14 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
-_ARCH_CLASS = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+_ARCH_CLASS = {
+    "gpt2": "GPT2",
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+}
 # Tensors of real checkpoints that hold no parameter (attention-mask buffers, RoPE caches).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -143,10 +149,17 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         raise ModelLoadError(
             f"{source}: hidden_act {act!r}: the Llama family here uses silu (SwiGLU)"
         )
-    if hf.get("mlp_bias"):
-        raise ModelLoadError(f"{source}: mlp_bias=true is not supported")
-    if hf.get("use_sliding_window") and hf.get("sliding_window"):
-        raise ModelLoadError(f"{source}: sliding-window attention is not supported")
+    mlp_bias = bool(hf.get("mlp_bias", False))
+    if mlp_bias and kind != "llama":
+        raise ModelLoadError(f"{source}: mlp_bias=true: only the llama layout has MLP biases")
+    window = None
+    if kind == "mistral":
+        window = hf.get("sliding_window")
+    elif hf.get("use_sliding_window") and hf.get("sliding_window"):
+        raise ModelLoadError(
+            f"{source}: {kind} sliding-window attention (use_sliding_window) is not supported; "
+            "set it to false to load the model with full attention"
+        )
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     scaling = rope or hf.get("rope_scaling")
@@ -170,6 +183,8 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=bias,
         qk_norm=kind == "qwen3",
+        mlp_bias=mlp_bias,
+        sliding_window=window,
         **common,
     )
 
@@ -219,10 +234,20 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
             rope_parameters=rope,
             attention_dropout=0.0,
         )
-        if c.arch != "qwen2":
-            out["attention_bias"] = bool(c.attention_bias)
-        elif not c.attention_bias:
+        if c.arch == "qwen2" and not c.attention_bias:
             raise ValueError("qwen2 always has q/k/v biases: save this model as arch='llama'")
+        if c.arch == "mistral" and c.attention_bias:
+            raise ValueError("mistral has no q/k/v biases: save this model as arch='llama'")
+        if c.arch in ("llama", "qwen3"):
+            out["attention_bias"] = bool(c.attention_bias)
+        if c.mlp_bias and c.arch != "llama":
+            raise ValueError(f"{c.arch} has no MLP biases: save this model as arch='llama'")
+        if c.arch == "llama":
+            out["mlp_bias"] = bool(c.mlp_bias)
+        if c.sliding_window is not None and c.arch != "mistral":
+            raise ValueError(f"{c.arch}: sliding_window is a mistral option")
+        if c.arch == "mistral":
+            out["sliding_window"] = c.sliding_window
         if c.arch in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
     out.update(
@@ -287,6 +312,7 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
         per[("attn", name, "bias")] = (h + f"self_attn.{name}.bias", "id")
     for name in ("gate_proj", "up_proj", "down_proj"):
         per[("mlp", name, "kernel")] = (h + f"mlp.{name}.weight", "T")
+        per[("mlp", name, "bias")] = (h + f"mlp.{name}.bias", "id")
     return top, per
 
 

@@ -6,14 +6,17 @@ One module covers the architectures RLHF researchers use most:
 arch          positions   norm       MLP           q/k/v bias  o bias      extra
 ============  ==========  =========  ============  =========  ==========  ==============
 ``gpt2``      learned     LayerNorm  GELU (tanh)   yes        yes         tied embeddings
-``llama``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  GQA, rope_scaling
+``llama``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  GQA, rope_scaling,
+                                                                          MLP biases (option)
+``mistral``   RoPE        RMSNorm    SwiGLU        no         no          GQA, sliding window
 ``qwen2``     RoPE        RMSNorm    SwiGLU        yes        no          GQA
 ``qwen3``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  per-head q/k RMSNorm
 ============  ==========  =========  ============  =========  ==========  ==============
 
 The formulas follow the Hugging Face ``transformers`` implementations (``modeling_gpt2.py``,
-``modeling_llama.py``, ``modeling_qwen2.py``, ``modeling_qwen3.py``); the golden tests check the
-logits against them to 1e-4.
+``modeling_llama.py``, ``modeling_mistral.py``, ``modeling_qwen2.py``, ``modeling_qwen3.py``);
+the golden tests check the logits against them to 1e-4. ``rope_scaling`` covers ``linear``,
+``llama3`` and ``yarn``.
 
 One forward: a layer is computed by one function, :func:`block`, on a dict of its weights. The
 ``nnx`` modules hold the parameters (their names below) and the training forward runs
@@ -33,7 +36,7 @@ Parameter names (the sharding rules of :mod:`rlhf_jax.parallel` match on these p
     layers/attn/q_norm/scale           [L, Dh]       Qwen3 only
     layers/attn/k_norm/scale           [L, Dh]       Qwen3 only
     layers/mlp_norm/{scale,bias}       [L, D]
-    layers/mlp/gate_proj/kernel        [L, D, F]     SwiGLU only
+    layers/mlp/gate_proj/{kernel,bias} [L, D, F]     SwiGLU only (bias: mlp_bias)
     layers/mlp/up_proj/{kernel,bias}   [L, D, F]     GPT-2 ``c_fc``
     layers/mlp/down_proj/{kernel,bias} [L, F, D]     GPT-2 ``mlp.c_proj``
     final_norm/{scale,bias}            [D]
@@ -58,9 +61,9 @@ from flax import nnx
 
 from rlhf_jax.models.heads import ScoreHead, ValueHead
 
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _freeze(value: Any) -> Any:
@@ -79,7 +82,7 @@ class ModelConfig:
     Fields left ``None`` take the family default of ``arch`` in ``__post_init__``.
     """
 
-    arch: str = "llama"  # 'gpt2' | 'llama' | 'qwen2' | 'qwen3'
+    arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'qwen2' | 'qwen3'
     vocab_size: int = 256  # V
     hidden_size: int = 64  # D
     num_layers: int = 2  # L
@@ -95,6 +98,9 @@ class ModelConfig:
     attention_bias: bool | None = None  # q/k/v bias: True for gpt2/qwen2, False for llama/qwen3
     qk_norm: bool | None = None  # per-head RMSNorm of q and k: True for qwen3
     mlp_bias: bool | None = None  # MLP biases: True for gpt2, False otherwise (Llama mlp_bias)
+    # Sliding-window attention (Mistral): a query attends to itself and the previous
+    # sliding_window - 1 slots; None = full causal attention.
+    sliding_window: int | None = None
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     param_dtype: str = "float32"  # parameter dtype: 'float32' | 'bfloat16'
     bos_token_id: int | None = None
@@ -156,6 +162,10 @@ class ModelConfig:
             put("mlp_bias", gpt2)
         if gpt2 and (self.qk_norm or not self.attention_bias or not self.mlp_bias):
             raise ValueError("ModelConfig: gpt2 has q/k/v and MLP biases and no qk_norm")
+        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+            raise ValueError(
+                f"ModelConfig.sliding_window={self.sliding_window} must be positive (None = off)"
+            )
         scaling = self.rope_scaling
         if scaling is not None:
             scaling = dict(scaling)
@@ -199,14 +209,22 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
     longer than ``orig / low_freq_factor`` are divided by ``factor``, shorter than
     ``orig / high_freq_factor`` kept, and those between interpolated with
     ``s = (orig / wavelen - low) / (high - low)``: ``(1 - s) inv_freq / factor + s inv_freq``.
+    ``yarn`` (Peng et al. 2023, arXiv:2309.00071; transformers ``_compute_yarn_parameters``):
+    ``inv_freq / factor`` blended into ``inv_freq`` by a linear ramp over the dimensions between
+    the correction dims of ``beta_fast`` (32) and ``beta_slow`` (1) rotations in
+    ``original_max_position_embeddings`` (floored/ceiled unless ``truncate`` is false); the
+    angles' cos and sin are also scaled by :func:`rope_attention_scaling`.
     """
     dh = config.head_dim
     inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     if config.rope_scaling is None:
         return inv
     s = dict(config.rope_scaling)
+    kind = s["rope_type"]
+    if kind == "yarn":
+        return _yarn_inv_freq(config, s, inv)
     factor = float(s["factor"])
-    if s["rope_type"] == "linear":
+    if kind == "linear":
         return inv / factor
     low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
     orig = float(s["original_max_position_embeddings"])
@@ -218,15 +236,68 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def _yarn_factor(config: ModelConfig, s: dict) -> tuple[float, float]:
+    orig = float(s.get("original_max_position_embeddings") or config.max_position_embeddings)
+    factor = s.get("factor")
+    factor = config.max_position_embeddings / orig if factor is None else float(factor)
+    return factor, orig
+
+
+def _yarn_inv_freq(config: ModelConfig, s: dict, inv: jax.Array) -> jax.Array:
+    dh, base = config.head_dim, config.rope_theta
+    factor, orig = _yarn_factor(config, s)
+    beta_fast = float(s.get("beta_fast") or 32)
+    beta_slow = float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations):
+        return (dh * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dh - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = jnp.clip((jnp.arange(dh // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep inv_freq; 0: interpolate (inv_freq / factor)
+    pos_freqs = base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_attention_scaling(config: ModelConfig) -> float:
+    """The factor on RoPE's cos and sin: 1, or YaRN's ``attention_factor`` (default
+    ``0.1 ln(factor) + 1``, or the ``mscale`` / ``mscale_all_dim`` ratio when both are set)."""
+    if config.rope_scaling is None:
+        return 1.0
+    s = dict(config.rope_scaling)
+    if s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    factor, _ = _yarn_factor(config, s)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return float(mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scaling: float = 1.0
+) -> jax.Array:
     """Rotate ``x: [B, T, N, Dh]`` by angles ``positions [B, T] x inv_freq [Dh/2]``.
 
     The non-interleaved ("rotate_half") layout of transformers Llama:
-    ``x * cos + rotate_half(x) * sin`` with ``cos = concat(cos(a), cos(a))``. Computed in float32.
+    ``x * cos + rotate_half(x) * sin`` with ``cos = concat(cos(a), cos(a))``, cos and sin times
+    ``scaling`` (:func:`rope_attention_scaling`). Computed in float32.
     """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]  # [B, T, 1, Dh]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -414,11 +485,15 @@ def lm_logits(cfg: ModelConfig, table, lm_head, hidden):
 
 def attention_mask(cfg: ModelConfig, kv_mask, index, t: int):
     """``[B, t, S]`` bool: query ``i`` (slot ``index + i``) may attend to slot ``j`` iff
-    ``j <= index + i`` and ``kv_mask[:, j] == 1``."""
+    ``j <= index + i`` and ``kv_mask[:, j] == 1`` (and, with a ``sliding_window`` W,
+    ``j > index + i - W``: slots, not positions; they differ only by the left padding, which no
+    query attends to)."""
     s = kv_mask.shape[1]
     qpos = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [t]
     slots = jnp.arange(s, dtype=jnp.int32)
     causal = slots[None, :] <= qpos[:, None]  # [t, S]
+    if cfg.sliding_window is not None:  # transformers' sliding_window_overlay: j > i - window
+        causal &= slots[None, :] > qpos[:, None] - cfg.sliding_window
     return causal[None] & (kv_mask[:, None, :] > 0)
 
 
@@ -494,8 +569,9 @@ def block(
     if cfg.qk_norm:
         q, k = _norm_w(cfg, q, w["q_norm"]), _norm_w(cfg, k, w["k_norm"])
     if cfg.arch != "gpt2":
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        scaling = rope_attention_scaling(cfg)
+        q = apply_rope(q, positions, inv_freq, scaling)
+        k = apply_rope(k, positions, inv_freq, scaling)
     if cache is None:
         keys, vals = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) if heads_first else (k, v)
         new_cache = None
