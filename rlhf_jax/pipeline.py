@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.algorithms.dpo import DPOStage
 from rlhf_jax.algorithms.ppo import PPOConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
@@ -252,6 +253,7 @@ class ExperimentConfig:
     label: LabelStage = LabelStage()  # comparison data: a policy's samples ranked by a labeller
     rm: RMStage = RMStage()  # reward model
     ppo: PPOStage = PPOStage()  # PPO
+    dpo: DPOStage = DPOStage()  # DPO on preference pairs (offline) or own samples (online)
     toy: ToyTask = ToyTask()  # the embedded task's sizes (used by `rlhf-jax quickstart` only)
 
 

@@ -528,3 +528,8 @@ register(
         prepare_ppo,
     )
 )
+from rlhf_jax.algorithms import dpo as _dpo  # noqa: E402
+
+register(
+    Stage("dpo", "DPO and its loss family on preference pairs, offline or online.", _dpo.prepare)
+)

@@ -20,7 +20,8 @@ prompt length (left-padded), ``R = PPOConfig.response_length`` (right-padded, 1 
 through the stop token). The formulas and the conventions each source uses are in
 ``docs/formulas.md``; the convention options come from :mod:`rlhf_jax.presets`
 (``PPOConfig.preset``), and the math lives in :mod:`rlhf_jax.rewards`, :mod:`rlhf_jax.returns` and
-:mod:`rlhf_jax.losses` — this module only composes them.
+:mod:`rlhf_jax.losses` — this module only composes them. Sampling, the reference log-probs and
+the reward sources are :mod:`rlhf_jax.scoring`, shared with GRPO and online DPO.
 
 **What is static, what is an array.** :class:`PPOConfig` holds what changes the program (shapes,
 epochs, minibatches, critic mode, conventions, the KL-controller kind). :class:`PPOHParams` holds
@@ -67,7 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax import losses, models, parallel, presets, returns, rewards, rollout
+from rlhf_jax import losses, models, parallel, presets, returns, rewards, rollout, scoring
 from rlhf_jax.optim import (
     OptimConfig,
     accumulate,
@@ -75,7 +76,7 @@ from rlhf_jax.optim import (
     make_optimizer,
     set_learning_rate,
 )
-from rlhf_jax.reward_fn import RewardFunction, callback_scores
+from rlhf_jax.reward_fn import RewardFunction
 from rlhf_jax.train import LoopConfig, TrainState, apply_update
 
 __all__ = [
@@ -271,6 +272,12 @@ class PPOModels:
     critic: Any = None  # critic graphdef (critic="separate"); None when shared
     reward_fn: RewardFunction | None = None  # host reward function (one pure_callback), or None
 
+    def sources(self, conv: presets.Conventions) -> tuple[Any, ...]:
+        """The reward source (:mod:`rlhf_jax.scoring`): the reward model or the function."""
+        if self.reward_fn is not None:
+            return (scoring.RewardFunctionSource(self.reward_fn),)
+        return (scoring.RewardModelSource(self.reward, read=conv.score_read),)
+
 
 @flax.struct.dataclass
 class Experience:
@@ -422,10 +429,21 @@ def sampling_config(cfg: PPOConfig, hparams: PPOHParams) -> rollout.SamplingConf
     return rollout.SamplingConfig(temperature=hparams.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
 
+def sampling_spec(cfg: PPOConfig) -> scoring.SamplingSpec:
+    """The static half of the rollout (:func:`rlhf_jax.scoring.generate`)."""
+    return scoring.SamplingSpec(
+        response_length=cfg.response_length,
+        num_samples=cfg.num_samples,
+        stop_tokens=cfg.stop_tokens,
+        pad_token_id=cfg.pad_token_id,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+
+
 def iteration_keys(state: PPOState) -> tuple[jax.Array, jax.Array]:
     """``(sample_key, permutation_key)`` of this iteration: ``fold_in(base key, step)`` split."""
-    key = jax.random.fold_in(state.key, state.step)
-    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    return scoring.iteration_keys(state.key, state.step)
 
 
 def generate(
@@ -446,18 +464,15 @@ def generate(
       :class:`rlhf_jax.rollout.Rollout` with ``N = B * n`` rows.
     """
     sample_key, _ = iteration_keys(state)
-    return rollout.sample(
+    return scoring.generate(
+        sampling_spec(cfg),
         static.policy,
         state.params["policy"],
         prompts,
         prompt_mask,
         sample_key,
-        max_new_tokens=cfg.response_length,
-        sampling=sampling_config(cfg, state.hparams),
-        stop_tokens=cfg.stop_tokens,
-        n=cfg.num_samples,
-        prompt_index=prompt_index,
-        pad_token_id=cfg.pad_token_id,
+        state.hparams.temperature,
+        prompt_index,
     )
 
 
@@ -493,7 +508,8 @@ def score(
     conv = cfg.conventions
     hp = state.hparams
     prompt_len = prompts.shape[1]
-    tokens, mask = rollout.full_sequences(prompts, prompt_mask, sampled)  # [N, P+R]
+    rows = scoring.Responses.of(prompts, prompt_mask, sampled)
+    tokens, mask = rows.tokens, rows.mask  # [N, P+R]
     response_mask = sampled.mask
     if cfg.old_logprobs == "recompute" or cfg.critic == "shared" or reads_padding(conv):
         logprobs, old_values = _policy_forward(
@@ -509,25 +525,10 @@ def score(
         old_values = models.values(
             static.critic, state.params["critic"], tokens, mask, start=prompt_len
         )
-    ref_logprobs = models.token_logprobs(
-        static.reference,
-        frozen.reference,
-        tokens,
-        mask,
-        start=prompt_len,
-        temperature=hp.temperature,
+    ref_logprobs = scoring.reference_logprobs(
+        static.reference, frozen.reference, rows, hp.temperature
     )
-    if static.reward_fn is not None:
-        n = cfg.num_samples
-        scores = callback_scores(
-            static.reward_fn,
-            jnp.repeat(prompts, n, 0),
-            jnp.repeat(prompt_mask, n, 0),
-            sampled.tokens,
-            response_mask,
-        )
-    else:
-        scores = models.scores(static.reward, frozen.reward, tokens, mask, read=conv.score_read)
+    scores, _ = scoring.score(static.sources(conv), (frozen.reward,), rows)
     logprobs, ref_logprobs, old_values, scores = jax.tree.map(
         lax.stop_gradient, (logprobs, ref_logprobs, old_values, scores)
     )
