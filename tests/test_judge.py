@@ -1,0 +1,284 @@
+"""The LM judge (rlhf_jax.judge): template rendering, pairwise debiasing, score expectation,
+holes equal packed rows, 1 vs 8 devices, and the one-line errors for bad templates and answers."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax import judge as J
+from rlhf_jax import models, parallel
+from rlhf_jax.data import toy
+
+TOY = J.JudgeConfig(template=J.TOY_PAIRWISE, batch_size=16)
+TOY_POINT = J.JudgeConfig(mode="pointwise", template=J.TOY_POINTWISE, scores=J.TOY_SCORES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = J.build_toy_tokenizer(tmp_path_factory.mktemp("judge_tok"))
+    return toy.load_tokenizer(path)
+
+
+def _config(tokenizer, arch="gpt2"):
+    return models.ModelConfig(
+        arch=arch,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def constant_judge(tokenizer, logits: dict[int, float]) -> models.Model:
+    """A GPT-2 judge whose next-token logits are the same after any input: the final LayerNorm's
+    scale is 0 and its bias e_0, so ``h = e_0`` and (tied) ``logit_v = embed[v, 0]``; the tokens
+    in ``logits`` get exactly those values in dimension 0 (zeros elsewhere)."""
+    m = models.init_model(_config(tokenizer), jax.random.PRNGKey(0))
+    flat = []
+    for path, var in nnx.to_flat_state(m.params):
+        x = np.array(var.get_value())
+        if path == ("final_norm", "scale"):
+            x[:] = 0.0
+        elif path == ("final_norm", "bias"):
+            x[:] = 0.0
+            x[0] = 1.0
+        elif path == ("embed", "embedding"):
+            for tok, value in logits.items():
+                x[tok] = 0.0
+                x[tok, 0] = value
+        flat.append((path, var.replace(jnp.asarray(x))))
+    return m.replace(params=nnx.from_flat_state(flat))
+
+
+def _judge(tokenizer, model, cfg=TOY, mesh=None, preset="dp"):
+    template = J.build_template(tokenizer, cfg)
+    if mesh is not None:
+        sh = parallel.param_shardings(model.params, mesh, preset)
+        model = model.replace(params=jax.device_put(model.params, sh))
+    return J.Judge(config=cfg, model=model, tokenizer=tokenizer, template=template, mesh=mesh)
+
+
+PROMPTS = ["a dog is", "the car looks", "my apple seems"]
+A = ["a furry animal .", "a fast vehicle .", "very sweet ."]
+B = ["a rusty tool .", "furry .", "a tasty fruit ."]
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering
+
+
+def test_template_without_chat_template(tokenizer):
+    t = J.build_template(tokenizer, TOY)
+    assert t.slots == ("prompt", "response_a", "response_b")
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert [list(p) for p in t.pieces] == [
+        [tokenizer.bos_token_id, *ids("Prompt :")],
+        ids("Response A :"),
+        ids("Response B :"),
+        ids("Better :"),
+    ]
+    assert list(t.answers) == [tokenizer.convert_tokens_to_ids(w) for w in ("A", "B")]
+    text = J.render(TOY, tokenizer, {"prompt": "a dog is", "response_a": "x", "response_b": "y"})
+    assert text == "<bos>Prompt : a dog is Response A : x Response B : y Better :"
+
+
+def test_template_with_chat_template(tmp_path):
+    chat = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %} <|assistant|>{% endif %}"
+    )
+    tok = toy.load_tokenizer(J.build_toy_tokenizer(tmp_path / "chat", chat_template=chat))
+    cfg = J.JudgeConfig(
+        template="{principles} Prompt : {prompt} Response A : {response_a} "
+        "Response B : {response_b} Better :",
+        principles="Better",
+    )
+    text = J.render(cfg, tok, {"prompt": "a dog is", "response_a": "x", "response_b": "y"})
+    assert text == (
+        "<bos><|user|> Better Prompt : a dog is Response A : x Response B : y Better : "
+        "<|assistant|>"
+    )
+    t = J.build_template(tok, cfg)
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert [list(p) for p in t.pieces] == [
+        ids("<bos><|user|> Better Prompt : "),
+        ids(" Response A : "),
+        ids(" Response B : "),
+        ids(" Better : <|assistant|>"),
+    ]
+    # the same template without the chat template: <bos> from the post-processor, no roles
+    plain = J.build_template(tok, J.JudgeConfig(**{**_fields(cfg), "use_chat_template": False}))
+    assert list(plain.pieces[0]) == ids("<bos> Better Prompt : ")
+
+
+def _fields(cfg):
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+# ------------------------------------------------------------------------------------------
+# Reading the judgement
+
+
+def test_always_a_judge_gives_one_half(tokenizer):
+    a_id, b_id = (tokenizer.convert_tokens_to_ids(w) for w in ("A", "B"))
+    jd = _judge(tokenizer, constant_judge(tokenizer, {a_id: 20.0, b_id: -20.0}))
+    out = jd.judgement(PROMPTS, A, B)
+    np.testing.assert_allclose(out["first"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out["second"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out["preference"], 0.5, atol=1e-6)
+    np.testing.assert_array_equal(out["consistent"], 0.0)
+    # a ranking by such a judge is all ties: the original order
+    orders, prefs = jd.rank(PROMPTS[:1], [A])
+    assert orders == [[0, 1, 2]]
+    np.testing.assert_allclose(prefs, 0.5, atol=1e-6)
+
+
+def test_pairwise_probability_hand_built(tokenizer):
+    # a judge with a constant 2:1 lean to "A": p_AB = s, p_BA = 1 - s, so P = 1/2 whatever s;
+    # the answer mass is the softmax mass of the two answer tokens among all tokens
+    a_id, b_id = (tokenizer.convert_tokens_to_ids(w) for w in ("A", "B"))
+    m = constant_judge(tokenizer, {a_id: np.log(2.0), b_id: 0.0})
+    out = _judge(tokenizer, m).judgement(PROMPTS, A, B)
+    np.testing.assert_allclose(out["first"], 2 / 3, atol=1e-6)
+    np.testing.assert_allclose(out["second"], 1 / 3, atol=1e-6)
+    np.testing.assert_allclose(out["preference"], 0.5, atol=1e-6)
+    emb = np.asarray(m.params["embed"]["embedding"].get_value(), np.float64)[:, 0]
+    mass = (np.exp(emb[a_id]) + np.exp(emb[b_id])) / np.exp(emb).sum()
+    np.testing.assert_allclose(out["answer_mass"], mass, rtol=1e-5)
+
+
+def test_score_expectation_hand_built(tokenizer):
+    ids = [tokenizer.convert_tokens_to_ids(s) for s in J.TOY_SCORES]
+    logit = np.array([0.0, 1.0, -2.0, 0.5, 3.0, -1.0, 0.0, 2.0, 1.5, -0.5])
+    jd = _judge(tokenizer, constant_judge(tokenizer, dict(zip(ids, logit))), TOY_POINT)
+    p = np.exp(logit - logit.max())
+    expected = float((p / p.sum()) @ np.arange(1, 11, dtype=np.float64))
+    np.testing.assert_allclose(jd.scores(PROMPTS, A), expected, rtol=1e-5)
+    # custom values: the expectation of the values, not of the token text
+    cfg = J.JudgeConfig(
+        mode="pointwise", template=J.TOY_POINTWISE, scores=("1", "2"), score_values=(-1.0, 1.0)
+    )
+    jd2 = _judge(tokenizer, constant_judge(tokenizer, {ids[0]: 0.0, ids[1]: np.log(3.0)}), cfg)
+    np.testing.assert_allclose(jd2.scores(PROMPTS, A), 0.5, rtol=1e-5)
+
+
+def test_holes_equal_packed_rows(tokenizer):
+    """The judge input keeps the slots' padding as holes (mask 0): the last logits equal those
+    of the same row packed without them (positions from the mask, attention by the mask)."""
+    m = models.init_model(_config(tokenizer, "llama"), jax.random.PRNGKey(3))
+    t = J.build_template(tokenizer, TOY)
+    pt, pm = toy.encode_prompts(tokenizer, PROMPTS, length=6)
+    at, am = toy.encode_responses(tokenizer, A)
+    bt, bm = toy.encode_responses(tokenizer, B)
+    segs = {"prompt": (pt, pm), "response_a": (at, am), "response_b": (bt, bm)}
+    tokens, mask = J.assemble(t, segs)
+    got = J.last_logits(m.graphdef, m.params, tokens, mask)
+    for i in range(len(PROMPTS)):
+        row = np.asarray(tokens[i])[np.asarray(mask[i]) > 0][None]
+        ref = J.last_logits(m.graphdef, m.params, row, np.ones_like(row))
+        np.testing.assert_allclose(got[i], ref[0], atol=1e-5)
+        assert tokenizer.bos_token_id not in row[0, 1:]  # the prompt's <bos> is dropped
+
+
+def _sharp(m):
+    """A random model with its LM head scaled up, so its answers are far from a coin flip."""
+    flat = [
+        (p, v.replace(v.get_value() * (300.0 if p[0] == "lm_head" else 1.0)))
+        for p, v in nnx.to_flat_state(m.params)
+    ]
+    return m.replace(params=nnx.from_flat_state(flat))
+
+
+def test_one_vs_eight_devices(tokenizer):
+    m = _sharp(models.init_model(_config(tokenizer, "llama"), jax.random.PRNGKey(1)))
+    one = _judge(tokenizer, m).judgement(PROMPTS * 3, A * 3, B[::-1] * 3)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    eight = _judge(tokenizer, m, mesh=mesh, preset="fsdp+tp").judgement(
+        PROMPTS * 3, A * 3, B[::-1] * 3
+    )
+    for k in one:
+        np.testing.assert_allclose(one[k], eight[k], atol=1e-5)
+    assert np.abs(one["first"] - 0.5).max() > 0.05  # not a coin flip
+
+
+def test_judge_scores_jit_matches_host(tokenizer):
+    """The pure function under an outer jit (as inside a compiled iteration) equals the host
+    call, with the policy's prompts (<bos> first) as token arrays."""
+    m = models.init_model(_config(tokenizer), jax.random.PRNGKey(2))
+    jd = _judge(tokenizer, m, TOY_POINT)
+    t = J.build_template(tokenizer, TOY_POINT, source=tokenizer)
+    pt, pm = toy.encode_prompts(tokenizer, PROMPTS)
+    rt, rm = toy.encode_responses(tokenizer, A)
+
+    @jax.jit
+    def step(params, pt, pm, rt, rm):
+        return J.judge_scores(m.graphdef, params, t, pt, pm, rt, rm) * 2.0
+
+    np.testing.assert_allclose(step(m.params, pt, pm, rt, rm) / 2, jd.scores(PROMPTS, A), 1e-5)
+
+
+def test_rank_from_preferences():
+    p = np.array([[0.5, 0.2, 0.9], [0.8, 0.5, 0.6], [0.1, 0.4, 0.5]])
+    assert J.rank_from_preferences(p[None]) == [[1, 0, 2]]
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line, before anything compiles
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (J.JudgeConfig(template="Prompt : {prompt} {response_a} Better :"), "response_b"),
+        (J.JudgeConfig(mode="pointwise", template="{prompt} Score :"), r"\{response\}"),
+        (J.JudgeConfig(template=J.TOY_PAIRWISE, answers=("A", "Yes")), "not a single token"),
+        (J.JudgeConfig(template=J.TOY_PAIRWISE, answers=("A", "A B")), "2 tokens"),
+        (J.JudgeConfig(mode="pointwise", template=J.TOY_POINTWISE, scores=("1", "11")), "'11'"),
+        (J.JudgeConfig(template="{prompt} {response_a} {response_b} {response}"), "response"),
+    ],
+)
+def test_bad_templates_and_answers(tokenizer, cfg, match):
+    with pytest.raises(J.JudgeError, match=match) as err:
+        J.build_template(tokenizer, cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_policy_tokens_missing_from_judge(tokenizer):
+    # the judge reads the toy policy's ids (a subset of its own); the reverse cannot work
+    assert J.token_map(toy.toy_tokenizer(), tokenizer) is not None
+    with pytest.raises(J.JudgeError, match="not in the judge's vocabulary"):
+        J.build_template(toy.toy_tokenizer(), J.JudgeConfig(template="{response_a}{response_b}",
+                         answers=("a", "an")), source=tokenizer)  # fmt: skip
+
+
+def test_judge_config_errors():
+    with pytest.raises(ValueError, match="mode"):
+        J.JudgeConfig(mode="likert")
+    with pytest.raises(ValueError, match="two different"):
+        J.JudgeConfig(answers=("A", "A"))
+
+
+def test_template_file_and_principles_file(tokenizer, tmp_path):
+    (tmp_path / "t.txt").write_text("{principles} {prompt} A : {response_a} B : {response_b} :")
+    (tmp_path / "p.txt").write_text("Better")
+    cfg = J.JudgeConfig(
+        template_file=str(tmp_path / "t.txt"), principles_file=str(tmp_path / "p.txt")
+    )
+    t = J.build_template(tokenizer, cfg)
+    assert tokenizer.convert_ids_to_tokens(list(t.pieces[0])) == ["<bos>", "Better"]
+    with pytest.raises(J.ConfigError, match="no such file"):
+        J.build_template(tokenizer, J.JudgeConfig(template_file=str(tmp_path / "nope.txt")))
