@@ -691,7 +691,9 @@ def load_judge(
     except (OSError, ValueError) as err:
         from rlhf_jax.errors import first_line
 
-        raise ConfigError(f"{key}: cannot load a tokenizer from {tok_path} ({first_line(err)})")
+        raise ConfigError(
+            f"{key}: cannot load a tokenizer from {tok_path} ({first_line(err)})"
+        ) from None
     config = models.hf.read_hf_config(path)[0]
     vocab = config.get("vocab_size")
     template = build_template(tokenizer, cfg, source=source_tokenizer, vocab_size=vocab)

@@ -3,7 +3,6 @@ holes equal packed rows, 1 vs 8 devices, and the one-line errors for bad templat
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +163,7 @@ def test_pairwise_probability_hand_built(tokenizer):
 def test_score_expectation_hand_built(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(s) for s in J.TOY_SCORES]
     logit = np.array([0.0, 1.0, -2.0, 0.5, 3.0, -1.0, 0.0, 2.0, 1.5, -0.5])
-    jd = _judge(tokenizer, constant_judge(tokenizer, dict(zip(ids, logit))), TOY_POINT)
+    jd = _judge(tokenizer, constant_judge(tokenizer, dict(zip(ids, logit, strict=True))), TOY_POINT)
     p = np.exp(logit - logit.max())
     expected = float((p / p.sum()) @ np.arange(1, 11, dtype=np.float64))
     np.testing.assert_allclose(jd.scores(PROMPTS, A), expected, rtol=1e-5)
