@@ -192,6 +192,9 @@ def initialize_distributed(cfg: DistributedConfig | None = None) -> bool:
         return False
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # SIGTERM is ours (rlhf_jax.checkpoint: save and exit 3); JAX's preemption service would
+    # install a second, native handler that also fires while the job shuts down.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
         coordinator_address=address,
         num_processes=num,
