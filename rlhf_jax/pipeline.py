@@ -49,6 +49,7 @@ from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.data.toy import ToyTask
 from rlhf_jax.parallel import ParallelConfig
+from rlhf_jax.sweep import SweepConfig
 from rlhf_jax.train import LoopConfig, LoopResult
 
 __all__ = [
@@ -255,6 +256,7 @@ class ExperimentConfig:
     ppo: PPOStage = PPOStage()  # PPO
     dpo: DPOStage = DPOStage()  # DPO on preference pairs (offline) or own samples (online)
     toy: ToyTask = ToyTask()  # the embedded task's sizes (used by `rlhf-jax quickstart` only)
+    sweep: SweepConfig = SweepConfig()  # N runs of one stage in one program (rlhf_jax.sweep)
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class StageResult:
     final: str | None  # the final/ directory (None for a data stage or when preempted)
     result: LoopResult | None
     outputs: Outputs | None
+    runs: list[LoopResult] | None = None  # a sweep's runs (rlhf_jax.sweep), in run order
 
     @property
     def preempted(self) -> bool:
@@ -597,6 +600,13 @@ def run_stage(
     ctx = Context(cfg=cfg, stage=name, mesh=mesh, say=say)
     _check_writable(cfg.run.dir)
     check_preempted("start-up")
+    # ---- a sweep (cfg.sweep.stage == name): the same skeleton on a stacked state, N runs in
+    # one program per static configuration (rlhf_jax.sweep.run_sweep) ----
+    from rlhf_jax import sweep
+
+    runs = sweep.expand(cfg, name)
+    if runs:
+        return sweep.run_sweep(ctx, STAGES[name].prepare, runs)
     plan = STAGES[name].prepare(ctx)
     check_preempted("loading the models and data")
     # ---- everything above validated and loaded; from here on the run directory is written ----

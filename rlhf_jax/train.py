@@ -26,14 +26,16 @@ The logger and checkpointer are duck-typed (:class:`rlhf_jax.logging.RunLogger`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax.errors import UserError
@@ -43,9 +45,11 @@ __all__ = [
     "LoopConfig",
     "LoopResult",
     "NonFiniteError",
+    "RunResult",
     "TrainState",
     "apply_update",
     "run_loop",
+    "run_slice",
 ]
 
 _NONFINITE = ("stop", "skip")
@@ -143,6 +147,7 @@ class LoopResult:
     first_step_s: float | None
     skipped: int
     start_step: int
+    runs: list[RunResult] | None = None  # each run of a run axis (run_loop(runs=N)), else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,9 +213,51 @@ def apply_update(
 # ------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class RunResult:
+    """One run of a run axis (:func:`run_loop` with ``runs=N``): where and why it stopped.
+
+    ``step`` is the last step the run took (a run stopped early keeps its state from then on);
+    ``history``/``evals`` as in :class:`LoopResult`, for this run alone.
+    """
+
+    step: int
+    stop_reason: str  # "max_steps" | "threshold" | "skips" | "nonfinite" | "preempted"
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    skipped: int
+
+
 def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     host = jax.device_get(dict(metrics))
     return {str(k): float(jnp.asarray(v).reshape(())) for k, v in host.items()}
+
+
+def _to_run_floats(metrics: Mapping[str, Any], n: int) -> list[dict[str, float]]:
+    """Metrics ``[N]`` of a run axis as one dict of floats per run (one transfer)."""
+    host = jax.device_get(dict(metrics))
+    out: list[dict[str, float]] = [{} for _ in range(n)]
+    for k, v in host.items():
+        values = jnp.asarray(v).reshape(n)
+        for i in range(n):
+            out[i][str(k)] = float(values[i])
+    return out
+
+
+def run_slice(state: Any, k: int) -> Any:
+    """Run ``k`` of a state stacked on a leading run axis."""
+    return jax.tree.map(lambda x: x[k], state)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _keep_stopped(state: Any, kept: Any, active: jax.Array) -> Any:
+    """``state`` where ``active``, else ``kept``, per run (leading axis): a stopped run keeps its
+    state while the compiled step goes on computing all N runs (no recompilation)."""
+
+    def pick(x, y):
+        return jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+
+    return jax.tree.map(pick, state, kept)
 
 
 def _crossed(value: float, cfg: LoopConfig) -> bool:
@@ -238,10 +285,11 @@ def run_loop(
     *,
     loop: LoopConfig,
     key: jax.Array | None = None,
-    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | Sequence[Callable] | None = None,
     logger: Any = None,
     checkpointer: Any = None,
     meta: Mapping[str, Any] | None = None,
+    runs: int | None = None,
 ) -> LoopResult:
     """Run ``step`` until ``loop.max_steps``, a threshold, preemption or a non-finite loss.
 
@@ -261,124 +309,182 @@ def run_loop(
         ``preempted``, ``wait``) or None. Saved as ``save(step, state, meta)`` after each step (it
         decides by its ``save_every``) and forced at the end.
       meta: extra JSON-able values saved with every checkpoint (e.g. the config).
+      runs: ``N`` for a **run axis** (a sweep, :mod:`rlhf_jax.sweep`): ``state`` is N run states
+        stacked on a leading axis, ``step`` computes all N in one program and returns metrics
+        ``[N]``; ``eval_fn`` and ``logger`` are sequences of N (one per run; ``eval_fn[k]`` gets
+        run ``k``'s slice of the state). Each run stops on its own (threshold, skips, a
+        non-finite loss: that run alone, with ``stop_reason="nonfinite"``): a stopped run is
+        masked, keeping its state and logging nothing more, while the others go on, without a
+        recompilation. The mask is saved in the checkpoint meta, so a resume is exact.
 
     Returns:
       A :class:`LoopResult`. ``stop_reason`` is ``"max_steps"``, ``"threshold"`` (the eval metric
       crossed ``loop.stop_value``), ``"preempted"`` (SIGTERM: saved, and returned) or ``"skips"``
       (``loop.max_consecutive_skips`` non-finite steps in a row with ``on_nonfinite="skip"``).
+      With ``runs``: ``"preempted"``, ``"max_steps"`` (some run reached it) or ``"stopped"``
+      (every run stopped early), and ``LoopResult.runs`` holds each run's :class:`RunResult`.
 
     Raises:
-      NonFiniteError: with ``on_nonfinite="stop"``, at the first step whose metric named in
-        ``loop.check_finite`` is NaN or infinite; the message names the step and the metric.
+      NonFiniteError: with ``on_nonfinite="stop"`` (and no run axis), at the first step whose
+        metric named in ``loop.check_finite`` is NaN or infinite; the message names the step and
+        the metric.
     """
     key = jax.random.PRNGKey(0) if key is None else key
+    n = 1 if runs is None else int(runs)
+    evals_fns = [eval_fn] if runs is None else list(eval_fn or [None] * n)
+    loggers = [logger] if runs is None else list(logger or [None] * n)
+    if len(evals_fns) != n or len(loggers) != n:
+        raise ValueError(f"run_loop(runs={n}) takes one eval_fn and one logger per run")
     timings = {"data": 0.0, "step": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
     start = 0
+    active = np.ones(n, bool)
+    reasons: list[str | None] = [None] * n
+    last = [0] * n
     if checkpointer is not None and loop.resume:
         from rlhf_jax.checkpoint import abstract_like
 
         restored = checkpointer.restore_latest(abstract_like(state))
         if restored is not None:
-            start, state, _ = restored
+            start, state, saved_meta = restored
             start = int(start)
-            if logger is not None and hasattr(logger, "truncate_to"):
-                logger.truncate_to(start)  # the step restored, which a damaged newer one may lower
-            _write(logger, f"resumed from the checkpoint of step {start}")
+            last = [start] * n
+            axis = (saved_meta or {}).get("runs")
+            if runs is not None and axis:
+                active = np.asarray(axis["active"], bool)
+                reasons = list(axis["stop_reason"])
+                last = [int(x) for x in axis["steps"]]
+            for lg in loggers:
+                _write(lg, f"resumed from the checkpoint of step {start}")
+    kept = None  # a copy of the stacked state holding the stopped runs (made at the first stop)
+    if runs is not None and not active.all():
+        kept = jax.tree.map(jnp.copy, state)
     get_batch = _batch_source(batches, start)
-    history: list[dict[str, float]] = []
-    evals: list[dict[str, float]] = []
+    history: list[list[dict[str, float]]] = [[] for _ in range(n)]
+    evals: list[list[dict[str, float]]] = [[] for _ in range(n)]
     first_step_s = None
-    skipped = consecutive = 0
-    stop_reason = "max_steps"
+    skipped, consecutive = [0] * n, [0] * n
+    preempted = False
     s = start
-    while s < loop.max_steps:
+    while s < loop.max_steps and active.any():
         phase = {k: 0.0 for k in timings}
         t0 = time.perf_counter()
         batch = get_batch(s)
         t1 = time.perf_counter()
         state, metrics = step(state, batch, jax.random.fold_in(key, s))
-        values = _to_floats(metrics)  # blocks until the step is done
-        t2 = time.perf_counter()
+        if kept is not None:
+            state = _keep_stopped(state, kept, jnp.asarray(active))
+        per_run = [_to_floats(metrics)] if runs is None else _to_run_floats(metrics, n)
+        t2 = time.perf_counter()  # the transfer above blocks until the step is done
         phase["data"], phase["step"] = t1 - t0, t2 - t1
         if first_step_s is None:
             first_step_s = t2 - t1
         s += 1
-
-        bad = [m for m in loop.check_finite if m in values and not math.isfinite(values[m])]
-        was_skipped = values.get("skipped", 0.0) > 0 or bool(bad)
-        if was_skipped:
-            skipped += 1
-            consecutive += 1
-        else:
-            consecutive = 0
-        if bad and loop.on_nonfinite == "stop":
-            message = (
-                f"non-finite {bad[0]}={values[bad[0]]} at step {s}: stopping "
-                f"(loop.on_nonfinite='stop'; the update of step {s} was not applied). Lower the "
-                "learning rate, check the data of this step, or set loop.on_nonfinite='skip'."
-            )
-            _write(logger, message)
-            raise NonFiniteError(message, step=s, metric=bad[0], state=state)
-
-        eval_values: dict[str, float] = {}
-        if (
-            eval_fn is not None
-            and loop.eval_every
-            and (s % loop.eval_every == 0 or s == loop.max_steps)
-        ):
-            t3 = time.perf_counter()
-            eval_values = _to_floats(eval_fn(state))
-            phase["eval"] = time.perf_counter() - t3
-            evals.append({"step": float(s), **eval_values})
-
-        if loop.log_every and (s % loop.log_every == 0 or s == loop.max_steps or eval_values):
-            history.append({"step": float(s), **values})
-            if logger is not None:
-                t4 = time.perf_counter()
-                record = dict(values)
-                record.update({f"eval/{k}": v for k, v in eval_values.items()})
-                logger.log(s, record, timings={k: v for k, v in phase.items() if v})
-                phase["log"] = time.perf_counter() - t4
-        for k, v in phase.items():
-            timings[k] += v
-
-        if loop.stop_metric is not None and loop.stop_metric in eval_values:
-            if _crossed(eval_values[loop.stop_metric], loop):
-                stop_reason = "threshold"
-                _write(
-                    logger,
-                    f"eval {loop.stop_metric}={eval_values[loop.stop_metric]:.6g} crossed "
-                    f"{loop.stop_direction} {loop.stop_value} at step {s}: stopping",
+        was_active = active.copy()
+        for k in np.flatnonzero(was_active):
+            values = per_run[k]
+            last[k] = s
+            lg = loggers[k]
+            who = "" if runs is None else f"run {k}: "
+            bad = [m for m in loop.check_finite if m in values and not math.isfinite(values[m])]
+            if values.get("skipped", 0.0) > 0 or bad:
+                skipped[k] += 1
+                consecutive[k] += 1
+            else:
+                consecutive[k] = 0
+            if bad and loop.on_nonfinite == "stop":
+                message = (
+                    f"{who}non-finite {bad[0]}={values[bad[0]]} at step {s}: stopping "
+                    f"(loop.on_nonfinite='stop'; the update of step {s} was not applied). Lower "
+                    "the learning rate, check the data of this step, or set "
+                    "loop.on_nonfinite='skip'."
                 )
-        if loop.on_nonfinite == "skip" and consecutive >= loop.max_consecutive_skips:
-            stop_reason = "skips"
-            _write(
-                logger,
-                f"{consecutive} non-finite steps in a row (the last at step {s}): stopping "
-                "(loop.max_consecutive_skips)",
-            )
+                _write(lg, message)
+                if runs is None:
+                    raise NonFiniteError(message, step=s, metric=bad[0], state=state)
+                reasons[k], active[k] = "nonfinite", False
+
+            eval_values: dict[str, float] = {}
+            fn = evals_fns[k]
+            if (
+                fn is not None
+                and loop.eval_every
+                and (s % loop.eval_every == 0 or s == loop.max_steps)
+            ):
+                t3 = time.perf_counter()
+                eval_values = _to_floats(fn(state if runs is None else run_slice(state, k)))
+                phase["eval"] += time.perf_counter() - t3
+                evals[k].append({"step": float(s), **eval_values})
+
+            if loop.log_every and (s % loop.log_every == 0 or s == loop.max_steps or eval_values):
+                history[k].append({"step": float(s), **values})
+                if lg is not None:
+                    t4 = time.perf_counter()
+                    record = dict(values)
+                    record.update({f"eval/{m}": v for m, v in eval_values.items()})
+                    lg.log(s, record, timings={p: v for p, v in phase.items() if v})
+                    phase["log"] += time.perf_counter() - t4
+
+            if loop.stop_metric is not None and loop.stop_metric in eval_values:
+                if _crossed(eval_values[loop.stop_metric], loop):
+                    reasons[k], active[k] = "threshold", False
+                    _write(
+                        lg,
+                        f"{who}eval {loop.stop_metric}={eval_values[loop.stop_metric]:.6g} "
+                        f"crossed {loop.stop_direction} {loop.stop_value} at step {s}: stopping",
+                    )
+            if loop.on_nonfinite == "skip" and consecutive[k] >= loop.max_consecutive_skips:
+                reasons[k], active[k] = "skips", False
+                _write(
+                    lg,
+                    f"{who}{consecutive[k]} non-finite steps in a row (the last at step {s}): "
+                    "stopping (loop.max_consecutive_skips)",
+                )
+        for p, v in phase.items():
+            timings[p] += v
+        if runs is not None and (active != was_active).any():  # keep the newly stopped runs
+            if kept is None:
+                kept = jax.tree.map(jnp.copy, state)
+            else:
+                kept = _keep_stopped(kept, state, jnp.asarray(~(was_active & ~active)))
         preempted = checkpointer is not None and bool(getattr(checkpointer, "preempted", False))
-        if preempted:
-            stop_reason = "preempted"
         if checkpointer is not None:
             t5 = time.perf_counter()
-            done = stop_reason != "max_steps" or s >= loop.max_steps
-            checkpointer.save(s, state, {"step": s, **(meta or {})}, force=done)
+            done = preempted or not active.any() or s >= loop.max_steps
+            record = {"step": s, **(meta or {})}
+            if runs is not None:
+                axis_meta = {"active": active.tolist(), "stop_reason": reasons, "steps": last}
+                record["runs"] = axis_meta
+            checkpointer.save(s, state, record, force=done)
             timings["checkpoint"] += time.perf_counter() - t5
-        if stop_reason != "max_steps":
+        if preempted:
             break
     if checkpointer is not None:
         checkpointer.wait()
+    for k in range(n):
+        if reasons[k] is None:
+            reasons[k] = "preempted" if preempted else "max_steps"
+    if preempted:
+        stop_reason = "preempted"
+    elif runs is None:
+        stop_reason = reasons[0]
+    else:
+        stop_reason = "max_steps" if "max_steps" in reasons else "stopped"
+    run_results = None
+    if runs is not None:
+        run_results = [
+            RunResult(last[k], reasons[k], history[k], evals[k], skipped[k]) for k in range(n)
+        ]
     return LoopResult(
         state=state,
         step=s,
         stop_reason=stop_reason,
-        history=history,
-        evals=evals,
+        history=history[0],
+        evals=evals[0],
         timings=timings,
         first_step_s=first_step_s,
-        skipped=skipped,
+        skipped=sum(skipped),
         start_step=start,
+        runs=run_results,
     )
 
 
