@@ -48,6 +48,7 @@ from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.data.toy import ToyTask
+from rlhf_jax.judge import JudgeConfig, JudgeStage
 from rlhf_jax.parallel import ParallelConfig
 from rlhf_jax.sweep import SweepConfig
 from rlhf_jax.train import LoopConfig, LoopResult
@@ -156,7 +157,13 @@ class LabelStage:
     prompts_file: str = ""  # rows {prompt} or {messages}: the prompts to answer and rank
     eval_prompts_file: str | None = None  # prompts of a held-out ranking set (eval.jsonl)
     num_completions: int = 4  # K responses per prompt (InstructGPT ranks 4 to 9)
-    labeller: str = ""  # "module:function" (prompts, groups, *, seed) -> best-first index lists
+    # "module:function" (prompts, groups, *, seed) -> best-first index lists, or "judge": the
+    # LM judge of label.judge ranks them (pairwise: every pair in both orders; pointwise: scores)
+    labeller: str = ""
+    judge: JudgeConfig = JudgeConfig()  # the LM judge when labeller="judge" (RLAIF)
+    # output=pairs with the judge: "probability" writes the judge's P(chosen > rejected) as the
+    # TRL "margin" field (the rm stage subtracts it: rm.trainer.use_margin) | "none"
+    margin: str = "probability"
     output: str = (
         "ranking"  # "ranking": {prompt, completions} | "pairs": {prompt, chosen, rejected}
     )
@@ -172,6 +179,8 @@ class LabelStage:
             raise ValueError(f"label.data.kind={self.data.kind!r}: labelling reads 'prompt' rows")
         if self.output not in ("ranking", "pairs"):
             raise ValueError(f"label.output={self.output!r}: choose 'ranking' or 'pairs'")
+        if self.margin not in ("probability", "none"):
+            raise ValueError(f"label.margin={self.margin!r}: choose 'probability' or 'none'")
         if self.num_completions < 2:
             raise ValueError(f"label.num_completions={self.num_completions}: a ranking needs >= 2")
         if self.max_new_tokens < 1 or self.chunk < 1 or not self.temperature > 0:
@@ -255,6 +264,7 @@ class ExperimentConfig:
     rm: RMStage = RMStage()  # reward model
     ppo: PPOStage = PPOStage()  # PPO
     dpo: DPOStage = DPOStage()  # DPO on preference pairs (offline) or own samples (online)
+    judge: JudgeStage = JudgeStage()  # an LM judge on a file of pairs: agreement with labels
     toy: ToyTask = ToyTask()  # the embedded task's sizes (used by `rlhf-jax quickstart` only)
     sweep: SweepConfig = SweepConfig()  # N runs of one stage in one program (rlhf_jax.sweep)
 

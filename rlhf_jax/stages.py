@@ -127,7 +127,8 @@ def _labeller(spec: str) -> Callable:
     if not spec:
         raise config_lib.ConfigError(
             "label.labeller is not set: give a 'module:function' that ranks responses, e.g. "
-            "rlhf_jax.data.toy:simulated_labeller on the toy task"
+            "rlhf_jax.data.toy:simulated_labeller on the toy task, or 'judge' for the LM judge "
+            "of label.judge"
         )
     return load_reward_fn(spec)
 
@@ -155,7 +156,19 @@ def prepare_label(ctx: Context) -> Plan:
     policy_dir = ctx.model_dir(st.policy, "label.policy", "sft")
     model = ctx.load_model(policy_dir)
     tokenizer = ctx.load_tokenizer(policy_dir, model)
-    labeller = _labeller(st.labeller)
+    judge = labeller = None
+    if st.labeller == "judge":  # RLAIF: an LM judge ranks the samples (rlhf_jax.judge)
+        from rlhf_jax.judge import load_judge
+
+        judge = load_judge(
+            st.judge,
+            mesh=ctx.mesh,
+            preset=ctx.cfg.parallel.preset,
+            key="label.judge.model",
+            load_model=ctx.load_model,
+        )
+    else:
+        labeller = _labeller(st.labeller)
     sets = [
         ("train", ctx.dataset(st.prompts_file, "label.prompts_file", tokenizer, st.data, model))
     ]
@@ -186,12 +199,20 @@ def prepare_label(ctx: Context) -> Plan:
             prompts = decode(tokenizer, pt, pm, special=False)
             responses = decode(tokenizer, tokens, mask, special=True)
             groups = [responses[j * k : (j + 1) * k] for j in range(len(prompts))]
-            orders = labeller(prompts, groups, seed=seed)
+            prefs = None
+            if judge is not None:  # prefs[n, i, j]: the judge's P(response i > response j)
+                orders, prefs = judge.rank(prompts, groups)
+            else:
+                orders = labeller(prompts, groups, seed=seed)
             records = []
             for n, (p, g, o) in enumerate(zip(prompts, groups, orders, strict=True)):
-                ranked = [g[j] for j in _check_order(o, k, st.labeller, n)]
+                o = _check_order(o, k, st.labeller, n)
+                ranked = [g[j] for j in o]
                 if st.output == "pairs":
-                    records.append({"prompt": p, "chosen": ranked[0], "rejected": ranked[-1]})
+                    row = {"prompt": p, "chosen": ranked[0], "rejected": ranked[-1]}
+                    if prefs is not None and st.margin == "probability":
+                        row["margin"] = float(prefs[n, o[0], o[-1]])
+                    records.append(row)
                 else:
                     records.append({"prompt": p, "completions": ranked})
             if jax.process_index() == 0:
@@ -533,3 +554,7 @@ from rlhf_jax.algorithms import dpo as _dpo  # noqa: E402
 register(
     Stage("dpo", "DPO and its loss family on preference pairs, offline or online.", _dpo.prepare)
 )
+
+from rlhf_jax.judge import prepare_judge as _prepare_judge  # noqa: E402
+
+register(Stage("judge", "Judge a file of preference pairs with an LM judge.", _prepare_judge))

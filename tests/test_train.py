@@ -148,3 +148,106 @@ def test_loop_config_validation():
         LoopConfig(on_nonfinite="ignore")
     with pytest.raises(ValueError, match="eval_every"):
         LoopConfig(stop_metric="acc")
+
+
+# ------------------------------------------------------------------------------------------
+# The run axis: N runs stacked, one step for all, each stopping on its own (a mask)
+# ------------------------------------------------------------------------------------------
+
+
+def _runs_setup(lrs):
+    """N SGD runs of the quadratic, learning rate per run in the optimizer state, one vmapped
+    step; a batch is the [N] scales (NaN poisons that run's step)."""
+    from rlhf_jax.optim import set_learning_rate
+    from rlhf_jax.sweep import stack, vmap_step
+
+    optimizer = make_optimizer(OPTIM)
+
+    def step(state, scale, key):
+        del key
+        loss, grads = jax.value_and_grad(lambda p: scale * jnp.sum((p["w"] - 1.0) ** 2))(
+            state.params
+        )
+        state, metrics = apply_update(optimizer, state, grads, loss, OPTIM)
+        return state, {"loss": loss, **metrics}
+
+    states = []
+    for lr in lrs:
+        st = _init(optimizer)
+        states.append(st.replace(opt_state=set_learning_rate(st.opt_state, lr)))
+    return jax.jit(vmap_step(step), donate_argnums=0), stack(states)
+
+
+def _w_lr(n, lr, w=(3.0, -1.0)):
+    return 1.0 + (np.asarray(w) - 1.0) * (1.0 - 2.0 * lr) ** n
+
+
+def _dist_eval(state):
+    return {"dist": jnp.max(jnp.abs(state.params["w"] - 1.0))}
+
+
+STOP = dict(eval_every=1, stop_metric="dist", stop_direction="below", stop_value=0.5)
+
+
+def test_run_axis_stops_each_run_on_its_own_and_keeps_its_state():
+    # |w0 - 1| = 2 shrinks by (1 - 2 lr) per step: lr 0.3 crosses 0.5 at step 2, lr 0.1 at 7
+    step, state = _runs_setup([0.1, 0.3])
+    loggers = [_FakeLogger(), _FakeLogger()]
+    res = run_loop(
+        step,
+        state,
+        lambda s: jnp.ones(2, jnp.float32),
+        loop=LoopConfig(max_steps=5, **STOP),
+        eval_fn=[_dist_eval, _dist_eval],
+        logger=loggers,
+        runs=2,
+    )
+    assert [r.stop_reason for r in res.runs] == ["max_steps", "threshold"]
+    assert [r.step for r in res.runs] == [5, 2] and res.stop_reason == "max_steps"
+    w = np.asarray(res.state.params["w"])
+    np.testing.assert_allclose(w[0], _w_lr(5, 0.1), rtol=1e-5)
+    np.testing.assert_allclose(w[1], _w_lr(2, 0.3), rtol=1e-5)  # kept while run 0 went on
+    assert int(res.state.step[1]) == 2 and int(res.state.step[0]) == 5
+    assert [r[0] for r in loggers[1].records] == [1, 2]  # a stopped run logs nothing more
+    assert [r[0] for r in loggers[0].records] == [1, 2, 3, 4, 5]
+    assert "run 1: eval dist=" in loggers[1].messages[0]
+    assert [e["step"] for e in res.runs[1].evals] == [1.0, 2.0]
+
+
+def test_run_axis_nonfinite_stops_that_run_only():
+    step, state = _runs_setup([0.1, 0.1])
+    scales = lambda s: jnp.asarray([np.nan if s == 2 else 1.0, 1.0], jnp.float32)  # noqa: E731
+    res = run_loop(step, state, scales, loop=LoopConfig(max_steps=4), runs=2)
+    assert [r.stop_reason for r in res.runs] == ["nonfinite", "max_steps"]
+    w = np.asarray(res.state.params["w"])
+    np.testing.assert_allclose(w[0], _w_lr(2, 0.1), rtol=1e-5)  # the NaN update was dropped
+    np.testing.assert_allclose(w[1], _w_lr(4, 0.1), rtol=1e-5)
+
+
+def test_run_axis_resume_keeps_the_mask(tmp_path):
+    from rlhf_jax.checkpoint import Checkpointer
+
+    ones = lambda s: jnp.ones(2, jnp.float32)  # noqa: E731
+    step, state = _runs_setup([0.1, 0.3])
+    full = run_loop(
+        step, state, ones, loop=LoopConfig(max_steps=8, **STOP), eval_fn=[_dist_eval] * 2, runs=2
+    )
+    with Checkpointer(tmp_path / "ck", save_every=2, async_save=False) as ck:
+        step, state = _runs_setup([0.1, 0.3])
+        loop = LoopConfig(max_steps=4, **STOP)
+        run_loop(step, state, ones, loop=loop, eval_fn=[_dist_eval] * 2, checkpointer=ck, runs=2)
+        assert ck.read_meta()["runs"] == {
+            "active": [True, False],
+            "stop_reason": [None, "threshold"],
+            "steps": [4, 2],
+        }
+    with Checkpointer(tmp_path / "ck", save_every=2, async_save=False) as ck:
+        step, state = _runs_setup([0.1, 0.3])
+        loop = LoopConfig(max_steps=8, **STOP)
+        res = run_loop(
+            step, state, ones, loop=loop, eval_fn=[_dist_eval] * 2, checkpointer=ck, runs=2
+        )
+    assert res.start_step == 4
+    assert [(r.step, r.stop_reason) for r in res.runs] == [(7, "threshold"), (2, "threshold")]
+    assert [(r.step, r.stop_reason) for r in full.runs] == [(7, "threshold"), (2, "threshold")]
+    np.testing.assert_allclose(res.state.params["w"], full.state.params["w"], rtol=1e-6)
