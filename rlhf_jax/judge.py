@@ -78,11 +78,14 @@ __all__ = [
     "assemble",
     "build_template",
     "judge_preferences",
+    "agreement_report",
     "judge_scores",
     "last_logits",
     "load_judge",
     "pairwise_judgement",
+    "prepare_judge",
     "rank_from_preferences",
+    "read_pairs",
     "render",
     "token_map",
 ]
@@ -702,6 +705,120 @@ def load_judge(
         shardings = parallel.param_shardings(model.params, mesh, preset)
         model = model.replace(params=jax.device_put(model.params, shardings))
     return Judge(config=cfg, model=model, tokenizer=tokenizer, template=template, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------
+# The `judge` stage: label a file of pairs, report the agreement with its labels
+# ------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    """A row's text: a string as is, a list of messages as their contents, one per line."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(m["content"] for m in value)
+
+
+def read_pairs(path: str, limit: int | None = None) -> list[tuple[str, str, str]]:
+    """``(prompt, chosen, rejected)`` texts of a TRL preference file (JSONL / JSON / Parquet);
+    a malformed row raises a one-line :class:`rlhf_jax.data.formats.DataError`."""
+    from rlhf_jax.data import formats
+
+    cfg = formats.DataConfig(kind="preference", max_prompt_length=1)
+    out = []
+    for unit, number, row in formats.read_rows(path):
+        try:
+            prompt, (chosen, rejected), _ = formats.parse_row(row, cfg)
+        except Exception as err:  # formats' row error: located and made one line here
+            field = getattr(err, "field", None)
+            raise formats.DataError(path, str(err), row=number, field=field, unit=unit) from None
+        out.append((_text(prompt), _text(chosen), _text(rejected)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def agreement_report(p_given: np.ndarray, consistent: np.ndarray | None = None) -> dict:
+    """The agreement of judged probabilities ``P(given chosen > given rejected)`` with the given
+    labels: ties (``p = 1/2``) count 1/2, with a 95% t interval over pairs."""
+    from rlhf_jax.stats import mean_ci
+
+    p = np.asarray(p_given, np.float64)
+    agree = mean_ci((p > 0.5) + 0.5 * (p == 0.5))
+    out = {
+        "pairs": int(p.size),
+        "agreement": agree.mean,
+        "agreement_low": agree.low,
+        "agreement_high": agree.high,
+        "mean_probability": float(p.mean()),
+    }
+    if consistent is not None:
+        out["position_consistency"] = float(np.mean(consistent))
+    return out
+
+
+def prepare_judge(ctx) -> Any:
+    """The ``judge`` stage's prepare: load and check the pairs and the judge; ``finish`` judges
+    every pair (both orders), writes ``judged.jsonl`` and ``report.json`` (see
+    :class:`JudgeStage`)."""
+    import json
+
+    from rlhf_jax.pipeline import Outputs, Plan
+
+    st = ctx.section
+    if not st.pairs_file:
+        raise ConfigError(
+            "judge.pairs_file is not set: give a JSONL/JSON/Parquet file of "
+            "{prompt, chosen, rejected} rows"
+        )
+    if not os.path.isfile(st.pairs_file):
+        raise ConfigError(f"judge.pairs_file={st.pairs_file!r}: no such file")
+    rows = read_pairs(st.pairs_file, st.limit)
+    jd = load_judge(st, mesh=ctx.mesh, preset=ctx.cfg.parallel.preset, load_model=ctx.load_model)
+    ctx.say(f"[judge] {st.pairs_file}: {len(rows)} pairs, {st.mode} judge {st.model}")
+
+    def finish(state, result):
+        prompts, chosen, rejected = (list(x) for x in zip(*rows, strict=True))
+        consistent = None
+        if st.mode == "pairwise":
+            out = jd.judgement(prompts, chosen, rejected)
+            p, consistent = out["preference"], out["consistent"]
+        else:
+            diff = jd.scores(prompts, chosen) - jd.scores(prompts, rejected)
+            p = 1.0 / (1.0 + np.exp(-diff))  # Bradley-Terry on the expected scores
+        report = agreement_report(p, consistent)
+        records = []
+        for i, (q, c, r) in enumerate(rows):
+            win = p[i] >= 0.5
+            records.append(
+                {
+                    "prompt": q,
+                    "chosen": c if win else r,
+                    "rejected": r if win else c,
+                    "margin": float(max(p[i], 1 - p[i])),
+                    "agrees": bool(p[i] > 0.5),
+                }
+            )
+        if jax.process_index() == 0:
+            from rlhf_jax.data.toy import write_jsonl
+
+            write_jsonl(os.path.join(ctx.dir, "judged.jsonl"), records)
+            with open(os.path.join(ctx.dir, "report.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        ctx.say(
+            f"[judge] agreement with the given labels {report['agreement']:.3f} "
+            f"(95% CI {report['agreement_low']:.3f} to {report['agreement_high']:.3f}, "
+            f"{report['pairs']} pairs); mean P(given chosen) {report['mean_probability']:.3f}"
+            + (
+                f"; same verdict in both orders {report['position_consistency']:.3f}"
+                if consistent is not None
+                else ""
+            )
+            + f" -> {ctx.dir}/judged.jsonl"
+        )
+        return Outputs(info=report)
+
+    return Plan(finish=finish, tokenizer=jd.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------
