@@ -43,6 +43,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax.algorithms.dpo import DPOStage
+from rlhf_jax.algorithms.grpo import GRPOStage
 from rlhf_jax.algorithms.ppo import PPOConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
@@ -264,6 +265,7 @@ class ExperimentConfig:
     rm: RMStage = RMStage()  # reward model
     ppo: PPOStage = PPOStage()  # PPO
     dpo: DPOStage = DPOStage()  # DPO on preference pairs (offline) or own samples (online)
+    grpo: GRPOStage = GRPOStage()  # critic-free policy gradient: GRPO, Dr. GRPO, RLOO, REINFORCE++
     judge: JudgeStage = JudgeStage()  # an LM judge on a file of pairs: agreement with labels
     toy: ToyTask = ToyTask()  # the embedded task's sizes (used by `rlhf-jax quickstart` only)
     sweep: SweepConfig = SweepConfig()  # N runs of one stage in one program (rlhf_jax.sweep)

@@ -558,3 +558,12 @@ register(
 from rlhf_jax.judge import prepare_judge as _prepare_judge  # noqa: E402
 
 register(Stage("judge", "Judge a file of preference pairs with an LM judge.", _prepare_judge))
+from rlhf_jax.algorithms import grpo as _grpo  # noqa: E402
+
+register(
+    Stage(
+        "grpo",
+        "Critic-free RL: GRPO, Dr. GRPO, RLOO, REINFORCE++ (n samples per prompt).",
+        _grpo.prepare,
+    )
+)

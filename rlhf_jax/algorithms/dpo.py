@@ -192,9 +192,8 @@ class DPOHParams:
         }
         unknown = set(overrides) - set(values)
         if unknown:
-            raise ValueError(
-                f"unknown DPO hyperparameters {sorted(unknown)}; known: {sorted(values)}"
-            )
+            known = sorted(values)
+            raise ValueError(f"unknown DPO hyperparameters {sorted(unknown)}; known: {known}")
         values.update(overrides)
         out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
         return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
