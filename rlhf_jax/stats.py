@@ -1,6 +1,8 @@
-"""Small statistics for honest numbers: means with Student-t confidence intervals, win rates.
+"""Small statistics for honest numbers: means with Student-t confidence intervals, win rates,
+Welch's comparison of two groups of runs, and confidence bands of learning curves.
 
-Used by ``rlhf-jax evaluate`` (a win rate with its interval) and by the reports. No SciPy: the
+Used by ``rlhf-jax evaluate`` (a win rate with its interval) and by the reports of sweeps
+(``rlhf-jax report`` on a sweep: :mod:`rlhf_jax.report`). No SciPy: the
 Student-t quantile is found by bisection on its CDF, written with the regularised incomplete beta
 function of ``jax.scipy.special``.
 """
@@ -13,7 +15,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Estimate", "mean_ci", "t_quantile", "win_rate"]
+__all__ = [
+    "Comparison",
+    "Estimate",
+    "curve_band",
+    "mean_ci",
+    "t_quantile",
+    "welch",
+    "win_rate",
+]
 
 
 def _t_cdf(t: float, df: float) -> float:
@@ -81,3 +91,89 @@ def win_rate(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Est
     if a.shape != b.shape:
         raise ValueError(f"win_rate: {a.shape} scores against {b.shape}")
     return mean_ci((a > b) + 0.5 * (a == b), level)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Welch's comparison of two groups (e.g. the final gold score of the seeds of two configs).
+
+    ``diff = mean(a) - mean(b)`` with its two-sided ``level`` interval ``[low, high]``, Welch's
+    ``t`` and Welch-Satterthwaite ``df``, and the two-sided p-value ``p``.
+    """
+
+    a: Estimate
+    b: Estimate
+    diff: float
+    low: float
+    high: float
+    t: float
+    df: float
+    p: float
+    level: float = 0.95
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval of the difference excludes 0 (``p < 1 - level``)."""
+        return self.p < 1.0 - self.level
+
+    def sentence(self, metric: str, name_a: str = "A", name_b: str = "B") -> str:
+        """The comparison as one sentence with its numbers."""
+        verdict = (
+            f"{name_a} is {'higher' if self.diff > 0 else 'lower'}, significant"
+            if self.significant
+            else "not significant"
+        )
+        return (
+            f"{metric}: {name_a} {self.a.mean:.4g} ± {self.a.half_width:.2g} (n={self.a.n}) vs "
+            f"{name_b} {self.b.mean:.4g} ± {self.b.half_width:.2g} (n={self.b.n}); difference "
+            f"{self.diff:+.4g}, {self.level:.0%} CI {self.low:+.4g} to {self.high:+.4g} (Welch "
+            f"t={self.t:.3g}, df={self.df:.3g}, p={self.p:.3g}): {verdict} at the "
+            f"{1 - self.level:.0%} level"
+        )
+
+
+def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Comparison:
+    """Welch's two-sample comparison of the means of ``a`` and ``b`` (unequal variances).
+
+    ``se = sqrt(s_a^2/n_a + s_b^2/n_b)``, ``t = (mean_a - mean_b) / se``, Welch-Satterthwaite
+    ``df = se^4 / ((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1))``, the interval
+    ``diff ± t_{(1+level)/2, df} se`` and the two-sided p-value ``2 P(T_df >= |t|)``
+    (Welch 1947; ``scipy.stats.ttest_ind(equal_var=False)`` computes the same).
+    """
+    x = np.asarray(a, np.float64).reshape(-1)
+    y = np.asarray(b, np.float64).reshape(-1)
+    if x.size < 2 or y.size < 2:
+        raise ValueError(
+            f"welch needs at least 2 values per group (got {x.size} and {y.size}): run more seeds"
+        )
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    diff = float(x.mean() - y.mean())
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # both groups constant: the difference is exact
+        df = float(x.size + y.size - 2)
+        t = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+        p = 1.0 if diff == 0 else 0.0
+        low = high = diff
+    else:
+        df = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1))
+        t = diff / se
+        p = min(1.0, 2.0 * (1.0 - _t_cdf(abs(t), df)))
+        half = t_quantile(0.5 + level / 2.0, df) * se
+        low, high = diff - half, diff + half
+    return Comparison(mean_ci(x, level), mean_ci(y, level), diff, low, high, t, df, p, level)
+
+
+def curve_band(
+    curves: Sequence[Sequence[float]], level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, low, high)`` ``[T]`` of ``curves`` ``[n, T]`` (one row per seed): the pointwise
+    mean and its Student-t interval over the rows (zero width for one row)."""
+    c = np.asarray(curves, np.float64)
+    if c.ndim != 2 or c.shape[0] < 1:
+        raise ValueError(f"curve_band takes [n, T] curves, got shape {c.shape}")
+    est = [mean_ci(c[:, t], level) for t in range(c.shape[1])]
+    return (
+        np.array([e.mean for e in est]),
+        np.array([e.low for e in est]),
+        np.array([e.high for e in est]),
+    )
