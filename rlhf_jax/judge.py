@@ -724,7 +724,7 @@ def read_pairs(path: str, limit: int | None = None) -> list[tuple[str, str, str]
     a malformed row raises a one-line :class:`rlhf_jax.data.formats.DataError`."""
     from rlhf_jax.data import formats
 
-    cfg = formats.DataConfig(kind="preference", max_prompt_length=1)
+    cfg = formats.DataConfig(kind="preference", max_prompt_length=1, max_completion_length=1)
     out = []
     for unit, number, row in formats.read_rows(path):
         try:

@@ -3,6 +3,8 @@ holes equal packed rows, 1 vs 8 devices, and the one-line errors for bad templat
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,3 +283,89 @@ def test_template_file_and_principles_file(tokenizer, tmp_path):
     assert tokenizer.convert_ids_to_tokens(list(t.pieces[0])) == ["<bos>", "Better"]
     with pytest.raises(J.ConfigError, match="no such file"):
         J.build_template(tokenizer, J.JudgeConfig(template_file=str(tmp_path / "nope.txt")))
+
+
+# ------------------------------------------------------------------------------------------
+# Through the pipeline: label.labeller=judge and the judge stage
+
+
+def _stage_inputs(tmp_path, tokenizer):
+    from rlhf_jax.quickstart import policy_config
+
+    a_id, b_id = (tokenizer.convert_tokens_to_ids(w) for w in ("A", "B"))
+    judge_dir = str(tmp_path / "judge")
+    models.save_pretrained(constant_judge(tokenizer, {a_id: 20.0, b_id: -20.0}), judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    policy_dir = str(tmp_path / "policy")
+    tok = toy.load_tokenizer(toy.build_tokenizer(policy_dir))
+    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
+    models.save_pretrained(models.init_model(policy_config(task, tok), 0), policy_dir)
+    prompts = toy.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    return judge_dir, policy_dir, prompts
+
+
+def test_label_and_judge_stages(tmp_path, tokenizer):
+    import dataclasses
+    import json
+
+    from rlhf_jax import pipeline
+    from rlhf_jax.data.formats import DataConfig
+
+    judge_dir, policy_dir, prompts = _stage_inputs(tmp_path, tokenizer)
+    cfg = pipeline.ExperimentConfig(
+        run=pipeline.RunConfig(dir=str(tmp_path / "run"), tensorboard=False, progress=False),
+        parallel=parallel.ParallelConfig(mesh=parallel.MeshConfig(data=1)),
+        label=pipeline.LabelStage(
+            policy=policy_dir,
+            prompts_file=prompts,
+            num_completions=3,
+            labeller="judge",
+            judge=dataclasses.replace(TOY, model=judge_dir),
+            output="pairs",
+            data=DataConfig(kind="prompt", max_prompt_length=4),
+            max_new_tokens=6,
+        ),
+    )
+    pipeline.run_stage(cfg, "label", verbose=False)
+    with open(tmp_path / "run" / "label" / "train.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == len(PROMPTS)
+    # the always-"A" judge: every pair 1/2 after debiasing, so the samples keep their order
+    assert all(r["margin"] == pytest.approx(0.5, abs=1e-6) for r in rows)
+
+    pairs = [
+        {"prompt": p, "chosen": a, "rejected": b} for p, a, b in zip(PROMPTS, A, B, strict=True)
+    ]
+    pairs_file = toy.write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = dataclasses.replace(
+        cfg, judge=J.JudgeStage(**{**_fields(TOY), "model": judge_dir, "pairs_file": pairs_file})
+    )
+    result = pipeline.run_stage(cfg, "judge", verbose=False)
+    report = result.outputs.info
+    assert report["pairs"] == 3
+    assert report["agreement"] == pytest.approx(0.5)
+    assert report["position_consistency"] == 0.0
+    assert os.path.exists(tmp_path / "run" / "judge" / "judged.jsonl")
+
+
+def test_stage_bad_inputs(tmp_path, tokenizer):
+    import dataclasses
+
+    from rlhf_jax import pipeline
+    from rlhf_jax.config import ConfigError
+
+    judge_dir, policy_dir, prompts = _stage_inputs(tmp_path, tokenizer)
+    run = pipeline.RunConfig(dir=str(tmp_path / "run"), tensorboard=False, progress=False)
+    bad = dataclasses.replace(TOY, model=judge_dir, answers=("A", "Maybe"))
+    cfg = pipeline.ExperimentConfig(
+        run=run,
+        label=pipeline.LabelStage(
+            policy=policy_dir, prompts_file=prompts, labeller="judge", judge=bad
+        ),
+    )
+    with pytest.raises(J.JudgeError, match="'Maybe' is not a single token"):
+        pipeline.run_stage(cfg, "label", verbose=False)
+    cfg = dataclasses.replace(cfg, judge=J.JudgeStage(model=judge_dir))
+    with pytest.raises(ConfigError, match="judge.pairs_file is not set"):
+        pipeline.run_stage(cfg, "judge", verbose=False)
+    assert not os.path.exists(tmp_path / "run")  # nothing written
