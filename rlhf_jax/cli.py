@@ -104,6 +104,7 @@ class ExportArgs:
     out_dir: tyro.conf.Positional[Path]  # where the Hugging Face directories are written
     stage: Literal["auto", "ppo", "sft"] = "auto"  # policy source; auto = ppo if it ran, else sft
     reward_model: bool = True  # also export the reward model (OUT_DIR/reward_model) if trained
+    run: int | None = None  # a sweep's run K (<stage>/runs/K/final); None = the stage's final/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,8 @@ class ReportArgs:
     out: Path | None = None  # PNG path; default RUN_DIR/report.png, or ./report.png for several
     metrics: tuple[str, ...] = ()  # plot exactly these metric keys instead of the standard panels
     smooth: float = 0.0  # exponential-moving-average weight in [0, 1) applied to every curve
+    compare: tuple[str, ...] = ()  # a sweep: two configurations (labels or table indices)
+    metric: str | None = None  # a sweep: the compared metric (default eval/win_rate, eval/gold..)
 
 
 _TOOLS = {
@@ -297,7 +300,7 @@ def _evaluate(args: EvaluateArgs) -> int:
 
 def _export(args: ExportArgs) -> int:
     for path in export(
-        args.run_dir, args.out_dir, stage=args.stage, reward_model=args.reward_model
+        args.run_dir, args.out_dir, stage=args.stage, reward_model=args.reward_model, run=args.run
     ):
         print(f"wrote {path}")
     return 0
@@ -308,7 +311,12 @@ def _report(args: ReportArgs) -> int:
 
     try:
         png, table = report(
-            list(args.run_dirs), args.out, metrics=list(args.metrics) or None, smooth=args.smooth
+            list(args.run_dirs),
+            args.out,
+            metrics=list(args.metrics) or None,
+            smooth=args.smooth,
+            compare=list(args.compare) or None,
+            metric=args.metric,
         )
     except (FileNotFoundError, KeyError, ValueError) as err:
         return _fail(str(err).strip("'\""), 1)
@@ -323,13 +331,27 @@ def export(
     *,
     stage: str = "auto",
     reward_model: bool = True,
+    run: int | None = None,
 ) -> list[str]:
     """Copy the run's final policy (and reward model) to ``OUT_DIR/policy`` (and
     ``OUT_DIR/reward_model``): each stage's ``final/`` already is a Hugging Face directory with
-    its tokenizer. ``stage="auto"`` takes PPO's result if PPO ran, else SFT's."""
+    its tokenizer. ``stage="auto"`` takes PPO's result if PPO ran, else SFT's. ``run=K``: run K
+    of a sweep (``<stage>/runs/K/final``; a stage that was not swept gives its ``final/``)."""
+    from rlhf_jax import sweep
+
     run_dir, out_dir = os.fspath(run_dir), os.fspath(out_dir)
 
     def final(name):
+        if run is not None:
+            swept = sweep.load_sweep(os.path.join(run_dir, name))
+            if swept is not None:
+                known = [r["run"] for r in swept["runs"]]
+                if run not in known:
+                    raise UsageError(
+                        f"--run {run}: the {name} sweep in {run_dir} has runs {known[0]}.."
+                        f"{known[-1]}: choose one of them"
+                    )
+                return os.path.join(sweep.run_dir(os.path.join(run_dir, name), run), "final")
         return os.path.join(run_dir, name, pipeline.FINAL_DIR)
 
     if stage == "auto":
