@@ -691,7 +691,8 @@ def prepare(ctx: Any) -> Any:
     data = train
     if not cfg.online and cfg.uses_reference and cfg.reference == "precomputed":
         ctx.say(f"[dpo] reference log-probs of {len(train)} pairs, computed once")
-        data = dict(train.arrays) | precompute_reference(static, frozen, train.arrays)
+        ref = precompute_reference(static, frozen, train.arrays)
+        data = dataclasses.replace(train, arrays=dict(train.arrays) | ref)
         static = dataclasses.replace(static, reference=None)
         frozen = dataclasses.replace(frozen, reference=None)
     batches = ctx.batches(data, cfg.batch_size, "dpo.trainer.batch_size", rename=rename)
