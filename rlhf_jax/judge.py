@@ -73,6 +73,7 @@ __all__ = [
     "Judge",
     "JudgeConfig",
     "JudgeError",
+    "JudgeSource",
     "JudgeStage",
     "Template",
     "assemble",
@@ -81,13 +82,17 @@ __all__ = [
     "agreement_report",
     "judge_scores",
     "last_logits",
+    "load_source",
     "load_judge",
     "pairwise_judgement",
     "prepare_judge",
     "rank_from_preferences",
     "read_pairs",
     "render",
+    "source_config",
     "token_map",
+    "toy_demonstrations",
+    "build_toy_tokenizer",
 ]
 
 MODES = ("pairwise", "pointwise")
@@ -708,6 +713,65 @@ def load_judge(
 
 
 # ------------------------------------------------------------------------------------------
+# The judge as a reward source of rlhf_jax.scoring (direct RLAIF: PPO, GRPO, online DPO)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JudgeSource:
+    """A pointwise judge's expected score of each sampled response, inside the compiled step.
+
+    The :mod:`rlhf_jax.scoring` source protocol: ``__call__(params, rows) -> [N]`` with the
+    judge's parameters as ``params`` (frozen, placed by the sharding rules like a reward model's)
+    and ``rows`` a :class:`rlhf_jax.scoring.Responses`. The template is built with the policy's
+    tokenizer as its source (its ``<bos>``/pad dropped, its ids mapped to the judge's).
+    """
+
+    graphdef: Any
+    template: Template
+    weight: float = 1.0  # w_k of the weighted sum
+    name: str = "judge"  # metric name: score/<name>
+
+    def __call__(self, params: Any, rows: Any) -> jax.Array:
+        return judge_scores(
+            self.graphdef,
+            params,
+            self.template,
+            rows.prompt_tokens,
+            rows.prompt_mask,
+            rows.response_tokens,
+            rows.response_mask,
+        )
+
+
+def source_config(target: str, key: str) -> JudgeConfig:
+    """The judge of a reward-source spec ``judge:<target>``: a YAML file holding a
+    :class:`JudgeConfig` (``mode: pointwise``, ``model``, ``template``, ...), or a model directory
+    (the default pointwise template)."""
+    if target.endswith((".yaml", ".yml")):
+        from rlhf_jax import config as config_lib
+
+        data, sources = config_lib.load_yaml(target)
+        cfg = config_lib.from_dict(JudgeConfig, data, sources=sources)
+    else:
+        cfg = JudgeConfig(model=target or None, mode="pointwise")
+    if cfg.mode != "pointwise":
+        raise ConfigError(
+            f"{key}: judge:{target} is a {cfg.mode} judge; a reward source reads a score: set "
+            "mode: pointwise (and a template with a {response} slot)"
+        )
+    return cfg
+
+
+def load_source(ctx: Any, target: str, weight: float, tokenizer: Any, key: str):
+    """``(JudgeSource, params)`` for ``judge:<target>[@w]`` (:func:`source_config`), checked
+    against the policy's ``tokenizer`` before anything compiles."""
+    cfg = source_config(target, key)
+    jd = load_judge(cfg, source_tokenizer=tokenizer, key=key, load_model=ctx.load_model)
+    return JudgeSource(jd.model.graphdef, jd.template, weight=weight), jd.model.params
+
+
+# ------------------------------------------------------------------------------------------
 # The `judge` stage: label a file of pairs, report the agreement with its labels
 # ------------------------------------------------------------------------------------------
 
@@ -868,3 +932,18 @@ def build_toy_tokenizer(out_dir: str | os.PathLike, *, chat_template: str | None
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+def toy_demonstrations(records: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """SFT rows ``{prompt, completion}`` that teach a toy LM to answer :data:`TOY_PAIRWISE`.
+
+    Each labelled pair ``{prompt, chosen, rejected}`` gives two rows, the chosen response shown
+    first (answer ``"A"``) and second (``"B"``), so the demonstrations carry no position bias.
+    """
+    out = []
+    for r in records:
+        for first, second, answer in ((r["chosen"], r["rejected"], "A"),
+                                      (r["rejected"], r["chosen"], "B")):  # fmt: skip
+            text = TOY_PAIRWISE.format(prompt=r["prompt"], response_a=first, response_b=second)
+            out.append({"prompt": text, "completion": answer})
+    return out

@@ -214,14 +214,16 @@ def score(
 
 def parse_source(spec: str, key: str) -> tuple[str, str, float]:
     """``(kind, target, weight)`` of a reward-source spec ``model:<HF dir>[@w]`` or
-    ``fn:<module:function>[@w]`` (``w`` a number; default 1)."""
+    ``fn:<module:function>[@w]`` or ``judge:<judge YAML or HF dir>[@w]`` (:mod:`rlhf_jax.judge`;
+    ``w`` a number; default 1)."""
     from rlhf_jax.config import ConfigError
 
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("model", "fn") or not rest:
+    if not sep or kind not in ("model", "fn", "judge") or not rest:
         raise ConfigError(
-            f"{key}: {spec!r} is not a reward source: write 'model:<HF directory>' or "
-            "'fn:<module:function>', optionally with '@<weight>' at the end"
+            f"{key}: {spec!r} is not a reward source: write 'model:<HF directory>', "
+            "'fn:<module:function>' or 'judge:<judge YAML or HF directory>', optionally with "
+            "'@<weight>' at the end"
         )
     weight = 1.0
     head, at, tail = rest.rpartition("@")
@@ -256,6 +258,12 @@ def load_sources(
             same_tokenizer(tokenizer, ctx.load_tokenizer(rm_dir, rm), where)
             name = "reward_model"
             source, p = RewardModelSource(rm.graphdef, weight=weight, name=name), rm.params
+        # ---- issue 15 (judge owner): an LM judge's pointwise score, compiled in the step ----
+        elif kind == "judge":
+            from rlhf_jax import judge
+
+            source, p = judge.load_source(ctx, target, weight, tokenizer, f"{key}[{i}]")
+        # ---- end of the judge source ----
         else:
             fn = RewardFunction.load(target, tokenizer)
             pt, pm = prompts.arrays["prompt_tokens"][:4], prompts.arrays["prompt_mask"][:4]

@@ -3,6 +3,7 @@ holes equal packed rows, 1 vs 8 devices, and the one-line errors for bad templat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -369,3 +370,46 @@ def test_stage_bad_inputs(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="judge.pairs_file is not set"):
         pipeline.run_stage(cfg, "judge", verbose=False)
     assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_judge_source_in_compiled_scoring_equals_host(tmp_path, tokenizer):
+    """The judge as a reward source (rlhf_jax.scoring, 'judge:<yaml>'): the policy's token ids
+    (toy tokenizer, <bos> first) scored inside a jitted scoring.score equal the host judge on the
+    decoded texts."""
+    import types
+
+    import yaml
+
+    from rlhf_jax import scoring
+
+    m = _sharp(models.init_model(_config(tokenizer), jax.random.PRNGKey(4)))
+    judge_dir = str(tmp_path / "judge")
+    models.save_pretrained(m, judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    spec = tmp_path / "judge.yaml"
+    spec.write_text(
+        yaml.safe_dump({"model": judge_dir, "mode": "pointwise", "template": J.TOY_POINTWISE})
+    )
+    policy_tok = toy.toy_tokenizer()
+    ctx = types.SimpleNamespace(load_model=models.from_pretrained)
+    _, target, weight = scoring.parse_source(f"judge:{spec}@2", "grpo.rewards")
+    source, params = J.load_source(ctx, target, weight, policy_tok, "grpo.rewards[0]")
+    pt, pm = toy.encode_prompts(policy_tok, PROMPTS)
+    rt, rm = toy.encode_responses(policy_tok, A)
+    rows = scoring.Responses(
+        prompt_tokens=pt,
+        prompt_mask=pm,
+        response_tokens=rt,
+        response_mask=rm,
+        tokens=np.concatenate([pt, rt], 1),
+        mask=np.concatenate([pm, rm], 1),
+    )
+    total, each = jax.jit(lambda p, r: scoring.score((source,), (p,), r))(params, rows)
+    host = _judge(tokenizer, m, dataclasses.replace(TOY_POINT, scores=J.TOY_SCORES))
+    expected = host.scores(PROMPTS, A)
+    np.testing.assert_allclose(each["judge"], expected, rtol=1e-5)
+    np.testing.assert_allclose(total, 2 * expected, rtol=1e-5)
+    assert np.ptp(expected) > 1e-3  # the responses are told apart
+    with pytest.raises(J.ConfigError, match="mode: pointwise"):
+        spec.write_text(yaml.safe_dump({"model": judge_dir}))
+        J.load_source(ctx, str(spec), 1.0, policy_tok, "grpo.rewards[0]")

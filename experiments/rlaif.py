@@ -1,0 +1,215 @@
+"""Distilled RLAIF on the toy task: an LM judge, not the simulated human, labels the comparisons.
+
+    python experiments/rlaif.py                                   # seed 0 into runs/rlaif
+    python experiments/rlaif.py --only judge                      # train and evaluate the judge
+    python experiments/rlaif.py --config experiments/configs/toy-rlaif.yaml \\
+        run.seed=1 run.dir=runs/rlaif-1                           # another seed
+
+1. **A toy judge.** A tiny GPT-2 with the toy words plus the judge's words
+   (:func:`rlhf_jax.judge.build_toy_tokenizer`) learns, through the ``sft`` stage, to answer the
+   template :data:`rlhf_jax.judge.TOY_PAIRWISE` ("Prompt : ... Response A : ... Response B : ...
+   Better :" -> "A" | "B") from ``--judge-pairs`` gold comparisons of SFT-corpus responses, each
+   shown in both orders (:func:`rlhf_jax.judge.toy_demonstrations`). The gold preference labels
+   those demonstrations and evaluates; the policy's pipeline never sees it.
+2. **Its agreement with gold** on held-out pairs: the ``judge`` stage (``rlhf-jax judge``), next to
+   the expected agreement of the simulated human labeller (Bradley-Terry noise at temperature
+   :data:`rlhf_jax.data.toy.LABEL_TEMPERATURE`) on the same pairs.
+3. **Distilled RLAIF**: the quickstart's stages (``sft -> label -> rm -> ppo``, same settings) with
+   ``label.labeller=judge``: the judge ranks the SFT policy's K samples (every pair in both
+   orders), the reward model learns those rankings, PPO optimises it. The report (gold win rate
+   against SFT, KL) is ``<run.dir>/report.md``, as the quickstart's.
+
+Everything is local and offline. Each stage resumes (or is skipped when its ``final/`` exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import judge as J
+from rlhf_jax import models, pipeline, quickstart
+from rlhf_jax.algorithms.sft import SFTConfig
+from rlhf_jax.data import toy
+from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.optim import OptimConfig
+from rlhf_jax.train import LoopConfig
+
+JUDGE_PROMPT_LENGTH = 40  # <bos> + the template's 13 words + a prompt (3) + 2 responses (<= 9)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE settings of the RLAIF pipeline")
+    p.add_argument("--config", default=None, help="a YAML config (experiments/configs/...)")
+    p.add_argument("--only", choices=("judge", "all"), default="all")
+    p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons it learns")
+    p.add_argument("--judge-eval-pairs", type=int, default=1024, help="held-out comparisons")
+    p.add_argument("--judge-steps", type=int, default=1500, help="judge SFT steps")
+    p.add_argument("--judge-hidden", type=int, default=64)
+    p.add_argument("--judge-layers", type=int, default=2)
+    p.add_argument("--judge-lr", type=float, default=3e-3)
+    return p.parse_args(argv)
+
+
+def _final(stage_dir: str) -> str | None:
+    path = os.path.join(stage_dir, pipeline.FINAL_DIR)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _run(cfg, stage: str):
+    t = time.perf_counter()
+    result = pipeline.run_stage(cfg, stage)
+    if result.preempted:
+        sys.exit(3)
+    return result, round(time.perf_counter() - t, 1)
+
+
+def train_judge(cfg: pipeline.ExperimentConfig, args) -> str:
+    """The toy judge (an SFT run in ``<run.dir>/toy_judge``); returns its ``final/``."""
+    seed = cfg.run.seed
+    judge_run = os.path.join(cfg.run.dir, "toy_judge")
+    done = _final(os.path.join(judge_run, "sft"))
+    if done:
+        return done
+    inputs = os.path.join(cfg.run.dir, "inputs", "judge")
+    base = os.path.join(inputs, "base")
+    tokenizer = toy.load_tokenizer(J.build_toy_tokenizer(base))
+    mcfg = models.ModelConfig(
+        arch="gpt2",
+        vocab_size=len(tokenizer),
+        hidden_size=args.judge_hidden,
+        num_layers=args.judge_layers,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=args.judge_hidden // 4,
+        intermediate_size=4 * args.judge_hidden,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    models.save_pretrained(models.init_model(mcfg, jax.random.PRNGKey(seed + 100)), base)
+    gold = toy.preference_records(args.judge_pairs, seed=seed + 30_000, temperature=0.0)
+    held = toy.preference_records(256, seed=seed + 40_000, temperature=0.0)
+    train = toy.write_jsonl(os.path.join(inputs, "train.jsonl"), J.toy_demonstrations(gold))
+    evalf = toy.write_jsonl(os.path.join(inputs, "eval.jsonl"), J.toy_demonstrations(held))
+    steps = args.judge_steps
+    jcfg = dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, dir=judge_run),
+        sft=pipeline.SFTStage(
+            model=base,
+            train_file=train,
+            eval_file=evalf,
+            data=DataConfig(
+                kind="completion", max_prompt_length=JUDGE_PROMPT_LENGTH, max_completion_length=2
+            ),
+            trainer=SFTConfig(
+                optim=OptimConfig(
+                    learning_rate=args.judge_lr,
+                    schedule="cosine",
+                    warmup_steps=50,
+                    decay_steps=steps - 50,
+                    end_lr_ratio=0.05,
+                ),
+                loop=LoopConfig(max_steps=steps, eval_every=max(steps // 5, 1)),
+                batch_size=64,
+            ),
+            eval_size=512,
+            save_every=500,
+        ),
+    )
+    result, sec = _run(jcfg, "sft")
+    print(f"[rlaif] toy judge trained in {sec} s: {result.final}")
+    return result.final
+
+
+def evaluate_judge(cfg: pipeline.ExperimentConfig, judge_dir: str, args) -> dict:
+    """The judge stage on held-out gold pairs, and the simulated human's expected agreement."""
+    seed = cfg.run.seed
+    pairs = toy.preference_records(args.judge_eval_pairs, seed=seed + 50_000, temperature=0.0)
+    path = toy.write_jsonl(os.path.join(cfg.run.dir, "inputs", "judge", "heldout.jsonl"), pairs)
+    jcfg = dataclasses.replace(
+        cfg,
+        judge=J.JudgeStage(
+            model=judge_dir, template=J.TOY_PAIRWISE, batch_size=256, pairs_file=path
+        ),
+    )
+    result, _ = _run(jcfg, "judge")
+    report = dict(result.outputs.info)
+    prompts = [r["prompt"] for r in pairs]
+    diff = toy.gold_scores(prompts, [r["chosen"] for r in pairs]) - toy.gold_scores(
+        prompts, [r["rejected"] for r in pairs]
+    )
+    human = 1.0 / (1.0 + np.exp(-np.abs(diff) / toy.LABEL_TEMPERATURE))
+    report["simulated_human_expected_agreement"] = float(np.where(diff == 0, 0.5, human).mean())
+    print(
+        f"[rlaif] judge agreement with gold on {report['pairs']} held-out pairs: "
+        f"{report['agreement']:.3f} ({report['agreement_low']:.3f}-"
+        f"{report['agreement_high']:.3f}); simulated human (T={toy.LABEL_TEMPERATURE}): "
+        f"{report['simulated_human_expected_agreement']:.3f}"
+    )
+    return report
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    base = quickstart.default_config()
+    base = dataclasses.replace(base, run=dataclasses.replace(base.run, dir="runs/rlaif"))
+    cfg = config_lib.load_config(args.config, list(args.overrides), base=base)
+    t0 = time.perf_counter()
+    cfg = quickstart.prepare(cfg)
+    judge_dir = train_judge(cfg, args)
+    judge_report = evaluate_judge(cfg, judge_dir, args)
+    out = {"judge": judge_report, "judge_dir": judge_dir}
+    if args.only == "all":
+        cfg = dataclasses.replace(
+            cfg,
+            label=dataclasses.replace(
+                cfg.label,
+                labeller="judge",
+                judge=dataclasses.replace(
+                    cfg.label.judge,
+                    model=judge_dir,
+                    template=cfg.label.judge.template
+                    or (None if cfg.label.judge.template_file else J.TOY_PAIRWISE),
+                ),
+            ),
+        )
+        results, seconds = {}, {}
+        for name in quickstart.STAGES:
+            results[name], seconds[name] = _run(cfg, name)
+        seconds["total"] = round(time.perf_counter() - t0, 1)
+        report = quickstart.build_report(cfg, results, seconds)
+        report["judge"] = judge_report
+        report["plot"] = quickstart.plot_ppo(
+            report["ppo_curve"], os.path.join(cfg.run.dir, "ppo_curves.png")
+        )
+        text = quickstart.format_report(report).replace(
+            "# rlhf-jax quickstart", "# rlhf-jax distilled RLAIF (toy judge labels)"
+        )
+        text += (
+            f"\ntoy judge: agreement with gold {judge_report['agreement']:.3f} on "
+            f"{judge_report['pairs']} held-out pairs (simulated human "
+            f"{judge_report['simulated_human_expected_agreement']:.3f})\n"
+        )
+        with open(os.path.join(cfg.run.dir, "report.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+        print(text)
+        out = report
+    with open(os.path.join(cfg.run.dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
