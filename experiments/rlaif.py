@@ -51,7 +51,15 @@ def _parse(argv):
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE settings of the RLAIF pipeline")
     p.add_argument("--config", default=None, help="a YAML config (experiments/configs/...)")
     p.add_argument("--only", choices=("judge", "all"), default="all")
-    p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons it learns")
+    p.add_argument(
+        "--judge-mode",
+        choices=J.MODES,
+        default="pointwise",
+        help="pointwise: the judge rates one response 1..10 (learnt from gold ratings); "
+        "pairwise: it answers A or B (learnt from gold comparisons in both orders)",
+    )
+    p.add_argument("--judge-init", default=None, help="start the judge from this HF directory")
+    p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons (ratings)")
     p.add_argument("--judge-eval-pairs", type=int, default=1024, help="held-out comparisons")
     p.add_argument("--judge-steps", type=int, default=1500, help="judge SFT steps")
     p.add_argument("--judge-hidden", type=int, default=64)
@@ -76,11 +84,11 @@ def _run(cfg, stage: str):
 def train_judge(cfg: pipeline.ExperimentConfig, args) -> str:
     """The toy judge (an SFT run in ``<run.dir>/toy_judge``); returns its ``final/``."""
     seed = cfg.run.seed
-    judge_run = os.path.join(cfg.run.dir, "toy_judge")
+    judge_run = os.path.join(cfg.run.dir, f"toy_judge_{args.judge_mode}")
     done = _final(os.path.join(judge_run, "sft"))
     if done:
         return done
-    inputs = os.path.join(cfg.run.dir, "inputs", "judge")
+    inputs = os.path.join(cfg.run.dir, "inputs", f"judge_{args.judge_mode}")
     base = os.path.join(inputs, "base")
     tokenizer = toy.load_tokenizer(J.build_toy_tokenizer(base))
     mcfg = models.ModelConfig(
@@ -97,11 +105,25 @@ def train_judge(cfg: pipeline.ExperimentConfig, args) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    models.save_pretrained(models.init_model(mcfg, jax.random.PRNGKey(seed + 100)), base)
+    if args.judge_init:
+        base = args.judge_init
+    else:
+        models.save_pretrained(models.init_model(mcfg, jax.random.PRNGKey(seed + 100)), base)
     gold = toy.preference_records(args.judge_pairs, seed=seed + 30_000, temperature=0.0)
     held = toy.preference_records(256, seed=seed + 40_000, temperature=0.0)
-    train = toy.write_jsonl(os.path.join(inputs, "train.jsonl"), J.toy_demonstrations(gold))
-    evalf = toy.write_jsonl(os.path.join(inputs, "eval.jsonl"), J.toy_demonstrations(held))
+    if args.judge_mode == "pairwise":  # each comparison in both orders: answer A, then B
+        train_rows, eval_rows = J.toy_demonstrations(gold), J.toy_demonstrations(held)
+    else:  # both responses of each comparison, rated by their gold score's decile
+        edges = J.toy_score_edges(seed=seed + 60_000)
+
+        def rate(records):
+            prompts = [r["prompt"] for r in records for _ in range(2)]
+            responses = [x for r in records for x in (r["chosen"], r["rejected"])]
+            return J.toy_ratings(prompts, responses, edges)
+
+        train_rows, eval_rows = rate(gold), rate(held)
+    train = toy.write_jsonl(os.path.join(inputs, "train.jsonl"), train_rows)
+    evalf = toy.write_jsonl(os.path.join(inputs, "eval.jsonl"), eval_rows)
     steps = args.judge_steps
     jcfg = dataclasses.replace(
         cfg,
@@ -133,6 +155,17 @@ def train_judge(cfg: pipeline.ExperimentConfig, args) -> str:
     return result.final
 
 
+def _judge_fields(args) -> dict:
+    """The toy judge's JudgeConfig fields (mode, template, score tokens)."""
+    pairwise = args.judge_mode == "pairwise"
+    return dict(
+        mode=args.judge_mode,
+        template=J.TOY_PAIRWISE if pairwise else J.TOY_POINTWISE,
+        scores=J.TOY_SCORES,
+        batch_size=256,
+    )
+
+
 def evaluate_judge(cfg: pipeline.ExperimentConfig, judge_dir: str, args) -> dict:
     """The judge stage on held-out gold pairs, and the simulated human's expected agreement."""
     seed = cfg.run.seed
@@ -140,9 +173,7 @@ def evaluate_judge(cfg: pipeline.ExperimentConfig, judge_dir: str, args) -> dict
     path = toy.write_jsonl(os.path.join(cfg.run.dir, "inputs", "judge", "heldout.jsonl"), pairs)
     jcfg = dataclasses.replace(
         cfg,
-        judge=J.JudgeStage(
-            model=judge_dir, template=J.TOY_PAIRWISE, batch_size=256, pairs_file=path
-        ),
+        judge=J.JudgeStage(**{**_judge_fields(args), "model": judge_dir, "pairs_file": path}),
     )
     result, _ = _run(jcfg, "judge")
     report = dict(result.outputs.info)
@@ -177,12 +208,7 @@ def main(argv=None) -> int:
             label=dataclasses.replace(
                 cfg.label,
                 labeller="judge",
-                judge=dataclasses.replace(
-                    cfg.label.judge,
-                    model=judge_dir,
-                    template=cfg.label.judge.template
-                    or (None if cfg.label.judge.template_file else J.TOY_PAIRWISE),
-                ),
+                judge=J.JudgeConfig(**{**_judge_fields(args), "model": judge_dir}),
             ),
         )
         results, seconds = {}, {}

@@ -92,6 +92,8 @@ __all__ = [
     "source_config",
     "token_map",
     "toy_demonstrations",
+    "toy_ratings",
+    "toy_score_edges",
     "build_toy_tokenizer",
 ]
 
@@ -947,3 +949,29 @@ def toy_demonstrations(records: Sequence[Mapping[str, str]]) -> list[dict[str, s
             text = TOY_PAIRWISE.format(prompt=r["prompt"], response_a=first, response_b=second)
             out.append({"prompt": text, "completion": answer})
     return out
+
+
+def toy_score_edges(n: int = 20_000, seed: int = 0) -> np.ndarray:
+    """The 9 inner deciles of the gold score over ``n`` SFT-corpus responses: score token ``k``
+    ("1".."10") of :func:`toy_ratings` is the ``k``-th tenth of that distribution."""
+    from rlhf_jax.data import toy
+
+    rng = np.random.default_rng(seed)
+    prompts = toy.sample_prompts(n, seed)
+    gold = toy.gold_scores(prompts, [toy.sample_response(rng, p) for p in prompts])
+    return np.quantile(gold, np.linspace(0.1, 0.9, 9))
+
+
+def toy_ratings(
+    prompts: Sequence[str], responses: Sequence[str], edges: np.ndarray
+) -> list[dict[str, str]]:
+    """SFT rows ``{prompt, completion}`` that teach a toy LM to answer :data:`TOY_POINTWISE`:
+    the completion is the gold score's decile ``"1".."10"`` (:func:`toy_score_edges`)."""
+    from rlhf_jax.data import toy
+
+    gold = toy.gold_scores(prompts, responses)
+    score = np.searchsorted(edges, gold, side="right") + 1  # 1..10
+    return [
+        {"prompt": TOY_POINTWISE.format(prompt=p, response=r), "completion": str(int(s))}
+        for p, r, s in zip(prompts, responses, score, strict=True)
+    ]
