@@ -1,0 +1,182 @@
+"""Sweeps through the pipeline: N PPO runs of the toy task in one program equal the same runs
+made one by one; each run has its logs and its final model; a resumed sweep writes what an
+uninterrupted one does; static axes become separate programs; bad keys fail before writing."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import pipeline, quickstart
+from rlhf_jax.cli import main
+from rlhf_jax.data.toy import ToyTask
+from rlhf_jax.logging import read_metrics
+from rlhf_jax.optim import OptimConfig
+from rlhf_jax.sweep import SweepConfig, expand
+from rlhf_jax.train import LoopConfig
+
+r = dataclasses.replace
+SWEEP = SweepConfig(stage="ppo", seeds=(0, 1), grid={"ppo.trainer.kl_coef": (0.05, 0.2)})
+
+
+def _config(run_dir, inputs_cfg, *, max_steps=4, sweep=SWEEP, eval_every=2):
+    """PPO of the tiny random toy LM on the gold reward function (shared critic), 8 prompts."""
+    cfg = inputs_cfg
+    base = os.path.join(cfg.run.dir, "inputs", "base")
+    return r(
+        cfg,
+        run=r(cfg.run, dir=str(run_dir)),
+        ppo=r(
+            cfg.ppo,
+            policy=base,
+            batch_size=8,
+            save_every=2,
+            eval=r(cfg.ppo.eval, size=8, samples_per_prompt=1, log_samples=1),
+            trainer=r(
+                cfg.ppo.trainer,
+                critic="shared",
+                reward_fn="rlhf_jax.data.toy:gold_reward",
+                num_samples=2,
+                num_epochs=1,
+                num_minibatches=2,
+                # Adam eps 1e-3: the one-program and the one-by-one runs agree to rounding
+                # (see tests/test_ppo.py::test_vmap_over_seeds_equals_separate_runs)
+                optim=OptimConfig(learning_rate=3e-3, eps=1e-3),
+                loop=LoopConfig(max_steps=max_steps, eval_every=eval_every),
+            ),
+        ),
+        sweep=sweep,
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    cfg = quickstart.default_config()
+    cfg = r(
+        cfg,
+        run=r(cfg.run, dir=str(tmp_path_factory.mktemp("sweep") / "inputs_run"), progress=False),
+        toy=ToyTask(
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            sft_examples=16,
+            sft_eval_examples=8,
+            rm_prompts=8,
+            rm_eval_prompts=8,
+        ),
+    )
+    return quickstart.prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def swept(inputs, tmp_path_factory):
+    """The sweep, stopped after 2 iterations (as a kill after the checkpoint of step 2 would
+    leave it) and resumed to 4."""
+    run_dir = tmp_path_factory.mktemp("sweep") / "run"
+    pipeline.run_stage(_config(run_dir, inputs, max_steps=2), "ppo", verbose=False)
+    checkpoints = os.listdir(run_dir / "ppo" / "programs" / "0" / "checkpoints")
+    cfg = _config(run_dir, inputs)
+    return cfg, pipeline.run_stage(cfg, "ppo", verbose=False), checkpoints
+
+
+def _strip(records):
+    return [
+        {k: v for k, v in rec.items() if k != "wall_time" and not k.startswith("time/")}
+        for rec in records
+    ]
+
+
+@pytest.mark.slow
+def test_one_program_resumed_equals_the_runs_one_by_one(swept, inputs, tmp_path):
+    cfg, res, checkpoints = swept
+    assert checkpoints == ["2"] and res.result.start_step == 2
+    assert [rr.step for rr in res.runs] == [4, 4, 4, 4]
+    # run 3 = seed 1, beta 0.2 (seeds innermost), made alone without a sweep, uninterrupted
+    alone_cfg = _config(tmp_path / "alone", inputs, sweep=SweepConfig(), eval_every=0)
+    alone_cfg = r(
+        alone_cfg,
+        run=r(alone_cfg.run, seed=1),
+        ppo=r(alone_cfg.ppo, trainer=r(alone_cfg.ppo.trainer, kl_coef=0.2)),
+    )
+    alone = pipeline.run_stage(alone_cfg, "ppo", verbose=False).result
+    swept_history = _strip(read_metrics(os.path.join(cfg.run.dir, "ppo", "runs", "3")))
+    assert len(alone.history) == len(swept_history) == 4
+    for a, b in zip(alone.history, swept_history, strict=True):
+        for key, value in a.items():
+            np.testing.assert_allclose(b[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    # the runs differ: seeds change the rollouts, beta the rewards
+    first = [read_metrics(os.path.join(cfg.run.dir, "ppo", "runs", str(k)))[0] for k in range(4)]
+    assert first[0]["score/mean"] != first[1]["score/mean"]
+    assert first[0]["reward/response"] == first[2]["reward/response"]  # KL is 0 at step 1
+    assert [h["beta"] for h in first] == pytest.approx([0.05, 0.05, 0.2, 0.2])
+
+
+@pytest.mark.slow
+def test_each_run_has_its_logs_model_report_and_export(swept, tmp_path, capsys):
+    cfg, res, _ = swept
+    stage = os.path.join(cfg.run.dir, "ppo")
+    with open(os.path.join(stage, "sweep.json")) as f:
+        record = json.load(f)
+    assert [(x["run"], x["seed"], x["config"]) for x in record["runs"]] == [
+        (0, 0, "trainer.kl_coef=0.05"),
+        (1, 1, "trainer.kl_coef=0.05"),
+        (2, 0, "trainer.kl_coef=0.2"),
+        (3, 1, "trainer.kl_coef=0.2"),
+    ]
+    for k in range(4):
+        run = os.path.join(stage, "runs", str(k))
+        records = read_metrics(run)
+        assert [x["step"] for x in records] == [1, 2, 3, 4]
+        assert [x["step"] for x in records if "eval/gold" in x] == [2, 4]
+        assert _strip(records)[-1]["score/mean"] == pytest.approx(
+            res.runs[k].history[-1]["score/mean"]
+        )
+        assert os.path.isfile(os.path.join(run, "final", "config.json"))
+        assert os.path.getsize(os.path.join(run, "samples.jsonl")) > 0
+    capsys.readouterr()
+    assert (
+        main(["report", cfg.run.dir, "--metric", "eval/gold", "--out", str(tmp_path / "r.png")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "trainer.kl_coef=0.05  2" in out and "Welch" in out and "95% CI" in out
+    assert os.path.getsize(tmp_path / "r.png") > 0
+    assert main(["export", cfg.run.dir, str(tmp_path / "out"), "--run", "2"]) == 0
+    assert os.path.isfile(tmp_path / "out" / "policy" / "config.json")
+    assert main(["export", cfg.run.dir, str(tmp_path / "out"), "--run", "9"]) == 2
+
+
+def test_static_axes_are_programs_one_after_another(inputs, tmp_path):
+    sweep = SweepConfig(
+        stage="ppo",
+        seeds=(3, 4),
+        grid={"ppo.trainer.num_epochs": (1, 2), "ppo.trainer.optim.learning_rate": (1e-3, 1e-2)},
+    )
+    runs = expand(_config(tmp_path / "run", inputs, sweep=sweep), "ppo")
+    assert [(x.program, x.seed) for x in runs] == [(0, 3), (0, 4)] * 2 + [(1, 3), (1, 4)] * 2
+    assert runs[2].label == "trainer.num_epochs=1, trainer.optim.learning_rate=0.01"
+    assert runs[7].cfg.ppo.trainer.num_epochs == 2 and runs[7].cfg.run.seed == 4
+
+
+def test_bad_sweeps_fail_in_one_line_before_anything_is_written(inputs, tmp_path):
+    for grid, match in (
+        ({"ppo.trainer.kl_coeff": (0.1,)}, "is not a config key"),
+        ({"sft.trainer.batch_size": (2,)}, "is not in the ppo section"),
+        ({"ppo.trainer.kl_coef": (-1.0,)}, "kl_coef=-1.0: must be >= 0"),
+    ):
+        cfg = _config(tmp_path / "run", inputs, sweep=SweepConfig(stage="ppo", grid=grid))
+        with pytest.raises(config_lib.ConfigError, match=match):
+            pipeline.run_stage(cfg, "ppo", verbose=False)
+        assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(config_lib.ConfigError, match="different lengths"):
+        config_lib.load_config(
+            None, ["sweep.paired={ppo.trainer.lam: [0.9], ppo.trainer.gamma: [1.0, 0.99]}"]
+        )
+    cfg = config_lib.load_config(
+        None,
+        ["sweep.stage=ppo", "sweep.seeds=[0,1]", "sweep.grid={ppo.trainer.kl_coef: [0.05, 0.1]}"],
+    )
+    assert cfg.sweep.grid == {"ppo.trainer.kl_coef": (0.05, 0.1)}
