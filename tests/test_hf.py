@@ -60,6 +60,21 @@ def test_golden_logits_full_forward(golden):
     np.testing.assert_allclose(out[real], ref["logits"][real], atol=ATOL, rtol=0)
 
 
+def test_golden_logits_through_dot_product_attention(golden):
+    """attention='xla' (jax.nn.dot_product_attention) keeps the numbers: the golden logits, and
+    the einsum formula's within 1e-5."""
+    name, model, ref = golden
+    assert model.config.attention == "auto"
+    dpa = models.from_pretrained(os.path.join(GOLDEN, name), attention="xla")
+    assert dpa.config.attention == "xla"
+    out = np.asarray(_logits(dpa.graphdef, dpa.params, ref["tokens"], ref["attention_mask"]))
+    real = ref["attention_mask"] > 0
+    np.testing.assert_allclose(out[real], ref["logits"][real], atol=ATOL, rtol=0)
+    ein = models.from_pretrained(os.path.join(GOLDEN, name), attention="einsum")
+    want = np.asarray(_logits(ein.graphdef, ein.params, ref["tokens"], ref["attention_mask"]))
+    np.testing.assert_allclose(out[real], want[real], atol=1e-5, rtol=0)
+
+
 def test_golden_logits_prefill_then_cached_decode(golden):
     _, model, ref = golden
     tokens, mask, pos = ref["tokens"], ref["attention_mask"], ref["position_ids"]

@@ -295,6 +295,7 @@ def test_bfloat16_params_and_float32_outputs():
         (dict(dtype="float16"), "dtype"),
         (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
         (dict(sliding_window=0), "sliding_window"),
+        (dict(attention="flash"), "attention"),
         (dict(arch="gpt2", mlp_bias=False), "MLP biases"),
         (dict(hidden_size=15, num_heads=4), "head_dim"),
     ],

@@ -88,7 +88,13 @@ def _get(hf: dict, *names, default=None):
 
 
 def config_from_hf(
-    hf: dict, *, dtype=None, param_dtype=None, scan_unroll: int = 1, source: str = "config.json"
+    hf: dict,
+    *,
+    dtype=None,
+    param_dtype=None,
+    scan_unroll: int = 1,
+    attention: str = "auto",
+    source: str = "config.json",
 ):
     """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 rope keys).
 
@@ -104,7 +110,8 @@ def config_from_hf(
             "of them"
         )
     try:
-        return _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source)
+        config = _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source)
+        return config.replace(attention=attention)
     except KeyError as err:
         raise ModelLoadError(
             f"{source}: key {err.args[0]!r} is missing from this {kind} config: write the "
@@ -445,6 +452,7 @@ def from_pretrained(
     dtype: str | None = None,
     param_dtype: str | None = None,
     scan_unroll: int = 1,
+    attention: str = "auto",
     shardings: Any = None,
     lm_head: bool = True,
     value_head: bool = False,
@@ -458,6 +466,7 @@ def from_pretrained(
       dtype, param_dtype: compute / parameter dtype (``'float32'`` default, or ``'bfloat16'``).
       scan_unroll: layers per iteration of the layer scan (:class:`ModelConfig`; a run-time
         choice, not read from the checkpoint).
+      attention: how attention is computed (:attr:`ModelConfig.attention`; run-time, not saved).
       shardings: where to place each parameter: None (default device), one ``Sharding`` for all,
         a callable ``(path 'layers/attn/q_proj/kernel', shape) -> Sharding``, or a pytree of
         shardings with the params' structure (e.g. ``rlhf_jax.parallel.param_shardings``).
@@ -471,7 +480,12 @@ def from_pretrained(
     """
     hf_cfg, cfg_file = read_hf_config(path)
     config = config_from_hf(
-        hf_cfg, dtype=dtype, param_dtype=param_dtype, scan_unroll=scan_unroll, source=cfg_file
+        hf_cfg,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scan_unroll=scan_unroll,
+        attention=attention,
+        source=cfg_file,
     )
     store = _SafetensorsDir(path)
     heads = dict(lm_head=lm_head, value_head=value_head, score_head=score_head)
