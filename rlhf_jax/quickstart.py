@@ -215,6 +215,7 @@ def run(
     cfg = default_config() if cfg is None else cfg
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
+    pipeline.enable_compile_cache(cfg.run)
     cfg = prepare(cfg)
     results, seconds = {}, {}
     for name in STAGES:
@@ -291,6 +292,11 @@ def build_report(cfg, results: Mapping[str, Any], seconds: Mapping[str, float]) 
         "samples": samples,
         "ppo_curve": curve,
         "seconds": dict(seconds),
+        # the first step of each training stage: compilation (cold), or a cache load (warm)
+        "first_step_seconds": {
+            name: round(results[name].result.first_step_s or 0.0, 2)
+            for name in ("sft", "rm", "ppo")
+        },
     }
 
 
@@ -342,7 +348,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         "",
         f"wall time {sec['total']:.0f} s ("
         + ", ".join(f"{k} {v:.0f}" for k, v in sec.items() if k != "total")
-        + ")",
+        + "); first step (compile, or compilation-cache load) "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in report["first_step_seconds"].items()),
         "reward model held-out accuracy: "
         f"{report['reward_model'].get('eval_accuracy', float('nan')):.3f}",
         "",

@@ -6,6 +6,8 @@ This must run before JAX initialises its backends, so it sets the flags at impor
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile afresh (hermetic); tests/test_compile_cache.py turns the cache on in a subprocess.
+os.environ["RLHF_JAX_COMPILE_CACHE"] = "off"
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
