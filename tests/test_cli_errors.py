@@ -152,3 +152,35 @@ def test_sigterm_during_start_up_exits_3_and_says_nothing_to_resume(files):
 def test_debug_shows_the_traceback(capsys, files):
     with pytest.raises(Exception, match="does not divide"):
         main(_ppo(files, files / "run_dbg", "ppo.trainer.num_minibatches=3", "--debug"))
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(capsys, files):
+    """The reward model must read the policy's token ids: a tokenizer that maps two words the
+    other way round is refused before anything is written."""
+    import json
+    import shutil
+
+    from rlhf_jax import models, quickstart
+    from rlhf_jax.data import toy
+
+    rm_dir = files / "rm_other_tok"
+    tok = toy.load_tokenizer(str(files / "base"))
+    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
+    rm = models.init_model(
+        quickstart.policy_config(task, tok), jax.random.PRNGKey(1), lm_head=False, score_head=True
+    )
+    models.save_pretrained(rm, str(rm_dir))
+    for name in os.listdir(files / "base"):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(files / "base" / name, rm_dir / name)
+    spec = json.loads((rm_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["dog"], vocab["cat"] = vocab["cat"], vocab["dog"]
+    (rm_dir / "tokenizer.json").write_text(json.dumps(spec))
+    run = files / "run_tok"
+    argv = [a for a in _ppo(files, run) if not a.startswith("ppo.trainer.reward_fn")]
+    argv += [f"ppo.reward_model={rm_dir}", "ppo.trainer.critic=separate"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ppo.reward_model: the tokenizers differ" in err and "Traceback" not in err
+    assert not run.exists()
