@@ -180,3 +180,57 @@ def test_bad_sweeps_fail_in_one_line_before_anything_is_written(inputs, tmp_path
         ["sweep.stage=ppo", "sweep.seeds=[0,1]", "sweep.grid={ppo.trainer.kl_coef: [0.05, 0.1]}"],
     )
     assert cfg.sweep.grid == {"ppo.trainer.kl_coef": (0.05, 0.1)}
+
+
+@pytest.mark.slow
+def test_sft_and_reward_model_sweeps(inputs, tmp_path):
+    """SFT: 2 seeds x 2 learning rates in one program; the run of seed 1, lr 3e-3 equals that run
+    made alone. Reward model: 2 seeds in one program (the seed draws the head and the data order)."""
+    cfg = inputs
+    sft = r(
+        cfg.sft,
+        model=os.path.join(cfg.run.dir, "inputs", "base"),
+        eval_size=8,
+        save_every=0,
+        trainer=r(
+            cfg.sft.trainer,
+            batch_size=4,
+            optim=OptimConfig(learning_rate=1e-2),
+            loop=LoopConfig(max_steps=3, eval_every=3),
+        ),
+    )
+    grid = {"sft.trainer.optim.learning_rate": (1e-2, 3e-3)}
+    swept_cfg = r(cfg, run=r(cfg.run, dir=str(tmp_path / "s")), sft=sft,
+                  sweep=SweepConfig(stage="sft", seeds=(0, 1), grid=grid))  # fmt: skip
+    res = pipeline.run_stage(swept_cfg, "sft", verbose=False)
+    alone_sft = r(sft, trainer=r(sft.trainer, optim=OptimConfig(learning_rate=3e-3)))
+    alone_cfg = r(cfg, run=r(cfg.run, dir=str(tmp_path / "a"), seed=1), sft=alone_sft)
+    alone = pipeline.run_stage(alone_cfg, "sft", verbose=False).result
+    for a, b in zip(alone.history, res.runs[3].history, strict=True):
+        for key in ("loss", "token_accuracy", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert res.runs[0].history[0]["loss"] != res.runs[1].history[0]["loss"]  # data order
+    assert [rr.history[0]["lr"] for rr in res.runs] == pytest.approx([1e-2, 1e-2, 3e-3, 3e-3])
+    assert os.path.isfile(tmp_path / "s" / "sft" / "runs" / "3" / "final" / "config.json")
+
+    with open(os.path.join(cfg.run.dir, "inputs", "sft_train.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:16]
+    rankings = tmp_path / "rankings.jsonl"
+    with open(rankings, "w") as f:
+        for i, row in enumerate(rows):
+            group = [rows[(i + j) % len(rows)]["completion"] for j in range(4)]
+            f.write(json.dumps({"prompt": row["prompt"], "completions": group}) + "\n")
+    rm = r(
+        cfg.rm,
+        model=sft.model,
+        train_file=str(rankings),
+        save_every=0,
+        trainer=r(cfg.rm.trainer, batch_size=4, normalize=False, loop=LoopConfig(max_steps=2)),
+    )
+    rm_cfg = r(cfg, run=r(cfg.run, dir=str(tmp_path / "rm")), rm=rm,
+               sweep=SweepConfig(stage="rm", seeds=(0, 1)))  # fmt: skip
+    res = pipeline.run_stage(rm_cfg, "rm", verbose=False)
+    assert [rr.step for rr in res.runs] == [2, 2]
+    assert res.runs[0].history[0]["loss"] != res.runs[1].history[0]["loss"]
+    for k in range(2):
+        assert os.path.isfile(tmp_path / "rm" / "rm" / "runs" / str(k) / "final" / "config.json")
