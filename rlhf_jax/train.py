@@ -354,6 +354,8 @@ def run_loop(
                 reasons = list(axis["stop_reason"])
                 last = [int(x) for x in axis["steps"]]
             for lg in loggers:
+                if lg is not None and hasattr(lg, "truncate_to"):
+                    lg.truncate_to(start)  # the step restored (a damaged newer one may lower it)
                 _write(lg, f"resumed from the checkpoint of step {start}")
     kept = None  # a copy of the stacked state holding the stopped runs (made at the first stop)
     if runs is not None and not active.all():
