@@ -418,9 +418,8 @@ def test_dry_run_of_the_shard_map_step():
 
 def test_parallel_imports_no_trainer_and_no_memory():
     """The layering: ``rlhf_jax.parallel`` imports neither ``rlhf_jax.algorithms`` nor
-    ``rlhf_jax.memory``, the trainers do not import ``rlhf_jax.memory``; the transitional
-    ``parallel.dry_run`` / ``parallel.format_memory_table`` resolve to ``rlhf_jax.memory``
-    only when asked for."""
+    ``rlhf_jax.memory``, the trainers do not import ``rlhf_jax.memory``, and the memory names
+    live only in ``rlhf_jax.memory``."""
     code = (
         "import sys\n"
         "import rlhf_jax.parallel\n"
@@ -428,9 +427,8 @@ def test_parallel_imports_no_trainer_and_no_memory():
         "assert not loaded('rlhf_jax.algorithms') and not loaded('rlhf_jax.memory'), sys.modules\n"
         "import rlhf_jax.algorithms.ppo, rlhf_jax.algorithms.reward_model, rlhf_jax.algorithms.sft\n"
         "assert not loaded('rlhf_jax.memory')\n"
-        "from rlhf_jax import memory, parallel\n"
-        "assert parallel.dry_run is memory.dry_run\n"
-        "assert parallel.format_memory_table is memory.format_memory_table\n"
+        "from rlhf_jax import parallel\n"
+        "assert not hasattr(parallel, 'dry_run') and not hasattr(parallel, 'format_memory_table')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

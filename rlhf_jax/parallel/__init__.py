@@ -19,15 +19,9 @@ Every trainer (``rlhf_jax.algorithms``) runs on a mesh through that one path: st
 rules, step compiled once by :func:`jit_step`, gradients by :func:`accumulate`, batches by
 :func:`shard_batches`. Memory before running (compile a step from abstract shapes) is
 :mod:`rlhf_jax.memory`, which sits above the trainers; nothing here imports it.
-
-``parallel.dry_run`` and ``parallel.format_memory_table`` still resolve (lazily, to
-:mod:`rlhf_jax.memory`) for callers not yet switched to ``rlhf_jax.memory``; they go away once
-``cli.py`` uses ``memory.*``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from rlhf_jax.parallel.mesh import (
     AXES,
@@ -127,15 +121,3 @@ __all__ = [
     "shard_batch",
     "shard_batches",
 ]
-
-# Transitional: the memory / dry-run names moved to rlhf_jax.memory (which imports the trainers,
-# so it cannot be imported here). Remove once cli.py calls memory.dry_run/format_memory_table.
-_MOVED_TO_MEMORY = ("dry_run", "format_memory_table")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_MEMORY:
-        from rlhf_jax import memory
-
-        return getattr(memory, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
