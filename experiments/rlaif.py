@@ -2,7 +2,7 @@
 
     python experiments/rlaif.py                                   # seed 0 into runs/rlaif
     python experiments/rlaif.py --only judge                      # train and evaluate the judge
-    python experiments/rlaif.py --config experiments/configs/toy-rlaif.yaml \\
+    python experiments/rlaif.py --config experiments/configs/rlaif-toy.yaml \\
         run.seed=1 run.dir=runs/rlaif-1                           # another seed
 
 1. **A toy judge.** A tiny GPT-2 with the toy words plus the judge's words
@@ -198,7 +198,9 @@ def main(argv=None) -> int:
     base = dataclasses.replace(base, run=dataclasses.replace(base.run, dir="runs/rlaif"))
     cfg = config_lib.load_config(args.config, list(args.overrides), base=base)
     t0 = time.perf_counter()
-    cfg = quickstart.prepare(cfg)
+    cfg = quickstart.prepare(cfg)  # the toy inputs under <run.dir>/inputs
+    label_file = os.path.join(cfg.run.stage_dir("label"), "train.jsonl")
+    cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train_file=label_file))
     judge_dir = train_judge(cfg, args)
     judge_report = evaluate_judge(cfg, judge_dir, args)
     out = {"judge": judge_report, "judge_dir": judge_dir}
