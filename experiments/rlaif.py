@@ -59,6 +59,7 @@ def _parse(argv):
         "pairwise: it answers A or B (learnt from gold comparisons in both orders)",
     )
     p.add_argument("--judge-init", default=None, help="start the judge from this HF directory")
+    p.add_argument("--judge", default=None, help="use this trained judge (no judge training)")
     p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons (ratings)")
     p.add_argument("--judge-eval-pairs", type=int, default=1024, help="held-out comparisons")
     p.add_argument("--judge-steps", type=int, default=1500, help="judge SFT steps")
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     cfg = quickstart.prepare(cfg)  # the toy inputs under <run.dir>/inputs
     label_file = os.path.join(cfg.run.stage_dir("label"), "train.jsonl")
     cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train_file=label_file))
-    judge_dir = train_judge(cfg, args)
+    judge_dir = args.judge or train_judge(cfg, args)
     judge_report = evaluate_judge(cfg, judge_dir, args)
     out = {"judge": judge_report, "judge_dir": judge_dir}
     if args.only == "all":
