@@ -1,7 +1,8 @@
 """Regenerate the golden fixtures of tests/test_hf.py with transformers + PyTorch.
 
 For each family (GPT-2, Llama with GQA and llama3 rope_scaling, Qwen2, Qwen3; Llama with YaRN
-rope scaling and q/k/v/o and MLP biases; Mistral with a sliding window shorter than the batch)
+rope scaling and q/k/v/o and MLP biases; Mistral with a sliding window shorter than the batch;
+Phi-3 with fused projections, partial rotary and a sliding window)
 this builds a tiny random model with ``transformers`` (seeded), saves it as safetensors under
 ``tests/fixtures/golden/<name>/`` and stores the reference float32 logits of a left-padded batch
 in ``reference.npz`` (tokens, attention_mask, position_ids, logits). Position ids follow the
@@ -28,7 +29,14 @@ T = 12
 
 
 def configs():
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     llama_like = dict(
         vocab_size=VOCAB,
@@ -85,6 +93,17 @@ def configs():
         ),
         # a window of 5 < the 12 tokens of the batch: the mask matters
         "mistral": MistralConfig(**llama_like, tie_word_embeddings=False, sliding_window=5),
+        # fused qkv_proj / gate_up_proj, RoPE on 3/4 of each head (Phi-4-mini), sliding window
+        "phi3": Phi3Config(
+            **{k: v for k, v in llama_like.items() if k != "head_dim"},
+            tie_word_embeddings=False,
+            sliding_window=7,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+            },
+        ),
     }
 
 

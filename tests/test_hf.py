@@ -20,7 +20,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelLoadError, hf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral", "phi3")
 ARCH_OF = {"llama_yarn": "llama"}  # fixture name -> model_type
 ATOL = 1e-4
 
@@ -48,7 +48,8 @@ def test_config_read(golden):
     assert cfg.qk_norm == (name == "qwen3")
     assert cfg.tie_word_embeddings == (name in ("gpt2", "qwen3"))
     assert cfg.mlp_bias == (name in ("gpt2", "llama_yarn"))
-    assert cfg.sliding_window == (5 if name == "mistral" else None)
+    assert cfg.sliding_window == {"mistral": 5, "phi3": 7}.get(name)
+    assert cfg.partial_rotary_factor == (0.75 if name == "phi3" else 1.0)
     if name in ("llama", "llama_yarn"):
         assert dict(cfg.rope_scaling)["rope_type"] == {"llama": "llama3"}.get(name, "yarn")
 

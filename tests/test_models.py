@@ -26,6 +26,7 @@ ARCH_KW = {
         },
     ),
     "mistral": dict(num_kv_heads=2, sliding_window=3),  # the window cuts the 8-token rows
+    "phi3": dict(num_kv_heads=2, head_dim=8, partial_rotary_factor=0.5),
     "qwen2": dict(num_kv_heads=2),
     "qwen3": dict(num_kv_heads=1, head_dim=8),
 }
@@ -296,6 +297,7 @@ def test_bfloat16_params_and_float32_outputs():
         (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
         (dict(sliding_window=0), "sliding_window"),
         (dict(attention="flash"), "attention"),
+        (dict(partial_rotary_factor=0.3), "even number of rotated dims"),
         (dict(arch="gpt2", mlp_bias=False), "MLP biases"),
         (dict(hidden_size=15, num_heads=4), "head_dim"),
     ],

@@ -21,7 +21,7 @@ layouts).
 Tensor names (``{i}`` the layer; ``W`` = ``.weight``, Linear weights are ``[out, in]`` and are
 transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
 
-    ours                       gpt2 (transformer.)             llama/mistral/qwen2/qwen3 (model.)
+    ours                       gpt2 (transformer.)             llama, mistral, qwen2/3 (model.)
     embed                      wte.W                           embed_tokens.W
     pos_embed                  wpe.W                           -
     attn_norm                  h.{i}.ln_1.{W,bias}             layers.{i}.input_layernorm.W
@@ -35,6 +35,9 @@ transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
     final_norm                 ln_f                            norm
     lm_head                    lm_head.W (absent when tied)    lm_head.W
     score_head                 score.W                         score.W
+
+Phi-3 is the Llama layout with two fused Linear weights: ``self_attn.qkv_proj`` (rows: q, then k,
+then v) and ``mlp.gate_up_proj`` (rows: gate, then up), split on load and re-fused on save.
 """
 
 from __future__ import annotations
@@ -59,11 +62,12 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
 _ARCH_CLASS = {
     "gpt2": "GPT2",
     "llama": "Llama",
     "mistral": "Mistral",
+    "phi3": "Phi3",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
 }
@@ -160,7 +164,7 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
     if mlp_bias and kind != "llama":
         raise ModelLoadError(f"{source}: mlp_bias=true: only the llama layout has MLP biases")
     window = None
-    if kind == "mistral":
+    if kind in ("mistral", "phi3"):
         window = hf.get("sliding_window")
     elif hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise ModelLoadError(
@@ -169,6 +173,11 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         )
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    partial = float(rope.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0 and kind != "phi3":
+        raise ModelLoadError(
+            f"{source}: partial_rotary_factor={partial}: only phi3 rotates part of each head here"
+        )
     scaling = rope or hf.get("rope_scaling")
     heads = hf["num_attention_heads"]
     if kind == "qwen2":
@@ -192,6 +201,7 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         qk_norm=kind == "qwen3",
         mlp_bias=mlp_bias,
         sliding_window=window,
+        partial_rotary_factor=partial,
         **common,
     )
 
@@ -228,6 +238,10 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
         rope = {"rope_type": "default", "rope_theta": c.rope_theta}
         if c.rope_scaling is not None:
             rope = {**dict(c.rope_scaling), "rope_theta": c.rope_theta}
+        if c.partial_rotary_factor != 1.0 and c.arch != "phi3":
+            raise ValueError(f"{c.arch}: partial_rotary_factor is a phi3 option")
+        if c.arch == "phi3":
+            rope["partial_rotary_factor"] = c.partial_rotary_factor
         out.update(
             hidden_size=c.hidden_size,
             num_hidden_layers=c.num_layers,
@@ -243,18 +257,20 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
         )
         if c.arch == "qwen2" and not c.attention_bias:
             raise ValueError("qwen2 always has q/k/v biases: save this model as arch='llama'")
-        if c.arch == "mistral" and c.attention_bias:
-            raise ValueError("mistral has no q/k/v biases: save this model as arch='llama'")
+        if c.arch in ("mistral", "phi3") and c.attention_bias:
+            raise ValueError(f"{c.arch} has no q/k/v biases: save this model as arch='llama'")
         if c.arch in ("llama", "qwen3"):
             out["attention_bias"] = bool(c.attention_bias)
         if c.mlp_bias and c.arch != "llama":
             raise ValueError(f"{c.arch} has no MLP biases: save this model as arch='llama'")
         if c.arch == "llama":
             out["mlp_bias"] = bool(c.mlp_bias)
-        if c.sliding_window is not None and c.arch != "mistral":
-            raise ValueError(f"{c.arch}: sliding_window is a mistral option")
-        if c.arch == "mistral":
+        if c.sliding_window is not None and c.arch not in ("mistral", "phi3"):
+            raise ValueError(f"{c.arch}: sliding_window is a mistral / phi3 option")
+        if c.arch in ("mistral", "phi3"):
             out["sliding_window"] = c.sliding_window
+        if c.arch == "phi3" and (c.attention_bias or c.mlp_bias):
+            raise ValueError("phi3 has no biases: save this model as arch='llama'")
         if c.arch in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
     out.update(
@@ -274,10 +290,13 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
 
 
 def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
-    """``(top, per_layer)``: our path -> (HF name, how) with how in {'T', 'id', 'q', 'k', 'v'}.
+    """``(top, per_layer)``: our path -> (HF name, how), how one of 'T', 'id', 'q', 'k', 'v' or
+    ``("rows", lo, hi, total)``.
 
     'T' transposes a Linear ``[out, in]`` weight; 'q'/'k'/'v' take a third of GPT-2's fused
-    ``c_attn`` along its last axis. Per-layer names hold ``{i}``.
+    ``c_attn`` along its last axis; ``("rows", lo, hi, total)`` takes rows ``lo:hi`` of a fused
+    Linear ``[total, in]`` weight (Phi-3's ``qkv_proj`` and ``gate_up_proj``) and transposes
+    them. Per-layer names hold ``{i}``.
     """
     if config.arch == "gpt2":
         top = {
@@ -320,6 +339,19 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
     for name in ("gate_proj", "up_proj", "down_proj"):
         per[("mlp", name, "kernel")] = (h + f"mlp.{name}.weight", "T")
         per[("mlp", name, "bias")] = (h + f"mlp.{name}.bias", "id")
+    if config.arch == "phi3":  # fused qkv_proj [(H + 2 Hkv) Dh, D], gate_up_proj [2F, D]
+        q, kv, f = (
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+            config.intermediate_size,
+        )
+        qkv = h + "self_attn.qkv_proj.weight"
+        per[("attn", "q_proj", "kernel")] = (qkv, ("rows", 0, q, q + 2 * kv))
+        per[("attn", "k_proj", "kernel")] = (qkv, ("rows", q, q + kv, q + 2 * kv))
+        per[("attn", "v_proj", "kernel")] = (qkv, ("rows", q + kv, q + 2 * kv, q + 2 * kv))
+        gate_up = h + "mlp.gate_up_proj.weight"
+        per[("mlp", "gate_proj", "kernel")] = (gate_up, ("rows", 0, f, 2 * f))
+        per[("mlp", "up_proj", "kernel")] = (gate_up, ("rows", f, 2 * f, 2 * f))
     return top, per
 
 
@@ -570,8 +602,11 @@ def _base_prefix(store: _SafetensorsDir, config: ModelConfig, path: str) -> str:
     )
 
 
-def _transform(x: np.ndarray, how: str, name: str, expected: tuple, path: str) -> np.ndarray:
-    if how == "T":
+def _transform(x: np.ndarray, how, name: str, expected: tuple, path: str) -> np.ndarray:
+    if isinstance(how, tuple):  # ("rows", lo, hi, total) of a fused Linear weight
+        _, lo, hi, total = how
+        want = (total, expected[0])
+    elif how == "T":
         want = tuple(reversed(expected))
     elif how in "qkv":
         want = expected[:-1] + (3 * expected[-1],)
@@ -582,6 +617,8 @@ def _transform(x: np.ndarray, how: str, name: str, expected: tuple, path: str) -
             f"{path}: tensor {name} has shape {tuple(x.shape)}, expected {want}: config.json "
             "does not match the weights; use the config.json saved with them"
         )
+    if isinstance(how, tuple):
+        return x[how[1] : how[2]].T
     if how == "T":
         return x.T
     if how in "qkv":
@@ -641,7 +678,7 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
         if ours in flat:
             x = flat[ours]
             add(base + name, x.shape, x.dtype, lambda x=x: np.asarray(x))
-    fused = {}
+    fused, fused_rows = {}, {}
     for ours, (name, how) in per.items():
         full = ("layers",) + ours
         if full not in flat:
@@ -649,6 +686,9 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
         x = flat[full]
         for i in range(config.num_layers):
             hf = base + name.format(i=i)
+            if isinstance(how, tuple):  # a row block of a fused Linear weight
+                fused_rows.setdefault(hf, []).append((how[1], x, i))
+                continue
             if how in "qkv":
                 fused.setdefault(hf, {})[how] = (x, i)
                 continue
@@ -667,6 +707,15 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
             return np.concatenate([np.asarray(parts[c][0][parts[c][1]]) for c in "qkv"], -1)
 
         add(hf, shape, xq.dtype, make)
+    for hf, parts in fused_rows.items():
+        parts.sort(key=lambda part: part[0])
+        x0 = parts[0][1]
+        shape = (sum(p[1].shape[-1] for p in parts), x0.shape[-2])
+
+        def make(parts=parts):
+            return np.concatenate([np.asarray(x[i]).T for _, x, i in parts], 0)
+
+        add(hf, shape, x0.dtype, make)
     if module.has_lm_head and not config.tie_word_embeddings:
         x = flat[("lm_head", "kernel")]
         add("lm_head.weight", x.shape[::-1], x.dtype, lambda x=x: np.asarray(x).T)

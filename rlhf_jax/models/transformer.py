@@ -9,12 +9,15 @@ arch          positions   norm       MLP           q/k/v bias  o bias      extra
 ``llama``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  GQA, rope_scaling,
                                                                           MLP biases (option)
 ``mistral``   RoPE        RMSNorm    SwiGLU        no         no          GQA, sliding window
+``phi3``      RoPE        RMSNorm    SwiGLU        no         no          GQA, sliding window,
+                                                                          partial rotary
 ``qwen2``     RoPE        RMSNorm    SwiGLU        yes        no          GQA
 ``qwen3``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  per-head q/k RMSNorm
 ============  ==========  =========  ============  =========  ==========  ==============
 
 The formulas follow the Hugging Face ``transformers`` implementations (``modeling_gpt2.py``,
-``modeling_llama.py``, ``modeling_mistral.py``, ``modeling_qwen2.py``, ``modeling_qwen3.py``);
+``modeling_llama.py``, ``modeling_mistral.py``, ``modeling_phi3.py``, ``modeling_qwen2.py``,
+``modeling_qwen3.py``);
 the golden tests check the logits against them to 1e-4. ``rope_scaling`` covers ``linear``,
 ``llama3`` and ``yarn``.
 
@@ -61,7 +64,7 @@ from flax import nnx
 
 from rlhf_jax.models.heads import ScoreHead, ValueHead
 
-ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
@@ -83,7 +86,7 @@ class ModelConfig:
     Fields left ``None`` take the family default of ``arch`` in ``__post_init__``.
     """
 
-    arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'qwen2' | 'qwen3'
+    arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'phi3' | 'qwen2' | 'qwen3'
     vocab_size: int = 256  # V
     hidden_size: int = 64  # D
     num_layers: int = 2  # L
@@ -94,7 +97,9 @@ class ModelConfig:
     max_position_embeddings: int = 2048  # learned positions (gpt2) / rope_scaling reference
     norm_eps: float | None = None  # 1e-5 (gpt2 LayerNorm), 1e-6 (RMSNorm families)
     rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: Any = None  # None or a mapping {'rope_type': 'linear'|'llama3', ...}
+    rope_scaling: Any = None  # None or a mapping {'rope_type': 'linear'|'llama3'|'yarn', ...}
+    # RoPE rotates the first int(head_dim * partial_rotary_factor) dims of each head (Phi-3/4)
+    partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool | None = None  # default True for gpt2, False otherwise
     attention_bias: bool | None = None  # q/k/v bias: True for gpt2/qwen2, False for llama/qwen3
     qk_norm: bool | None = None  # per-head RMSNorm of q and k: True for qwen3
@@ -158,8 +163,15 @@ class ModelConfig:
             put("head_dim", self.hidden_size // self.num_heads)
         if gpt2 and self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError("ModelConfig: gpt2 needs head_dim * num_heads == hidden_size")
-        if not gpt2 and self.head_dim % 2:
-            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(
+                f"ModelConfig.partial_rotary_factor={self.partial_rotary_factor}: must be in (0, 1]"
+            )
+        if not gpt2 and self.rotary_dim % 2:
+            raise ValueError(
+                f"ModelConfig: RoPE needs an even number of rotated dims, got {self.rotary_dim} "
+                f"(head_dim={self.head_dim}, partial_rotary_factor={self.partial_rotary_factor})"
+            )
         if self.intermediate_size is None:
             put("intermediate_size", 4 * self.hidden_size if gpt2 else 8 * self.hidden_size // 3)
         if self.norm_eps is None:
@@ -191,6 +203,11 @@ class ModelConfig:
             scaling.pop("type", None)
             scaling.pop("rope_theta", None)
             put("rope_scaling", None if kind == "default" else _freeze(scaling))
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of a head that RoPE rotates (the first ones): ``int(Dh * factor)``."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def compute_dtype(self):
@@ -227,7 +244,7 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
     ``original_max_position_embeddings`` (floored/ceiled unless ``truncate`` is false); the
     angles' cos and sin are also scaled by :func:`rope_attention_scaling`.
     """
-    dh = config.head_dim
+    dh = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     if config.rope_scaling is None:
         return inv
@@ -256,7 +273,7 @@ def _yarn_factor(config: ModelConfig, s: dict) -> tuple[float, float]:
 
 
 def _yarn_inv_freq(config: ModelConfig, s: dict, inv: jax.Array) -> jax.Array:
-    dh, base = config.head_dim, config.rope_theta
+    dh, base = config.rotary_dim, config.rope_theta
     factor, orig = _yarn_factor(config, s)
     beta_fast = float(s.get("beta_fast") or 32)
     beta_slow = float(s.get("beta_slow") or 1)
@@ -299,12 +316,17 @@ def rope_attention_scaling(config: ModelConfig) -> float:
 def apply_rope(
     x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scaling: float = 1.0
 ) -> jax.Array:
-    """Rotate ``x: [B, T, N, Dh]`` by angles ``positions [B, T] x inv_freq [Dh/2]``.
+    """Rotate ``x: [B, T, N, Dh]`` by angles ``positions [B, T] x inv_freq [R/2]``.
 
     The non-interleaved ("rotate_half") layout of transformers Llama:
     ``x * cos + rotate_half(x) * sin`` with ``cos = concat(cos(a), cos(a))``, cos and sin times
-    ``scaling`` (:func:`rope_attention_scaling`). Computed in float32.
+    ``scaling`` (:func:`rope_attention_scaling`). Only the first ``R`` dims rotate (partial
+    rotary, ``R < Dh``); the rest pass through. Computed in float32.
     """
+    rot = 2 * inv_freq.shape[-1]
+    if rot < x.shape[-1]:
+        head, rest = x[..., :rot], x[..., rot:]
+        return jnp.concatenate([apply_rope(head, positions, inv_freq, scaling), rest], -1)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]  # [B, T, 1, Dh]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
