@@ -649,7 +649,8 @@ class Judge:
 
         Pairwise: every pair ``i < j`` is judged (both orders), ``prefs[n, i, j] = P(i > j)``,
         ``prefs[n, j, i] = 1 - P(i > j)``, ranked by :func:`rank_from_preferences`. Pointwise: by
-        the expected score, ``prefs[n, i, j] = 1`` if ``i`` scores higher (1/2 on a tie).
+        the expected score, ``prefs[n, i, j] = sigmoid(s_i - s_j)`` (Bradley-Terry on the
+        expected scores, as the judge stage reads a pointwise judge).
         """
         k = len(groups[0]) if groups else 0
         if any(len(g) != k for g in groups):
@@ -659,8 +660,11 @@ class Judge:
         if self.template.mode == "pointwise":
             flat = [r for g in groups for r in g]
             s = self.scores([p for p in prompts for _ in range(k)], flat).reshape(n, k)
-            prefs = (s[:, :, None] > s[:, None, :]) + 0.5 * (s[:, :, None] == s[:, None, :])
-            return rank_from_preferences(prefs), prefs.astype(np.float64)
+            s = s.astype(np.float64)
+            orders = [
+                list(np.lexsort((np.arange(k), -row))) for row in s
+            ]  # by score, ties by index
+            return orders, 1.0 / (1.0 + np.exp(s[:, None, :] - s[:, :, None]))
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
         p_rows = [prompts[m] for m in range(n) for _ in pairs]
         a_rows = [groups[m][i] for m in range(n) for i, _ in pairs]

@@ -413,3 +413,12 @@ def test_judge_source_in_compiled_scoring_equals_host(tmp_path, tokenizer):
     with pytest.raises(J.ConfigError, match="mode: pointwise"):
         spec.write_text(yaml.safe_dump({"model": judge_dir}))
         J.load_source(ctx, str(spec), 1.0, policy_tok, "grpo.rewards[0]")
+
+
+def test_pointwise_rank_orders_by_score(tokenizer, monkeypatch):
+    jd = _judge(tokenizer, constant_judge(tokenizer, {}), TOY_POINT)
+    monkeypatch.setattr(jd, "scores", lambda p, r: np.array([2.0, 5.0, 2.0, 9.0, 1.0, 3.0]))
+    orders, prefs = jd.rank(PROMPTS[:2], [A, B])
+    assert orders == [[1, 0, 2], [0, 2, 1]]
+    np.testing.assert_allclose(prefs[0, 1, 0], 1 / (1 + np.exp(-3.0)))
+    np.testing.assert_allclose(prefs[0, 0, 2], 0.5)
