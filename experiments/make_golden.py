@@ -2,7 +2,8 @@
 
 For each family (GPT-2, Llama with GQA and llama3 rope_scaling, Qwen2, Qwen3; Llama with YaRN
 rope scaling and q/k/v/o and MLP biases; Mistral with a sliding window shorter than the batch;
-Phi-3 with fused projections, partial rotary and a sliding window)
+Phi-3 with fused projections, partial rotary and a sliding window; Gemma 2 and Gemma 3 with
+local/global layers)
 this builds a tiny random model with ``transformers`` (seeded), saves it as safetensors under
 ``tests/fixtures/golden/<name>/`` and stores the reference float32 logits of a left-padded batch
 in ``reference.npz`` (tokens, attention_mask, position_ids, logits). Position ids follow the
@@ -30,6 +31,8 @@ T = 12
 
 def configs():
     from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
         GPT2Config,
         LlamaConfig,
         MistralConfig,
@@ -102,6 +105,29 @@ def configs():
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "partial_rotary_factor": 0.75,
+            },
+        ),
+        # soft-capped scores and logits, sandwich norms, sqrt(D) embeddings, GeGLU, local (window
+        # 4) / global layers, query_pre_attn_scalar != head_dim
+        "gemma2": Gemma2Config(
+            **llama_like,
+            tie_word_embeddings=True,
+            sliding_window=4,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        # + per-head q/k norms, its own RoPE base on the local layers, linear scaling on global
+        "gemma3": Gemma3TextConfig(
+            **llama_like,
+            tie_word_embeddings=True,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             },
         ),
     }

@@ -20,7 +20,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelLoadError, hf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral", "phi3")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral", "phi3", "gemma2", "gemma3")
 ARCH_OF = {"llama_yarn": "llama"}  # fixture name -> model_type
 ATOL = 1e-4
 
@@ -45,10 +45,16 @@ def test_config_read(golden):
     assert cfg.arch == ARCH_OF.get(name, name) and cfg.num_layers == 2 and cfg.vocab_size == 96
     if name != "gpt2":
         assert cfg.num_kv_heads == 2 and cfg.head_dim == 8
-    assert cfg.qk_norm == (name == "qwen3")
-    assert cfg.tie_word_embeddings == (name in ("gpt2", "qwen3"))
+    assert cfg.qk_norm == (name in ("qwen3", "gemma3"))
+    assert cfg.tie_word_embeddings == (name in ("gpt2", "qwen3", "gemma2", "gemma3"))
     assert cfg.mlp_bias == (name in ("gpt2", "llama_yarn"))
-    assert cfg.sliding_window == {"mistral": 5, "phi3": 7}.get(name)
+    assert cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 4, "gemma3": 4}.get(name)
+    if name.startswith("gemma"):
+        assert cfg.layer_types == ("sliding_attention", "full_attention")
+        assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (
+            (5.0, 3.0) if name == "gemma2" else (None, None)
+        )
+        assert cfg.rope_local_theta == (100.0 if name == "gemma3" else None)
     assert cfg.partial_rotary_factor == (0.75 if name == "phi3" else 1.0)
     if name in ("llama", "llama_yarn"):
         assert dict(cfg.rope_scaling)["rope_type"] == {"llama": "llama3"}.get(name, "yarn")

@@ -27,6 +27,20 @@ ARCH_KW = {
     ),
     "mistral": dict(num_kv_heads=2, sliding_window=3),  # the window cuts the 8-token rows
     "phi3": dict(num_kv_heads=2, head_dim=8, partial_rotary_factor=0.5),
+    "gemma2": dict(
+        num_kv_heads=2,
+        sliding_window=3,
+        layer_types=("sliding_attention", "full_attention"),
+        attn_logit_softcap=2.0,
+        final_logit_softcap=3.0,
+        query_pre_attn_scalar=6.0,
+    ),
+    "gemma3": dict(
+        num_kv_heads=1,
+        sliding_window=3,
+        layer_types=("full_attention", "sliding_attention"),
+        rope_local_theta=100.0,
+    ),
     "qwen2": dict(num_kv_heads=2),
     "qwen3": dict(num_kv_heads=1, head_dim=8),
 }
@@ -298,6 +312,8 @@ def test_bfloat16_params_and_float32_outputs():
         (dict(sliding_window=0), "sliding_window"),
         (dict(attention="flash"), "attention"),
         (dict(partial_rotary_factor=0.3), "even number of rotated dims"),
+        (dict(layer_types=("full_attention",)), "layer_types"),
+        (dict(num_layers=1, layer_types=("sliding_attention",)), "sliding_window"),
         (dict(arch="gpt2", mlp_bias=False), "MLP biases"),
         (dict(hidden_size=15, num_heads=4), "head_dim"),
     ],

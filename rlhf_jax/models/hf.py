@@ -36,6 +36,8 @@ transposed, GPT-2 ``Conv1D`` weights are ``[in, out]`` and are not)::
     lm_head                    lm_head.W (absent when tied)    lm_head.W
     score_head                 score.W                         score.W
 
+Gemma 2/3 name the norms input_layernorm (attn_norm), post_attention_layernorm (post_attn_norm),
+pre_feedforward_layernorm (mlp_norm) and post_feedforward_layernorm (post_mlp_norm).
 Phi-3 is the Llama layout with two fused Linear weights: ``self_attn.qkv_proj`` (rows: q, then k,
 then v) and ``mlp.gate_up_proj`` (rows: gate, then up), split on load and re-fused on save.
 """
@@ -58,16 +60,29 @@ from flax import nnx
 from rlhf_jax.errors import UserError, first_line
 from rlhf_jax.models.apply import Model
 from rlhf_jax.models.heads import ScoreHead
-from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.models.transformer import GEMMA, ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+)
+_ARCH_OF_TYPE = {"gemma3_text": "gemma3"}  # model_type -> ModelConfig.arch where they differ
+_TYPE_OF_ARCH = {v: k for k, v in _ARCH_OF_TYPE.items()}
 _ARCH_CLASS = {
     "gpt2": "GPT2",
     "llama": "Llama",
     "mistral": "Mistral",
     "phi3": "Phi3",
+    "gemma2": "Gemma2",
+    "gemma3": "Gemma3",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
 }
@@ -129,7 +144,7 @@ def config_from_hf(
 
 def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
     common = dict(
-        arch=kind,
+        arch=_ARCH_OF_TYPE.get(kind, kind),
         dtype=dtype or "float32",
         param_dtype=param_dtype or "float32",
         scan_unroll=scan_unroll,
@@ -155,16 +170,18 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             **common,
         )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    gemma = kind in ("gemma2", "gemma3_text")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
         raise ModelLoadError(
-            f"{source}: hidden_act {act!r}: the Llama family here uses silu (SwiGLU)"
+            f"{source}: hidden activation {act!r}: {kind} here uses "
+            + ("gelu_pytorch_tanh (GeGLU)" if gemma else "silu (SwiGLU)")
         )
     mlp_bias = bool(hf.get("mlp_bias", False))
     if mlp_bias and kind != "llama":
         raise ModelLoadError(f"{source}: mlp_bias=true: only the llama layout has MLP biases")
     window = None
-    if kind in ("mistral", "phi3"):
+    if kind in ("mistral", "phi3") or gemma:
         window = hf.get("sliding_window")
     elif hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise ModelLoadError(
@@ -172,6 +189,13 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
             "set it to false to load the model with full attention"
         )
     rope = dict(hf.get("rope_parameters") or {})
+    local_theta = None
+    if "full_attention" in rope:  # per-layer-type RoPE (Gemma 3)
+        local = dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{source}: sliding layers' rope_type must be 'default'")
+        local_theta = local.get("rope_theta") or hf.get("rope_local_base_freq")
+        rope = dict(rope["full_attention"])
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     partial = float(rope.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0 and kind != "phi3":
@@ -196,14 +220,36 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=scaling or None,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
         attention_bias=bias,
-        qk_norm=kind == "qwen3",
+        qk_norm=kind in ("qwen3", "gemma3_text"),
         mlp_bias=mlp_bias,
         sliding_window=window,
         partial_rotary_factor=partial,
+        **(_gemma_fields(hf, kind, local_theta, source) if gemma else {}),
         **common,
     )
+
+
+def _gemma_fields(hf: dict, kind: str, local_theta, source: str) -> dict:
+    if hf.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{source}: use_bidirectional_attention=true is not supported")
+    types = hf.get("layer_types")
+    if types is None:  # transformers' default patterns
+        n = hf["num_hidden_layers"]
+        every = hf.get("sliding_window_pattern") or (2 if kind == "gemma2" else 6)
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    return dict(
+        layer_types=tuple(types),
+        rope_local_theta=None if local_theta is None else float(local_theta),
+        attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+    )
+
+
+def _layer_types(c: ModelConfig) -> tuple:
+    return tuple("sliding_attention" if s else "full_attention" for s in c.layer_sliding())
 
 
 def _first(token_id):
@@ -216,11 +262,15 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
     """The transformers ``config.json`` dict of ``config`` (rope keys of transformers 5)."""
     c = config
     cls = _ARCH_CLASS[c.arch] + (
-        "ForSequenceClassification"
+        ("TextForSequenceClassification" if c.arch == "gemma3" else "ForSequenceClassification")
         if sequence_classification
         else ("LMHeadModel" if c.arch == "gpt2" else "ForCausalLM")
     )
-    out: dict[str, Any] = {"architectures": [cls], "model_type": c.arch, "vocab_size": c.vocab_size}
+    out: dict[str, Any] = {
+        "architectures": [cls],
+        "model_type": _TYPE_OF_ARCH.get(c.arch, c.arch),
+        "vocab_size": c.vocab_size,
+    }
     if c.arch == "gpt2":
         out.update(
             n_embd=c.hidden_size,
@@ -265,10 +315,40 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
             raise ValueError(f"{c.arch} has no MLP biases: save this model as arch='llama'")
         if c.arch == "llama":
             out["mlp_bias"] = bool(c.mlp_bias)
-        if c.sliding_window is not None and c.arch not in ("mistral", "phi3"):
-            raise ValueError(f"{c.arch}: sliding_window is a mistral / phi3 option")
-        if c.arch in ("mistral", "phi3"):
+        if c.sliding_window is not None and c.arch not in ("mistral", "phi3", *GEMMA):
+            raise ValueError(f"{c.arch}: sliding_window is a mistral / phi3 / gemma option")
+        if c.arch in ("mistral", "phi3", *GEMMA):
             out["sliding_window"] = c.sliding_window
+        gemma_only = dict(
+            layer_types=c.layer_types,
+            rope_local_theta=c.rope_local_theta,
+            attn_logit_softcap=c.attn_logit_softcap,
+            final_logit_softcap=c.final_logit_softcap,
+            query_pre_attn_scalar=c.query_pre_attn_scalar,
+        )
+        if not c.gemma and any(v is not None for v in gemma_only.values()):
+            raise ValueError(f"{c.arch}: {sorted(k for k, v in gemma_only.items() if v)} are gemma")
+        if c.gemma:
+            if c.mlp_bias or c.attention_bias:
+                raise ValueError(f"{c.arch} has no biases")
+            out.pop("hidden_act")
+            out.update(
+                hidden_activation="gelu_pytorch_tanh",
+                attention_bias=False,
+                layer_types=list(_layer_types(c)),
+                query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+                attn_logit_softcapping=c.attn_logit_softcap,
+                final_logit_softcapping=c.final_logit_softcap,
+            )
+            if c.arch == "gemma3":
+                local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+                out["rope_parameters"] = {
+                    "full_attention": rope,
+                    "sliding_attention": {"rope_type": "default", "rope_theta": local},
+                }
+                out["use_bidirectional_attention"] = False
+            elif c.rope_local_theta is not None:
+                raise ValueError("gemma2 has one RoPE base: rope_local_theta is gemma3's")
         if c.arch == "phi3" and (c.attention_bias or c.mlp_bias):
             raise ValueError("phi3 has no biases: save this model as arch='llama'")
         if c.arch in ("qwen2", "qwen3"):
@@ -339,6 +419,10 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
     for name in ("gate_proj", "up_proj", "down_proj"):
         per[("mlp", name, "kernel")] = (h + f"mlp.{name}.weight", "T")
         per[("mlp", name, "bias")] = (h + f"mlp.{name}.bias", "id")
+    if config.gemma:  # sandwich norms
+        per[("mlp_norm", "scale")] = (h + "pre_feedforward_layernorm.weight", "id")
+        per[("post_attn_norm", "scale")] = (h + "post_attention_layernorm.weight", "id")
+        per[("post_mlp_norm", "scale")] = (h + "post_feedforward_layernorm.weight", "id")
     if config.arch == "phi3":  # fused qkv_proj [(H + 2 Hkv) Dh, D], gate_up_proj [2F, D]
         q, kv, f = (
             config.num_heads * config.head_dim,

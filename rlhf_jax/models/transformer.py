@@ -11,15 +11,24 @@ arch          positions   norm       MLP           q/k/v bias  o bias      extra
 ``mistral``   RoPE        RMSNorm    SwiGLU        no         no          GQA, sliding window
 ``phi3``      RoPE        RMSNorm    SwiGLU        no         no          GQA, sliding window,
                                                                           partial rotary
+``gemma2``    RoPE        RMSNorm    GeGLU         no         no          see below
+``gemma3``    RoPE        RMSNorm    GeGLU         no         no          see below, q/k norm
 ``qwen2``     RoPE        RMSNorm    SwiGLU        yes        no          GQA
 ``qwen3``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  per-head q/k RMSNorm
 ============  ==========  =========  ============  =========  ==========  ==============
 
 The formulas follow the Hugging Face ``transformers`` implementations (``modeling_gpt2.py``,
 ``modeling_llama.py``, ``modeling_mistral.py``, ``modeling_phi3.py``, ``modeling_qwen2.py``,
-``modeling_qwen3.py``);
+``modeling_qwen3.py``, ``modeling_gemma2.py``, ``modeling_gemma3.py``);
 the golden tests check the logits against them to 1e-4. ``rope_scaling`` covers ``linear``,
 ``llama3`` and ``yarn``.
+
+Gemma 2/3: RMSNorm ``(1 + scale)`` in float32, a norm on the attention and on the MLP output
+before each residual add (sandwich), embeddings times ``sqrt(D)``, tied LM head, scores scaled by
+``query_pre_attn_scalar ** -0.5``, alternating local (sliding-window) and global layers
+(``layer_types``); Gemma 2 soft-caps attention scores and final logits (``cap * tanh(x / cap)``),
+Gemma 3 gives local layers their own RoPE base (``rope_local_theta``; ``rope_scaling`` applies to
+the global ones). YaRN's attention factor is applied on every layer.
 
 One forward: a layer is computed by one function, :func:`block`, on a dict of its weights. The
 ``nnx`` modules hold the parameters (their names below) and the training forward runs
@@ -39,6 +48,7 @@ Parameter names (the sharding rules of :mod:`rlhf_jax.parallel` match on these p
     layers/attn/q_norm/scale           [L, Dh]       Qwen3 only
     layers/attn/k_norm/scale           [L, Dh]       Qwen3 only
     layers/mlp_norm/{scale,bias}       [L, D]
+    layers/post_{attn,mlp}_norm/scale  [L, D]        Gemma only (sandwich norms)
     layers/mlp/gate_proj/{kernel,bias} [L, D, F]     SwiGLU only (bias: mlp_bias)
     layers/mlp/up_proj/{kernel,bias}   [L, D, F]     GPT-2 ``c_fc``
     layers/mlp/down_proj/{kernel,bias} [L, F, D]     GPT-2 ``mlp.c_proj``
@@ -64,7 +74,9 @@ from flax import nnx
 
 from rlhf_jax.models.heads import ScoreHead, ValueHead
 
-ARCHS = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
+ARCHS = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
@@ -86,7 +98,7 @@ class ModelConfig:
     Fields left ``None`` take the family default of ``arch`` in ``__post_init__``.
     """
 
-    arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'phi3' | 'qwen2' | 'qwen3'
+    arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'phi3' | 'qwen2' | 'qwen3' | 'gemma2/3'
     vocab_size: int = 256  # V
     hidden_size: int = 64  # D
     num_layers: int = 2  # L
@@ -107,6 +119,13 @@ class ModelConfig:
     # Sliding-window attention (Mistral): a query attends to itself and the previous
     # sliding_window - 1 slots; None = full causal attention.
     sliding_window: int | None = None
+    # Per-layer 'full_attention' | 'sliding_attention' (Gemma's alternating local/global
+    # layers); None = every layer is sliding if sliding_window is set, else full.
+    layer_types: Any = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None = same
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None = Dh
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     param_dtype: str = "float32"  # parameter dtype: 'float32' | 'bfloat16'
     bos_token_id: int | None = None
@@ -177,13 +196,23 @@ class ModelConfig:
         if self.norm_eps is None:
             put("norm_eps", 1e-5 if gpt2 else 1e-6)
         if self.tie_word_embeddings is None:
-            put("tie_word_embeddings", gpt2)
+            put("tie_word_embeddings", gpt2 or self.arch in GEMMA)
         if self.attention_bias is None:
             put("attention_bias", self.arch in ("gpt2", "qwen2"))
         if self.qk_norm is None:
-            put("qk_norm", self.arch == "qwen3")
+            put("qk_norm", self.arch in ("qwen3", "gemma3"))
         if self.mlp_bias is None:
             put("mlp_bias", gpt2)
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            if len(types) != self.num_layers or not set(types) <= set(LAYER_TYPES):
+                raise ValueError(
+                    f"ModelConfig.layer_types={types}: one of {LAYER_TYPES} per layer "
+                    f"({self.num_layers})"
+                )
+            if "sliding_attention" in types and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types has sliding layers: set sliding_window")
+            put("layer_types", types)
         if gpt2 and (self.qk_norm or not self.attention_bias or not self.mlp_bias):
             raise ValueError("ModelConfig: gpt2 has q/k/v and MLP biases and no qk_norm")
         if self.sliding_window is not None and int(self.sliding_window) <= 0:
@@ -203,6 +232,18 @@ class ModelConfig:
             scaling.pop("type", None)
             scaling.pop("rope_theta", None)
             put("rope_scaling", None if kind == "default" else _freeze(scaling))
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's conventions: RMSNorm ``(1 + scale)`` in float32, sandwich norms (a norm after
+        the attention and after the MLP), embeddings times ``sqrt(D)``, GeGLU (tanh GELU)."""
+        return self.arch in GEMMA
+
+    def layer_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it use the sliding window?"""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @property
     def rotary_dim(self) -> int:
@@ -346,24 +387,33 @@ class Norm(nnx.Module):
     """LayerNorm (``bias=True``, GPT-2) or RMSNorm (Llama): statistics in float32.
 
     RMSNorm: ``scale * (x / sqrt(mean(x^2) + eps))`` (transformers ``LlamaRMSNorm``, which casts
-    the normalised value back to the input dtype before the scale).
+    the normalised value back to the input dtype before the scale). Gemma (``plus_one``):
+    ``(1 + scale) * (x / sqrt(mean(x^2) + eps))`` all in float32, then cast (``GemmaRMSNorm``;
+    ``scale`` starts at 0).
     """
 
-    def __init__(self, size: int, eps: float, *, layer_norm: bool, param_dtype, dtype):
+    def __init__(
+        self, size: int, eps: float, *, layer_norm: bool, param_dtype, dtype, plus_one=False
+    ):
         self.eps = eps
         self.layer_norm = layer_norm
+        self.plus_one = plus_one
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((size,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((size,), param_dtype)) if layer_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = self.bias[...] if self.layer_norm else None
-        return _norm_fn(x, self.scale[...], bias, self.eps, self.dtype)
+        return _norm_fn(x, self.scale[...], bias, self.eps, self.dtype, self.plus_one)
 
 
-def _norm_fn(x, scale, bias, eps, dtype):
+def _norm_fn(x, scale, bias, eps, dtype, plus_one=False):
     """:class:`Norm` as a function: LayerNorm when ``bias`` is given, else RMSNorm."""
     xf = x.astype(jnp.float32)
+    if plus_one:
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
     if bias is not None:
         xf = xf - jnp.mean(xf, -1, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
@@ -392,6 +442,7 @@ def _norm(cfg: ModelConfig, size: int) -> Norm:
         layer_norm=cfg.arch == "gpt2",
         param_dtype=cfg.weight_dtype,
         dtype=cfg.compute_dtype,
+        plus_one=cfg.gemma,
     )
 
 
@@ -435,6 +486,9 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.gemma:  # sandwich norms: on the attention and MLP outputs, before the residual
+            self.post_attn_norm = _norm(cfg, cfg.hidden_size)
+            self.post_mlp_norm = _norm(cfg, cfg.hidden_size)
 
     def weights(self) -> dict:
         """This block's parameters as the weight dict :func:`block` reads (unfused)."""
@@ -460,6 +514,11 @@ class Block(nnx.Module):
             w["gate"] = lin(mlp.gate_proj)
         if self.cfg.qk_norm:
             w["q_norm"], w["k_norm"] = norm(att.q_norm), norm(att.k_norm)
+        if self.cfg.gemma:
+            w["post_attn_norm"], w["post_mlp_norm"] = (
+                norm(self.post_attn_norm),
+                norm(self.post_mlp_norm),
+            )
         return w
 
     def __call__(self, x, positions, allowed, inv_freq, cache, index, *, heads_first=False):
@@ -496,7 +555,7 @@ def _dense(x, w, dtype):
 
 
 def _norm_w(cfg: ModelConfig, x, w):
-    return _norm_fn(x, w["scale"], w.get("bias"), cfg.norm_eps, cfg.compute_dtype)
+    return _norm_fn(x, w["scale"], w.get("bias"), cfg.norm_eps, cfg.compute_dtype, cfg.gemma)
 
 
 def embed(cfg: ModelConfig, table, pos_table, tokens, positions):
@@ -505,6 +564,8 @@ def embed(cfg: ModelConfig, table, pos_table, tokens, positions):
     x = jnp.take(table.astype(cdt), tokens, axis=0)
     if pos_table is not None:
         x = x + jnp.take(pos_table.astype(cdt), positions, axis=0)
+    if cfg.gemma:  # transformers: times sqrt(D) rounded to the parameter dtype
+        x = x * jnp.asarray(cfg.hidden_size**0.5, table.dtype).astype(cdt)
     return x.astype(cdt)
 
 
@@ -512,23 +573,45 @@ def lm_logits(cfg: ModelConfig, table, lm_head, hidden):
     """``[..., D] -> [..., V]`` float32 logits: ``h @ lm_head``, or ``h @ embed.T`` when tied."""
     if cfg.tie_word_embeddings:
         w = table.astype(hidden.dtype)
-        return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
-    w = lm_head.astype(hidden.dtype)
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+        out = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    else:
+        w = lm_head.astype(hidden.dtype)
+        out = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:
+        cap = cfg.final_logit_softcap
+        out = jnp.tanh(out / cap) * cap
+    return out
 
 
-def attention_mask(cfg: ModelConfig, kv_mask, index, t: int):
+def attention_mask(cfg: ModelConfig, kv_mask, index, t: int, sliding: bool | None = None):
     """``[B, t, S]`` bool: query ``i`` (slot ``index + i``) may attend to slot ``j`` iff
     ``j <= index + i`` and ``kv_mask[:, j] == 1`` (and, with a ``sliding_window`` W,
     ``j > index + i - W``: slots, not positions; they differ only by the left padding, which no
-    query attends to)."""
+    query attends to). ``sliding`` picks the window per layer (default: every layer has it
+    when ``sliding_window`` is set and ``layer_types`` is not)."""
     s = kv_mask.shape[1]
     qpos = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [t]
     slots = jnp.arange(s, dtype=jnp.int32)
     causal = slots[None, :] <= qpos[:, None]  # [t, S]
-    if cfg.sliding_window is not None:  # transformers' sliding_window_overlay: j > i - window
+    if sliding is None:
+        sliding = cfg.sliding_window is not None and cfg.layer_types is None
+    if sliding:  # transformers' sliding_window_overlay: j > i - window
         causal &= slots[None, :] > qpos[:, None] - cfg.sliding_window
     return causal[None] & (kv_mask[:, None, :] > 0)
+
+
+def layer_inputs(cfg: ModelConfig, kv_mask, index, t: int) -> dict:
+    """``{sliding: (attention_mask [B, t, S], rope inv_freq or None)}`` for each kind of layer
+    the model has (``cfg.layer_sliding()``): sliding layers get the window and, with
+    ``rope_local_theta`` (Gemma 3), their own RoPE base without ``rope_scaling``."""
+    out = {}
+    for sliding in sorted(set(cfg.layer_sliding())):
+        rope_cfg = cfg
+        if sliding and cfg.rope_local_theta is not None:
+            rope_cfg = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)
+        inv_freq = rope_inv_freq(rope_cfg) if cfg.arch != "gpt2" else None
+        out[sliding] = (attention_mask(cfg, kv_mask, index, t, sliding), inv_freq)
+    return out
 
 
 def _project_qkv(cfg: ModelConfig, w, y):
@@ -551,7 +634,8 @@ def _mlp(cfg: ModelConfig, w, y):
         gate, up = jnp.split(_dense(y, w["gate_up"], cdt), 2, axis=-1)
     else:
         gate, up = _dense(y, w["gate"], cdt), _dense(y, w["up"], cdt)
-    return _dense(jax.nn.silu(gate) * up, w["down"], cdt)
+    act = jax.nn.gelu(gate, approximate=True) if cfg.gemma else jax.nn.silu(gate)  # GeGLU
+    return _dense(act * up, w["down"], cdt)
 
 
 def _attend(cfg: ModelConfig, q, keys, vals, allowed, heads_first: bool):
@@ -570,12 +654,14 @@ def _attend(cfg: ModelConfig, q, keys, vals, allowed, heads_first: bool):
     impl = cfg.attention
     if impl == "auto":
         impl = "einsum" if jax.default_backend() == "cpu" else None
-    if not heads_first and impl != "einsum":
+    scale = (cfg.query_pre_attn_scalar or q.shape[-1]) ** -0.5
+    if not heads_first and impl != "einsum" and cfg.attn_logit_softcap is None:
         return jax.nn.dot_product_attention(
             q,
             keys.astype(q.dtype),
             vals.astype(q.dtype),
             mask=allowed[:, None],  # [B, 1, t, S]: the same for every head
+            scale=scale,
             implementation=impl,
         )
     b, t, h, dh = q.shape
@@ -584,7 +670,10 @@ def _attend(cfg: ModelConfig, q, keys, vals, allowed, heads_first: bool):
     qg = q.reshape(b, t, hkv, h // hkv, dh)
     att = jnp.einsum(
         f"btkgd,{kv}->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32
-    ) / math.sqrt(dh)  # [B, Hkv, G, t, S]
+    )  # [B, Hkv, G, t, S]
+    att = att / math.sqrt(dh) if cfg.query_pre_attn_scalar is None else att * scale
+    if cfg.attn_logit_softcap is not None:  # Gemma 2, before the mask
+        att = jnp.tanh(att / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     att = jnp.where(allowed[:, None, None], att, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(att, axis=-1).astype(q.dtype)
     out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, vals.astype(q.dtype))
@@ -643,9 +732,14 @@ def block(
         new_cache = (keys, vals)
     out = _attend(cfg, q, keys, vals, allowed, heads_first)
     b, t = x.shape[:2]
-    x = x + _dense(out.reshape(b, t, -1), w["o"], cfg.compute_dtype)
-    x = x + _mlp(cfg, w, _norm_w(cfg, x, w["mlp_norm"]))
-    return x, new_cache
+    a = _dense(out.reshape(b, t, -1), w["o"], cfg.compute_dtype)
+    if cfg.gemma:
+        a = _norm_w(cfg, a, w["post_attn_norm"])
+    x = x + a
+    m = _mlp(cfg, w, _norm_w(cfg, x, w["mlp_norm"]))
+    if cfg.gemma:
+        m = _norm_w(cfg, m, w["post_mlp_norm"])
+    return x + m, new_cache
 
 
 def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -727,20 +821,27 @@ class Transformer(nnx.Module):
         chex.assert_rank([tokens, positions, kv_mask], 2)
         pos_table = self.pos_embed.embedding[...] if cfg.arch == "gpt2" else None
         x = embed(cfg, self.embed.embedding[...], pos_table, tokens, positions)
-        inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
-        allowed = attention_mask(cfg, kv_mask, index, tokens.shape[1])  # [B, t, S]
+        per_kind = layer_inputs(cfg, kv_mask, index, tokens.shape[1])  # {sliding: (mask, freq)}
+        sliding = cfg.layer_sliding()
         layer_def, layer_state = nnx.split(self.layers)
 
         def body(h, xs):
-            state, ck, cv = xs
+            state, ck, cv, flag = xs
+            if flag is None:  # every layer alike
+                allowed, inv_freq = per_kind[sliding[0]]
+            else:  # Gemma's alternating local/global layers: pick this layer's mask and RoPE
+                allowed, inv_freq = jax.tree.map(
+                    lambda a, b: jnp.where(flag, a, b), per_kind[True], per_kind[False]
+                )
             layer = nnx.merge(layer_def, state)
             h, kv = layer(h, positions, allowed, inv_freq, None if ck is None else (ck, cv), index)
             return h, (None, None) if kv is None else kv
 
+        flags = jnp.asarray(sliding) if len(per_kind) > 1 else None
         if cache is None:
-            xs = (layer_state, None, None)
+            xs = (layer_state, None, None, flags)
         else:
-            xs = (layer_state, cache["k"], cache["v"])
+            xs = (layer_state, cache["k"], cache["v"], flags)
         x, (ks, vs) = jax.lax.scan(body, x, xs, unroll=min(cfg.scan_unroll, cfg.num_layers))
         new_cache = None if cache is None else {"k": ks, "v": vs}
         return self.final_norm(x), new_cache
@@ -871,10 +972,10 @@ def decode_step(
     """
     cfg = config
     x = embed(cfg, weights["embed"], weights["pos_embed"], tokens, positions)
-    inv_freq = rope_inv_freq(cfg) if cfg.arch != "gpt2" else None
-    allowed = attention_mask(cfg, kv_mask, index, tokens.shape[1])
+    per_kind = layer_inputs(cfg, kv_mask, index, tokens.shape[1])
     new_cache = []
-    for w, kv in zip(weights["layers"], cache, strict=True):
+    for w, kv, sliding in zip(weights["layers"], cache, cfg.layer_sliding(), strict=True):
+        allowed, inv_freq = per_kind[sliding]
         x, kv = block(cfg, w, x, positions, allowed, inv_freq, kv, index, heads_first=True)
         new_cache.append(kv)
     return _norm_w(cfg, x, weights["final_norm"]), tuple(new_cache)
