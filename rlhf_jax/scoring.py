@@ -247,10 +247,9 @@ def load_sources(
     from rlhf_jax.reward_fn import RewardFunction
     from rlhf_jax.stages import same_tokenizer
 
-    specs = tuple(specs) or ("model:",)
+    parsed = [parse_source(spec, key) for spec in specs] or [("model", "", 1.0)]  # rm/final
     sources, params, names = [], [], set()
-    for i, spec in enumerate(specs):
-        kind, target, weight = parse_source(spec, key)
+    for i, (kind, target, weight) in enumerate(parsed):
         if kind == "model":
             where = f"{key}[{i}]"
             rm_dir = ctx.model_dir(target or None, where, "rm")

@@ -382,3 +382,19 @@ def test_stage_errors(files, tmp_path):
             _config(files, tmp_path / "y", "grpo.trainer.num_minibatches=3"), "grpo", verbose=False
         )
     assert not os.path.exists(tmp_path / "x" / "grpo") and not os.path.exists(tmp_path / "y")
+
+
+def test_reward_source_specs():
+    from rlhf_jax.config import ConfigError
+
+    assert scoring.parse_source("fn:pkg.mod:f@0.5", "k") == ("fn", "pkg.mod:f", 0.5)
+    assert scoring.parse_source("model:runs/x/rm/final", "k") == ("model", "runs/x/rm/final", 1.0)
+    with pytest.raises(ConfigError, match="weight after '@' must be a number"):
+        scoring.parse_source("fn:m:f@heavy", "k")
+
+    class Ctx:  # no sources given: this run's rm/final is looked up
+        def model_dir(self, value, key, default_stage):
+            raise ConfigError(f"{key} {value} {default_stage}")
+
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\] None rm"):
+        scoring.load_sources(Ctx(), (), "grpo.rewards", None, None)
