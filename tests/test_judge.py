@@ -422,3 +422,23 @@ def test_pointwise_rank_orders_by_score(tokenizer, monkeypatch):
     assert orders == [[1, 0, 2], [0, 2, 1]]
     np.testing.assert_allclose(prefs[0, 1, 0], 1 / (1 + np.exp(-3.0)))
     np.testing.assert_allclose(prefs[0, 0, 2], 0.5)
+
+
+def test_read_pairs(tmp_path):
+    from rlhf_jax.data.formats import DataError
+
+    good = toy.write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "a dog is", "chosen": "a pet .", "rejected": "rusty ."},
+            {"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]},
+        ],
+    )  # fmt: skip
+    assert J.read_pairs(good) == [("a dog is", "a pet .", "rusty ."), ("hi", "yes", "no")]
+    assert len(J.read_pairs(good, limit=1)) == 1
+    bad = toy.write_jsonl(tmp_path / "b.jsonl", [{"prompt": "a dog is", "chosen": "a pet ."}])
+    with pytest.raises(DataError, match=r"b.jsonl, line 1, field 'rejected'") as err:
+        J.read_pairs(bad)
+    assert "\n" not in str(err.value)
