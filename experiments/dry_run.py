@@ -8,6 +8,8 @@ uses 8 fake CPU devices; on a real slice it uses the real devices.
     python experiments/dry_run.py                         # the table of docs/scaling.md
     python experiments/dry_run.py --models llama-8b --meshes fsdp=8 --presets fsdp
     python experiments/dry_run.py --batch-size 64 --seq-len 2048
+    python experiments/dry_run.py --ppo --models llama-8b --meshes fsdp=8 --presets fsdp \
+        --batch-size 64 --seq-len 1024        # PPO's whole iteration (prompt = response = 512)
 
 A mesh is written ``axis=size[,axis=size]`` with axes data, fsdp, tensor (the rest are 1).
 """
@@ -27,6 +29,7 @@ if "jax" not in sys.modules and "--real-devices" not in sys.argv:
 import tyro  # noqa: E402
 
 from rlhf_jax import memory, models, parallel  # noqa: E402
+from rlhf_jax.algorithms.ppo import PPOConfig  # noqa: E402
 
 # Model shapes (no weights): GPT-2 small; Llama 3.2 1B; Llama 3.1 8B.
 SHAPES = {
@@ -82,6 +85,9 @@ class Args:
     seq_len: int = 1024  # tokens per row
     dtype: str = "float32"  # parameter and compute dtype: float32 | bfloat16
     real_devices: bool = False  # use the real devices instead of 8 fake CPU devices
+    ppo: bool = False  # PPO's whole iteration (policy, critic, reference, reward model, rollout)
+    samples: int = 1  # PPO: responses per prompt
+    minibatches: int = 8  # PPO: minibatches per epoch (the update's activations are per minibatch)
 
 
 def parse_mesh(text: str) -> parallel.MeshConfig:
@@ -106,9 +112,25 @@ def main(args: Args) -> str:
         for mesh_text, preset in zip(args.meshes, presets, strict=True):
             cfg = parallel.ParallelConfig(mesh=parse_mesh(mesh_text), preset=preset)
             name = f"{model} ({mesh_text}) {preset}"
-            report = memory.dry_run(
-                config, cfg, batch_size=args.batch_size, seq_len=args.seq_len, name=name
-            )
+            if args.ppo:  # half the tokens prompt, half response; separate critic
+                ppo_cfg = PPOConfig(
+                    response_length=args.seq_len // 2,
+                    num_samples=args.samples,
+                    num_epochs=1,
+                    num_minibatches=args.minibatches,
+                )
+                report = memory.ppo_dry_run(
+                    config,
+                    cfg,
+                    ppo_cfg,
+                    batch_size=args.batch_size,
+                    prompt_len=args.seq_len - args.seq_len // 2,
+                    name=f"ppo {name}",
+                )
+            else:
+                report = memory.dry_run(
+                    config, cfg, batch_size=args.batch_size, seq_len=args.seq_len, name=name
+                )
             print(report.row(), flush=True)
             reports.append(report)
     table = memory.format_memory_table(reports)

@@ -32,6 +32,7 @@ __all__ = [
     "compile_memory",
     "dry_run",
     "format_memory_table",
+    "ppo_dry_run",
 ]
 
 
@@ -170,3 +171,65 @@ def dry_run(
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = sft.make_step(graphdef, sft_cfg, mesh=mesh, state_shardings=shardings, mode=cfg.step)
     return compile_memory(step, state, batch, key, name=name, num_params=num)
+
+
+def ppo_dry_run(
+    policy_config,
+    cfg: ParallelConfig,
+    ppo_cfg,
+    *,
+    batch_size: int,
+    prompt_len: int,
+    reward_config=None,
+    devices: Sequence[jax.Device] | None = None,
+    name: str | None = None,
+) -> MemoryReport:
+    """Compile PPO's whole iteration for ``cfg``'s mesh and rules; its per-device memory.
+
+    What the iteration holds, all from abstract shapes (nothing allocated): the trainable policy
+    and critic with their AdamW moments (:func:`rlhf_jax.algorithms.ppo.init_state`; a separate
+    critic is a copy of the reward model, a shared one a value head on the policy), the frozen
+    reference and reward model (placed by the same rules), the rollout's KV cache and the update's
+    activations (E epochs x M minibatches) — the program :func:`rlhf_jax.algorithms.ppo.make_step`
+    runs, ``lower(...).compile()``d.
+
+    Args:
+      policy_config: the policy's (and reference's) ``ModelConfig``; its dtypes are the run's.
+      cfg: mesh, rules and step form.
+      ppo_cfg: the ``PPOConfig`` (response length, samples, epochs, minibatches, critic, optim).
+      batch_size: prompts per iteration (global; divisible by data x fsdp).
+      prompt_len: the static prompt length P.
+      reward_config: the reward model's ``ModelConfig`` (default: the policy's).
+    """
+    from rlhf_jax import models
+    from rlhf_jax.algorithms import ppo
+
+    mesh = make_mesh(cfg.mesh, devices)
+    split = axis_size(mesh, BATCH_AXES)
+    if batch_size % split:
+        raise ValueError(
+            f"dry run: batch_size={batch_size} is not divisible by data x fsdp = {split}; "
+            "change the batch size or the mesh"
+        )
+    reward_config = reward_config or policy_config
+    policy = models.Model(*abstract_model(policy_config), config=policy_config)
+    rm = models.Model(
+        *abstract_model(reward_config, lm_head=False, score_head=True), config=reward_config
+    )
+    static, params, frozen = ppo.make_models(ppo_cfg, policy, rm)
+    state = jax.eval_shape(lambda p: ppo.init_state(ppo_cfg, p), params)
+    shardings = state_shardings(state, mesh, cfg.preset)
+    frozen_shardings = state_shardings(frozen, mesh, cfg.preset)
+    state, frozen = _abstract(state, shardings), _abstract(frozen, frozen_shardings)
+    prompts = jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32)
+    step = ppo.make_iteration(
+        ppo_cfg, static, mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings
+    )
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    num = count(params) + count(frozen)
+    if name is None:
+        sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+        name = f"ppo {policy_config.arch} ({sizes}) {cfg.preset}"
+    with jax.set_mesh(mesh):
+        return compile_memory(step.jitted, state, frozen, prompts, prompts, None, name=name,
+                              num_params=num)  # fmt: skip

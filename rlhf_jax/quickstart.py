@@ -54,6 +54,7 @@ __all__ = [
     "policy_config",
     "prepare",
     "run",
+    "write_base",
 ]
 
 STAGES = ("sft", "label", "rm", "ppo")  # what the quickstart runs, in order
@@ -158,6 +159,15 @@ def policy_config(task: toy.ToyTask, tokenizer) -> models.ModelConfig:
     )
 
 
+def write_base(directory: str, task: toy.ToyTask = toy.ToyTask(), seed: int = 0) -> str:
+    """A freshly initialised toy LM (:func:`policy_config`) and the toy tokenizer, written as a
+    Hugging Face directory: the base model every toy run starts from. Returns the directory."""
+    tokenizer = toy.load_tokenizer(toy.build_tokenizer(directory))
+    model = models.init_model(policy_config(task, tokenizer), jax.random.PRNGKey(seed))
+    models.save_pretrained(model, directory)
+    return os.fspath(directory)
+
+
 def prepare(cfg: pipeline.ExperimentConfig) -> pipeline.ExperimentConfig:
     """Write the toy inputs under ``<run.dir>/inputs`` and point the stages at them.
 
@@ -165,10 +175,7 @@ def prepare(cfg: pipeline.ExperimentConfig) -> pipeline.ExperimentConfig:
     """
     task, seed = cfg.toy, cfg.run.seed
     inputs = os.path.join(cfg.run.dir, "inputs")
-    base = os.path.join(inputs, "base")
-    tokenizer = toy.load_tokenizer(toy.build_tokenizer(base))
-    model = models.init_model(policy_config(task, tokenizer), jax.random.PRNGKey(seed))
-    models.save_pretrained(model, base)
+    base = write_base(os.path.join(inputs, "base"), task, seed)
 
     def write(name, records):
         return toy.write_jsonl(os.path.join(inputs, name), records)

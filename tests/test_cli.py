@@ -31,7 +31,7 @@ def test_training_help_lists_every_config_key(capsys, sub):
         assert f"  {key} " in out, key
 
 
-@pytest.mark.parametrize("argv", [["dpo", "--help"], ["dpo"], ["nope", "x=1"]])
+@pytest.mark.parametrize("argv", [["sfft", "--help"], ["sfft"], ["nope", "x=1"]])
 def test_unknown_command_is_refused_even_with_help(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -103,11 +103,8 @@ E2E = textwrap.dedent(
 
     out = sys.argv[1]
     # A Hugging Face checkpoint (a tiny GPT-2 for the toy vocabulary) and TRL-format data files.
-    tok = toy.load_tokenizer(toy.build_tokenizer(os.path.join(out, "base")))
-    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
-    base = models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0))
-    models.save_pretrained(base, os.path.join(out, "base"))
-    tok.save_pretrained(os.path.join(out, "base"))
+    quickstart.write_base(os.path.join(out, "base"), toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2))
+    tok = toy.load_tokenizer(os.path.join(out, "base"))
     toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
     toy.write_jsonl(os.path.join(out, "pairs.jsonl"), toy.preference_records(32, seed=1))
     toy.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in toy.all_prompts()])

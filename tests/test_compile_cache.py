@@ -10,16 +10,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from rlhf_jax import models, quickstart
+    from rlhf_jax import quickstart
     from rlhf_jax.data import toy
 
     out = tmp_path_factory.mktemp("cache")
-    base = str(out / "base")
-    tok = toy.load_tokenizer(toy.build_tokenizer(base))
-    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
-    models.save_pretrained(
-        models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0)), base
-    )
+    quickstart.write_base(str(out / "base"), toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2))
     toy.write_jsonl(out / "sft.jsonl", toy.sft_records(32, seed=0))
     return out
 

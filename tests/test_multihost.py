@@ -93,11 +93,8 @@ def test_a_stage_through_the_command_as_two_processes_equals_one(tmp_path):
     from rlhf_jax.data import toy
     from rlhf_jax.logging import read_metrics
 
-    base = str(tmp_path / "base")
-    tok = toy.load_tokenizer(toy.build_tokenizer(base))
-    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
-    models.save_pretrained(
-        models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0)), base
+    base = quickstart.write_base(
+        str(tmp_path / "base"), toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
     )
     toy.write_jsonl(tmp_path / "sft.jsonl", toy.sft_records(64, seed=0))
 

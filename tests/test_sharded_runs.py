@@ -24,17 +24,13 @@ from rlhf_jax.logging import read_metrics
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny GPT-2 checkpoint for the toy vocabulary and TRL-format data files."""
-    from rlhf_jax import models, quickstart
+    from rlhf_jax import quickstart
     from rlhf_jax.data import toy
 
     out = str(tmp_path_factory.mktemp("sharded_runs"))
-    base = os.path.join(out, "base")
-    tok = toy.load_tokenizer(toy.build_tokenizer(base))
-    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
-    models.save_pretrained(
-        models.init_model(quickstart.policy_config(task, tok), jax.random.PRNGKey(0)), base
+    quickstart.write_base(
+        os.path.join(out, "base"), toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
     )
-    tok.save_pretrained(base)
     toy.write_jsonl(os.path.join(out, "sft.jsonl"), toy.sft_records(64, seed=0))
     prompts = [{"prompt": p} for p in toy.all_prompts()]
     toy.write_jsonl(os.path.join(out, "prompts.jsonl"), prompts)
