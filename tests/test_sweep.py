@@ -234,3 +234,111 @@ def test_sft_and_reward_model_sweeps(inputs, tmp_path):
     assert res.runs[0].history[0]["loss"] != res.runs[1].history[0]["loss"]
     for k in range(2):
         assert os.path.isfile(tmp_path / "rm" / "rm" / "runs" / str(k) / "final" / "config.json")
+
+
+# ------------------------------------------------------------------------------------------
+# The learning-curve band: a change that breaks learning, not just code, fails the suite
+# ------------------------------------------------------------------------------------------
+
+BAND_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "curve_band_ppo.json")
+BAND_WORDS = ["<pad>", "<eos>", "a", "dog", "cat", "is", "furry", "."]
+BAND_SEEDS = (0, 1, 2)
+BAND_ITERATIONS = 12
+BAND_MIN_HALF_WIDTH = 0.2  # the band is the reference mean ± max(this, 3 x its standard error)
+
+
+def band_curve(tmp_path) -> np.ndarray:
+    """Per-iteration mean reward ``[seeds, iterations]`` of a tiny PPO run (shared critic, a
+    reward function counting the word "dog"), the seeds as one sweep program."""
+    import jax
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_jax import models
+    from rlhf_jax.algorithms import ppo
+    from rlhf_jax.reward_fn import RewardFunction
+    from rlhf_jax.sweep import stack, vmap_step
+    from rlhf_jax.train import run_loop
+
+    (tmp_path / "dog_reward.py").write_text(
+        "def dogs(prompts, responses):\n"
+        "    return [float(r.split().count('dog')) for r in responses]\n"
+    )
+    tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(BAND_WORDS)}, "<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    model_cfg = models.ModelConfig(
+        arch="gpt2",
+        vocab_size=len(BAND_WORDS),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=16,
+    )
+    cfg = ppo.PPOConfig(
+        response_length=5,
+        num_samples=2,
+        num_epochs=2,
+        num_minibatches=2,
+        critic="shared",
+        reward_fn=f"{tmp_path / 'dog_reward.py'}:dogs",
+        optim=OptimConfig(learning_rate=3e-2),
+        loop=LoopConfig(max_steps=BAND_ITERATIONS),
+        kl_coef=0.01,
+        temperature=1.0,
+    )
+    sft = models.init_model(model_cfg, jax.random.PRNGKey(0))
+    reward = RewardFunction.load(cfg.reward_fn, tokenizer)
+    static, params, frozen = ppo.make_models(cfg, sft, reward_fn=reward)
+    tokens = np.array([[0, 2, 3], [2, 4, 5], [0, 0, 3], [6, 3, 5]], np.int32)
+    mask = (np.arange(3)[None, :] >= np.array([1, 0, 2, 0])[:, None]).astype(np.int32)
+    n = len(BAND_SEEDS)
+    batch = {"prompt_tokens": np.stack([tokens] * n), "prompt_mask": np.stack([mask] * n)}
+    states = [
+        ppo.init_state(cfg, params, ppo.PPOHParams.from_config(cfg, seed=s)) for s in BAND_SEEDS
+    ]
+    result = run_loop(
+        vmap_step(ppo.make_step(cfg, static, frozen)),
+        stack(states),
+        lambda s: batch,
+        loop=cfg.loop,
+        runs=n,
+    )
+    return np.array([[h["score/mean"] for h in rr.history] for rr in result.runs])
+
+
+@pytest.mark.slow
+def test_learning_curve_stays_in_its_band(tmp_path):
+    """The mean reward of 3 seeds at each PPO iteration stays inside the committed band (made by
+    ``RLHF_JAX_WRITE_CURVE_BAND=1 pytest tests/test_sweep.py -k band``, which rewrites it).
+    A policy that stops learning, or learns the wrong way (an advantage with the wrong sign),
+    leaves it within a few iterations."""
+    from rlhf_jax.stats import curve_band
+
+    curves = band_curve(tmp_path)
+    mean, low, high = curve_band(curves)
+    if os.environ.get("RLHF_JAX_WRITE_CURVE_BAND"):
+        half = np.maximum(BAND_MIN_HALF_WIDTH, 3 * curves.std(0, ddof=1) / np.sqrt(len(curves)))
+        with open(BAND_FILE, "w") as f:
+            json.dump(
+                {
+                    "what": "tests/test_sweep.py::band_curve: mean reward per PPO iteration over "
+                    f"seeds {list(BAND_SEEDS)}; band = mean ± max({BAND_MIN_HALF_WIDTH}, 3 SE)",
+                    "mean": np.round(mean, 4).tolist(),
+                    "low": np.round(mean - half, 4).tolist(),
+                    "high": np.round(mean + half, 4).tolist(),
+                },
+                f,
+                indent=1,
+            )
+    with open(BAND_FILE) as f:
+        band = json.load(f)
+    assert len(band["mean"]) == BAND_ITERATIONS == len(mean)
+    outside = [
+        f"iteration {i + 1}: {m:.3f} not in [{lo:.3f}, {hi:.3f}]"
+        for i, (m, lo, hi) in enumerate(zip(mean, band["low"], band["high"], strict=True))
+        if not lo <= m <= hi
+    ]
+    assert not outside, "the learning curve left its band: " + "; ".join(outside)
+    assert band["mean"][-1] > band["mean"][0] + 0.5  # the band itself says that PPO learns
