@@ -375,8 +375,9 @@ def export(
 def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
     """Compile the stage's train step from abstract shapes on ``cfg.parallel`` and report memory.
 
-    Uses :func:`rlhf_jax.memory.dry_run` (an SFT-style token-loss step of the stage's model,
-    batch and sequence length: the policy update that dominates every stage's memory).
+    SFT and RM: :func:`rlhf_jax.memory.dry_run` (the SFT trainer's step on the stage's model,
+    batch and sequence length). PPO: :func:`rlhf_jax.memory.ppo_dry_run`, the whole iteration
+    (the reward model taken to be the policy's size).
     """
     import json
 
@@ -407,11 +408,18 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
         batch = cfg.rm.trainer.batch_size * k
         seq = cfg.rm.data.max_prompt_length + cfg.rm.data.max_completion_length
         optim = cfg.rm.trainer.optim
-    elif stage == "ppo":
-        t = cfg.ppo.trainer
-        batch = cfg.ppo.batch_size * t.num_samples // t.num_minibatches
-        seq = cfg.ppo.data.max_prompt_length + t.response_length
-        optim = t.optim
+    elif stage == "ppo":  # the whole iteration: four models, the KV cache, the update
+        report = memory.ppo_dry_run(
+            model_config,
+            cfg.parallel,
+            cfg.ppo.trainer,
+            batch_size=cfg.ppo.batch_size,
+            prompt_len=cfg.ppo.data.max_prompt_length,
+            name=f"ppo {os.path.basename(os.path.normpath(model_path))} "
+            f"B={cfg.ppo.batch_size} P={cfg.ppo.data.max_prompt_length} "
+            f"R={cfg.ppo.trainer.response_length}",
+        )
+        return memory.format_memory_table([report])
     else:
         raise UsageError(f"{stage} has no --dry-run")
     report = memory.dry_run(

@@ -266,6 +266,18 @@ def test_dry_run_compiles_from_config_json_only(capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| sft " in out and "B=8 T=16" in out
+    # PPO's dry run compiles the whole iteration (four models, the rollout, the update)
+    argv = [
+        "ppo",
+        f"ppo.policy={tmp_path}",
+        "ppo.batch_size=8",
+        "ppo.data.max_prompt_length=8",
+        "ppo.trainer.response_length=4",
+        "parallel.mesh.data=8",
+        "--dry-run",
+    ]
+    assert main(argv) == 0
+    assert "| ppo " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
