@@ -808,13 +808,24 @@ def read_pairs(path: str, limit: int | None = None) -> list[tuple[str, str, str]
     return out
 
 
-def agreement_report(p_given: np.ndarray, consistent: np.ndarray | None = None) -> dict:
+def _agree(p: np.ndarray) -> np.ndarray:
+    return (p > 0.5) + 0.5 * (p == 0.5)
+
+
+def agreement_report(
+    p_given: np.ndarray,
+    consistent: np.ndarray | None = None,
+    first: np.ndarray | None = None,
+    second: np.ndarray | None = None,
+) -> dict:
     """The agreement of judged probabilities ``P(given chosen > given rejected)`` with the given
-    labels: ties (``p = 1/2``) count 1/2, with a 95% t interval over pairs."""
+    labels: ties (``p = 1/2``) count 1/2, with a 95% t interval over pairs. With the pairwise
+    judge's one-order probabilities, the agreement of each order alone (chosen shown first,
+    second): what the debiasing over both orders corrects."""
     from rlhf_jax.stats import mean_ci
 
     p = np.asarray(p_given, np.float64)
-    agree = mean_ci((p > 0.5) + 0.5 * (p == 0.5))
+    agree = mean_ci(_agree(p))
     out = {
         "pairs": int(p.size),
         "agreement": agree.mean,
@@ -824,6 +835,9 @@ def agreement_report(p_given: np.ndarray, consistent: np.ndarray | None = None) 
     }
     if consistent is not None:
         out["position_consistency"] = float(np.mean(consistent))
+    if first is not None and second is not None:
+        out["agreement_chosen_first"] = float(np.mean(_agree(np.asarray(first, np.float64))))
+        out["agreement_chosen_second"] = float(np.mean(_agree(np.asarray(second, np.float64))))
     return out
 
 
@@ -849,14 +863,15 @@ def prepare_judge(ctx) -> Any:
 
     def finish(state, result):
         prompts, chosen, rejected = (list(x) for x in zip(*rows, strict=True))
-        consistent = None
+        consistent = first = second = None
         if st.mode == "pairwise":
             out = jd.judgement(prompts, chosen, rejected)
             p, consistent = out["preference"], out["consistent"]
+            first, second = out["first"], out["second"]
         else:
             diff = jd.scores(prompts, chosen) - jd.scores(prompts, rejected)
             p = 1.0 / (1.0 + np.exp(-diff))  # Bradley-Terry on the expected scores
-        report = agreement_report(p, consistent)
+        report = agreement_report(p, consistent, first, second)
         records = []
         for i, (q, c, r) in enumerate(rows):
             win = p[i] >= 0.5
@@ -880,7 +895,9 @@ def prepare_judge(ctx) -> Any:
             f"(95% CI {report['agreement_low']:.3f} to {report['agreement_high']:.3f}, "
             f"{report['pairs']} pairs); mean P(given chosen) {report['mean_probability']:.3f}"
             + (
-                f"; same verdict in both orders {report['position_consistency']:.3f}"
+                f"; same verdict in both orders {report['position_consistency']:.3f}; one order "
+                f"alone: chosen shown first {report['agreement_chosen_first']:.3f}, second "
+                f"{report['agreement_chosen_second']:.3f}"
                 if consistent is not None
                 else ""
             )

@@ -346,6 +346,8 @@ def test_label_and_judge_stages(tmp_path, tokenizer):
     assert report["pairs"] == 3
     assert report["agreement"] == pytest.approx(0.5)
     assert report["position_consistency"] == 0.0
+    # one order alone: the always-"A" judge is right exactly when the chosen is shown first
+    assert report["agreement_chosen_first"] == 1.0 and report["agreement_chosen_second"] == 0.0
     assert os.path.exists(tmp_path / "run" / "judge" / "judged.jsonl")
 
 
