@@ -239,11 +239,18 @@ def parse_source(spec: str, key: str) -> tuple[str, str, float]:
 
 
 def load_sources(
-    ctx: Any, specs: Sequence[str], key: str, tokenizer: Any, prompts: Any
+    ctx: Any,
+    specs: Sequence[str],
+    key: str,
+    tokenizer: Any,
+    prompts: Any,
+    *,
+    special_tokens: bool = False,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``(sources, params)`` from reward-source specs (:func:`parse_source`); ``()`` means this
     run's ``rm/final``. Reward models must share the policy's tokenizer; each function is called
-    once on a few prompts (empty responses) before anything compiles."""
+    once on a few prompts (empty responses) before anything compiles, and sees the responses
+    decoded with their special tokens (the stop token) when ``special_tokens``."""
     from rlhf_jax.reward_fn import RewardFunction
     from rlhf_jax.stages import same_tokenizer
 
@@ -264,7 +271,7 @@ def load_sources(
             source, p = judge.load_source(ctx, target, weight, tokenizer, f"{key}[{i}]")
         # ---- end of the judge source ----
         else:
-            fn = RewardFunction.load(target, tokenizer)
+            fn = RewardFunction.load(target, tokenizer, skip_special_tokens=not special_tokens)
             pt, pm = prompts.arrays["prompt_tokens"][:4], prompts.arrays["prompt_mask"][:4]
             eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
             rt = np.full((len(pt), 1), eos, np.int32)

@@ -591,6 +591,9 @@ class DPOStage:
     # online: reward sources, each "model:<HF dir>" or "fn:<module:function>", optionally
     # "@<weight>" at the end; () = this run's rm/final
     rewards: tuple[str, ...] = ()
+    # reward functions see the stop token and other special tokens in the decoded responses
+    # (the toy task's gold_reward needs them: its stop token "." is special)
+    decode_special_tokens: bool = False
     trainer: DPOConfig = DPOConfig()  # loss, beta, reference mode, optimizer, loop, online
     eval_prompts_file: str | None = None  # prompts to sample on for the policy evaluation
     eval_prompts: int = 256  # prompts of eval_prompts_file (the first ones)
@@ -676,7 +679,12 @@ def prepare(ctx: Any) -> Any:
     if cfg.online:
         train = ctx.dataset(st.train_file, "dpo.train_file", tokenizer, st.data, policy)
         sources, source_params = scoring.load_sources(
-            ctx, st.rewards, "dpo.rewards", tokenizer, train
+            ctx,
+            st.rewards,
+            "dpo.rewards",
+            tokenizer,
+            train,
+            special_tokens=st.decode_special_tokens,
         )
         rename = {"index": "prompt_index"}
     else:

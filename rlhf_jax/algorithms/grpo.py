@@ -616,6 +616,9 @@ class GRPOStage:
     # reward sources, each "model:<HF dir>" or "fn:<module:function>", optionally "@<weight>"
     # at the end (a weighted sum); () = this run's rm/final
     rewards: tuple[str, ...] = ()
+    # reward functions see the stop token and other special tokens in the decoded responses
+    # (the toy task's gold_reward needs them: its stop token "." is special)
+    decode_special_tokens: bool = False
     batch_size: int = 16  # prompts per iteration (each answered trainer.num_samples times)
     trainer: GRPOConfig = GRPOConfig()  # baseline, KL, clipping, aggregation, optimizer, loop
     eval_prompts_file: str | None = None  # held-out prompts to sample on; None = no evaluation
@@ -675,7 +678,7 @@ def prepare(ctx: Any) -> Any:
         prompts, st.batch_size, "grpo.batch_size", rename={"index": "prompt_index"}
     )
     sources, source_params = scoring.load_sources(
-        ctx, st.rewards, "grpo.rewards", tokenizer, prompts
+        ctx, st.rewards, "grpo.rewards", tokenizer, prompts, special_tokens=st.decode_special_tokens
     )
     use_ref = cfg.uses_reference
     static = GRPOModels(
