@@ -18,8 +18,9 @@
    ``label.labeller=judge``: the judge ranks the SFT policy's K samples (every pair in both
    orders), the reward model learns those rankings, PPO optimises it. The report (gold win rate
    against SFT, KL) is ``<run.dir>/report.md``, as the quickstart's.
-4. ``<run.dir>/judge.yaml`` describes the judge, so that it can be a reward source of the on-policy
-   stages (direct RLAIF): ``dpo.rewards='["judge:<run.dir>/judge.yaml"]'`` (a pointwise judge).
+4. ``<run.dir>/judge_<mode>.yaml`` describes the judge, so that a pointwise judge can be a reward
+   source of the on-policy stages (direct RLAIF), e.g. online DPO:
+   ``rlhf-jax dpo dpo.trainer.online=true 'dpo.rewards=["judge:<run.dir>/judge_pointwise.yaml"]'``.
 
 Everything is local and offline. Each stage resumes (or is skipped when its ``final/`` exists).
 """
@@ -206,9 +207,9 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train_file=label_file))
     judge_dir = args.judge or train_judge(cfg, args)
     judge_report = evaluate_judge(cfg, judge_dir, args)
-    # the judge as data: `judge:<run.dir>/judge.yaml` is a reward source (rlhf_jax.scoring)
+    # the judge as data: `judge:<run.dir>/judge_pointwise.yaml` is a reward source (scoring)
     spec = J.JudgeConfig(**{**_judge_fields(args), "model": os.path.abspath(judge_dir)})
-    with open(os.path.join(cfg.run.dir, "judge.yaml"), "w", encoding="utf-8") as f:
+    with open(os.path.join(cfg.run.dir, f"judge_{args.judge_mode}.yaml"), "w") as f:
         f.write(config_lib.to_yaml(spec))
     out = {"judge": judge_report, "judge_dir": judge_dir}
     if args.only == "all":
