@@ -8,7 +8,7 @@
     rlhf-jax generate   MODEL PROMPTS OUT [--n N] [--max-new-tokens R] [--temperature T] ...
     rlhf-jax evaluate   [RESPONSES] (--reward-model RM | --function MOD:FN)
                         [--policy-a A --policy-b B --prompts FILE] [--out FILE]
-    rlhf-jax export     RUN_DIR OUT_DIR [--stage auto|ppo|sft] [--no-reward-model]
+    rlhf-jax export     RUN_DIR OUT_DIR [--stage auto|ppo|grpo|dpo|sft] [--no-reward-model]
     rlhf-jax report     RUN_DIR [RUN_DIR ...] [--out PNG] [--metrics KEY ...] [--smooth A]
 
 The command line is parsed with tyro; configs are loaded by :func:`rlhf_jax.config.load_config`.
@@ -29,7 +29,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Union
 
 import tyro
 
@@ -102,7 +102,7 @@ class ExportArgs:
 
     run_dir: tyro.conf.Positional[Path]  # the run directory (run.dir of the training config)
     out_dir: tyro.conf.Positional[Path]  # where the Hugging Face directories are written
-    stage: Literal["auto", "ppo", "sft"] = "auto"  # policy source; auto = ppo if it ran, else sft
+    stage: str = "auto"  # the policy's stage (ppo, grpo, dpo, sft); auto = the latest written
     reward_model: bool = True  # also export the reward model (OUT_DIR/reward_model) if trained
     run: int | None = None  # a sweep's run K (<stage>/runs/K/final); None = the stage's final/
 
@@ -355,7 +355,8 @@ def export(
         return os.path.join(run_dir, name, pipeline.FINAL_DIR)
 
     if stage == "auto":
-        stage = next((s for s in pipeline.POLICY_STAGES if os.path.isdir(final(s))), "sft")
+        policy = pipeline.run_policy(run_dir)
+        stage = os.path.basename(os.path.dirname(policy)) if policy else "sft"
     if not os.path.isfile(os.path.join(final(stage), "config.json")):
         raise UsageError(
             f"{final(stage)} holds no {stage} result: RUN_DIR must be the run.dir of a run whose "

@@ -49,6 +49,7 @@ from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.data.toy import ToyTask
+from rlhf_jax.errors import first_line
 from rlhf_jax.judge import JudgeConfig, JudgeStage
 from rlhf_jax.parallel import ParallelConfig
 from rlhf_jax.sweep import SweepConfig
@@ -70,16 +71,23 @@ __all__ = [
     "SFTStage",
     "Stage",
     "StageResult",
+    "decode",
+    "enable_compile_cache",
     "find_model",
+    "pad_id",
+    "run_policy",
     "register",
     "run_stage",
     "sample_responses",
+    "save_final",
+    "stop_tokens",
+    "write_config",
 ]
 
 CONFIG_FILE = "config.yaml"  # the resolved config, written into run.dir by every stage
 FINAL_DIR = "final"  # <stage dir>/final: the stage's result, a Hugging Face directory
 META_FILE = "rlhf_jax_stage.json"  # in final/: the stage, its last step, stop reason and info
-POLICY_STAGES = ("ppo", "sft")  # where a run's policy is found, latest stage first
+POLICY_STAGES = ("ppo", "grpo", "dpo", "sft")  # the stages whose final/ is a policy
 
 
 # ------------------------------------------------------------------------------------------
@@ -405,7 +413,7 @@ class Context:
             return models.load_tokenizer(path, config=None if model is None else model.config)
         except (OSError, ValueError) as err:
             raise config_lib.ConfigError(
-                f"{self.stage}: cannot load a tokenizer from {path} ({_first_line(err)}): give "
+                f"{self.stage}: cannot load a tokenizer from {path} ({first_line(err)}): give "
                 "the tokenizer directory saved with the model"
             ) from None
 
@@ -450,30 +458,33 @@ class Context:
             raise config_lib.ConfigError(str(err)) from None
 
 
+def run_policy(run_dir: str) -> str | None:
+    """The latest policy of a run: the most recently written ``<stage>/final`` of
+    :data:`POLICY_STAGES` (after SFT and PPO, PPO's), or None."""
+    finals = [os.path.join(run_dir, s, FINAL_DIR) for s in POLICY_STAGES]
+    finals = [f for f in finals if os.path.isfile(os.path.join(f, "config.json"))]
+    return max(finals, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")), default=None)
+
+
 def find_model(path: str, key: str = "model") -> str:
     """The Hugging Face directory ``path`` names: itself, a stage's ``final/``, or a run's policy.
 
     ``path`` may be a Hugging Face directory (``config.json``), a stage directory of a run
-    (``runs/x/ppo``: its ``final/``) or a run directory (its latest policy: ``ppo/final``, else
-    ``sft/final``).
+    (``runs/x/ppo``: its ``final/``) or a run directory (its latest policy: the most recently
+    written ``final/`` of :data:`POLICY_STAGES`).
     """
-    candidates = [path, os.path.join(path, FINAL_DIR)]
-    candidates += [os.path.join(path, s, FINAL_DIR) for s in POLICY_STAGES]
-    for c in candidates:
+    for c in (path, os.path.join(path, FINAL_DIR)):
         if os.path.isfile(os.path.join(c, "config.json")):
             return c
+    policy = run_policy(path)
+    if policy is not None:
+        return policy
     if not os.path.exists(path):
         raise config_lib.ConfigError(f"{key}={path!r}: no such directory")
     raise config_lib.ConfigError(
         f"{key}={path!r} holds no model: expected a Hugging Face directory with config.json, a "
         "stage directory with final/, or a run directory"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    from rlhf_jax.errors import first_line
-
-    return first_line(err)
 
 
 # ------------------------------------------------------------------------------------------
@@ -503,7 +514,8 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def _write_config(cfg: ExperimentConfig) -> None:
+def write_config(cfg: ExperimentConfig) -> None:
+    """Write the resolved config to ``<run.dir>/config.yaml`` (atomically; process 0 only)."""
     if not _is_writer():
         return
     os.makedirs(cfg.run.dir, exist_ok=True)
@@ -651,7 +663,7 @@ def run_stage(
     plan = STAGES[name].prepare(ctx)
     check_preempted("loading the models and data")
     # ---- everything above validated and loaded; from here on the run directory is written ----
-    _write_config(cfg)
+    write_config(cfg)
     if plan.loop is None:  # a data stage
         outputs = plan.finish(None, None)
         return StageResult(name, ctx.dir, None, None, outputs)

@@ -347,7 +347,7 @@ def run_sweep(ctx: Any, prepare: Callable, runs: Sequence[Run]) -> Any:
     groups = [[r for r in runs if r.program == g] for g in range(1 + max(r.program for r in runs))]
     first = _prepare_program(ctx, groups[0], prepare, cache)
     # ---- everything above validated and loaded; from here on the run directory is written ----
-    pipeline._write_config(cfg)
+    pipeline.write_config(cfg)
     _write_sweep_file(ctx.dir, name, runs, cfg.sweep)
     results: dict[int, LoopResult] = {}
     last = None

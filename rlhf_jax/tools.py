@@ -18,6 +18,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import pipeline
 from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.errors import first_line
 from rlhf_jax.stats import Estimate, win_rate
 
 __all__ = [
@@ -62,7 +63,7 @@ def _model(path: str, key: str, **heads):
         tokenizer = models.load_tokenizer(model_dir, config=model.config)
     except (OSError, ValueError) as err:
         raise config_lib.ConfigError(
-            f"{key}={path!r}: no usable tokenizer in {model_dir} ({pipeline._first_line(err)})"
+            f"{key}={path!r}: no usable tokenizer in {model_dir} ({first_line(err)})"
         ) from None
     return model, tokenizer
 
