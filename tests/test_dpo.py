@@ -354,3 +354,19 @@ def test_missing_pairs_is_one_line(files, tmp_path):
     with pytest.raises(ConfigError, match="label.output=pairs"):
         pipeline.run_stage(cfg, "dpo", verbose=False)
     assert not os.path.exists(tmp_path / "run" / "dpo")
+
+
+def test_rpo_adds_the_chosen_nll_per_token(policy, reference, pairs):
+    cfg = dpo.DPOConfig(batch_size=B)
+    static = dpo.DPOModels(policy=policy.graphdef, reference=reference.graphdef)
+    frozen = dpo.DPOFrozen(reference=reference.params)
+    batch = jax.tree.map(jnp.asarray, pairs)
+    hp = dpo.DPOHParams.from_config(cfg)
+    plain, _ = dpo.dpo_objective(cfg, static, frozen, hp, policy.params, batch)
+    rpo, (_, sums) = dpo.dpo_objective(
+        cfg, static, frozen, hp.replace(rpo_alpha=jnp.float32(0.5)), policy.params, batch
+    )
+    lengths = pairs["chosen_mask"].sum(1)
+    nll = np.sum(-loop_logps(policy, pairs, "chosen") / lengths)
+    np.testing.assert_allclose(float(rpo - plain), 0.5 * nll, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["nll/chosen"]), nll, rtol=1e-5)

@@ -23,20 +23,24 @@ policy itself), whatever the sampling temperature.
 **Losses** (``docs/formulas.md`` §6): ``'sigmoid'`` (DPO, TRL default), ``'ipo'``, ``'hinge'``,
 ``'robust'``, ``'cdpo'`` are :func:`rlhf_jax.losses.dpo_loss`; ``'simpo'`` is the
 reference-free SimPO (Meng et al. 2024; TRL ``CPOTrainer`` with ``loss_type='simpo'``), written
-here (:func:`simpo_loss`): no reference model is loaded or run.
+here (:func:`simpo_loss`): no reference model is loaded or run. ``rpo_alpha > 0`` adds the
+chosen completions' negative log-likelihood per token, averaged over pairs, times ``rpo_alpha``
+(RPO, Pang et al. 2024; TRL ``rpo_alpha``, which averages over the batch's chosen tokens): it
+keeps the chosen responses likely while the margin grows.
 
 **Metrics** with TRL's names and meanings (means over pairs): ``rewards/chosen`` and
 ``rewards/rejected`` the implicit rewards ``beta (log pi - log pi_ref)`` (SimPO: ``beta`` times the
 per-token mean log-prob), ``rewards/margins`` their difference, ``rewards/accuracies`` the share
-with chosen > rejected, ``logps/chosen`` and ``logps/rejected`` the policy's sequence log-probs;
+with chosen > rejected, ``logps/chosen`` and ``logps/rejected`` the policy's sequence log-probs,
+``nll/chosen`` the chosen completions' per-token NLL;
 and ``loss``, ``grad_norm``, ``lr``, ``skipped``. Online adds ``score/mean``, ``score/chosen``,
 ``score/rejected``, ``score/<source>``, ``response/length``, ``response/truncated``, ``kl/response``
 (the k1 estimate of the sampled responses, summed per response).
 
 **What is static, what is an array.** :class:`DPOConfig` holds what changes the program;
-:class:`DPOHParams` (beta, learning rate, label smoothing, SimPO gamma, sampling temperature,
-seed) are scalar arrays in the state, so ``jax.vmap(step_fn(...))`` over a stacked state runs N
-experiments in one program (:func:`stack_states`).
+:class:`DPOHParams` (beta, learning rate, label smoothing, SimPO gamma, RPO alpha, sampling
+temperature, seed) are scalar arrays in the state, so ``jax.vmap(step_fn(...))`` over a stacked
+state runs N experiments in one program (:func:`stack_states`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class DPOConfig:
     beta: float = 0.1  # beta (TRL 0.1; SimPO uses ~2)
     label_smoothing: float = 0.0  # epsilon of 'robust' and 'cdpo' (and SimPO's smoothing)
     simpo_gamma: float = 0.5  # SimPO target margin gamma (TRL CPOConfig.simpo_gamma 0.5)
+    rpo_alpha: float = 0.0  # weight of the chosen completions' NLL added to the loss (RPO); 0 = off
     temperature: float = 1.0  # online: sampling temperature
     seed: int = 0  # run seed: online samples
 
@@ -143,6 +148,7 @@ class DPOConfig:
             f"label_smoothing={self.label_smoothing}: must be in [0, 0.5)",
         )
         need(self.temperature > 0, f"temperature={self.temperature}: must be > 0")
+        need(self.rpo_alpha >= 0, f"rpo_alpha={self.rpo_alpha}: must be >= 0")
         need(self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 = off)")
         need(0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]")
         need(
@@ -176,6 +182,7 @@ class DPOHParams:
     learning_rate: jax.Array
     label_smoothing: jax.Array
     simpo_gamma: jax.Array
+    rpo_alpha: jax.Array
     temperature: jax.Array
     seed: jax.Array  # int32
 
@@ -187,6 +194,7 @@ class DPOHParams:
             "learning_rate": cfg.optim.learning_rate,
             "label_smoothing": cfg.label_smoothing,
             "simpo_gamma": cfg.simpo_gamma,
+            "rpo_alpha": cfg.rpo_alpha,
             "temperature": cfg.temperature,
             "seed": cfg.seed,
         }
@@ -358,8 +366,13 @@ def dpo_objective(
             chosen_length=lc,
             rejected_length=lr,
         )
+    # RPO (Pang et al. 2024; TRL rpo_alpha): + alpha * the chosen completion's per-token NLL,
+    # averaged over pairs (TRL averages over the batch's chosen tokens)
+    nll = jnp.sum(-pc / jnp.maximum(lc, 1.0))
+    total = total + hparams.rpo_alpha * nll
     sums = {
         "loss": lax.stop_gradient(total),
+        "nll/chosen": lax.stop_gradient(nll),
         "rewards/chosen": m["rewards_chosen"],
         "rewards/rejected": m["rewards_rejected"],
         "rewards/margins": m["rewards_margin"],
