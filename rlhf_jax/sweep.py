@@ -32,7 +32,9 @@ draws mean curves with 95% bands per configuration and compares configurations
 (:mod:`rlhf_jax.report`).
 
 Each run reads its own batches (the data order is a function of its seed), so the batch fed to
-the program is the N runs' batches stacked ``[N, B, ...]``. Sweeps run on one process for now.
+the program is the N runs' batches stacked ``[N, B, ...]``. ``sweep.shard_runs: data`` splits the
+run axis over the mesh's ``data`` devices (8 runs on 8 devices; or runs x data with a mesh of
+``data`` x ``fsdp``: the rows then split over ``fsdp``). Sweeps run on one process for now.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class SweepConfig:
     seeds: tuple[int, ...] = ()  # run.seed of each run, crossed with the axes; () = run.seed
     grid: dict[str, tuple[_Value, ...]] = dataclasses.field(default_factory=dict)  # every combo
     paired: dict[str, tuple[_Value, ...]] = dataclasses.field(default_factory=dict)  # zipped
+    # split the run axis over this mesh axis ("data": e.g. 8 runs on 8 devices; the batch rows
+    # then split over the other batch axis only); None = every device holds every run
+    shard_runs: str | None = None
 
     def __post_init__(self):
         for name in ("grid", "paired"):
@@ -114,6 +119,11 @@ class SweepConfig:
             )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"sweep.seeds={list(self.seeds)} repeats a seed")
+        if self.shard_runs not in (None, "data", "fsdp"):
+            raise ValueError(
+                f"sweep.shard_runs={self.shard_runs!r}: choose a batch axis of the mesh, 'data' "
+                "or 'fsdp' (or null)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,25 +224,42 @@ def stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
-def stacked_shardings(shardings: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Each leaf's ``NamedSharding`` with a leading unsharded run axis."""
+def _uses(spec: Any, axis: str) -> bool:
+    return any(axis == a or (isinstance(a, tuple) and axis in a) for a in spec)
+
+
+def stacked_shardings(shardings: Any, mesh: jax.sharding.Mesh, run_axis: str | None = None):
+    """Each leaf's ``NamedSharding`` with a leading run axis, split over ``run_axis`` (a mesh
+    axis no parameter uses) or unsharded (None)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    return jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), shardings)
+    def one(s):
+        if run_axis is not None and _uses(s.spec, run_axis):
+            raise config_lib.ConfigError(
+                f"sweep.shard_runs={run_axis!r}: the parallel preset already splits parameters "
+                f"over {run_axis!r} ({s.spec}): split the runs over another axis or use preset dp"
+            )
+        return NamedSharding(mesh, P(run_axis, *s.spec))
+
+    return jax.tree.map(one, shardings)
 
 
-def stacked_batches(sources: Sequence[Callable[[int], Any]], mesh: jax.sharding.Mesh):
-    """``batches(s)``: the N runs' batches ``s`` stacked ``[N, B, ...]``, rows over the mesh's
-    batch axes (the run axis unsharded)."""
+def stacked_batches(
+    sources: Sequence[Callable[[int], Any]], mesh: jax.sharding.Mesh, run_axis: str | None = None
+):
+    """``batches(s)``: the N runs' batches ``s`` stacked ``[N, B, ...]``: the run axis over
+    ``run_axis`` (or unsharded), the rows over the mesh's other batch axes."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from rlhf_jax import parallel
 
+    rows = tuple(a for a in parallel.BATCH_AXES if a != run_axis)
+
     def place(x):
         x = np.asarray(x)
-        spec = P(None, parallel.BATCH_AXES, *([None] * (x.ndim - 2)))
+        spec = P(run_axis, rows, *([None] * (x.ndim - 2)))
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     def batches(s: int):
@@ -357,7 +384,15 @@ def run_sweep(ctx: Any, prepare: Callable, runs: Sequence[Run]) -> Any:
         n = len(group)
         ctx.say(f"[{name}] program {g}: runs {[r.index for r in group]} ({n} in one step)")
         shardings = parallel.state_shardings(plans[0].state, mesh, cfg.parallel.preset)
-        state = jax.device_put(stack([p.state for p in plans]), stacked_shardings(shardings, mesh))
+        run_axis = cfg.sweep.shard_runs
+        if run_axis is not None and n % mesh.shape[run_axis]:
+            raise config_lib.ConfigError(
+                f"sweep.shard_runs={run_axis!r}: program {g} has {n} runs, which do not split "
+                f"over the {mesh.shape[run_axis]} devices of mesh axis {run_axis!r}: change the "
+                "number of runs or parallel.mesh"
+            )
+        placed = stacked_shardings(shardings, mesh, run_axis)
+        state = jax.device_put(stack([p.state for p in plans]), placed)
         for p in plans:
             p.state = None  # the stacked copy is the state now
         # The stage's step, compiled without a mesh and vmapped over the run axis: XLA places its
@@ -369,7 +404,7 @@ def run_sweep(ctx: Any, prepare: Callable, runs: Sequence[Run]) -> Any:
             step = vmap_step(plans[0].make_step(None))
         finally:
             contexts[0].mesh = mesh_of[0]
-        batches = stacked_batches([p.batches for p in plans], mesh)
+        batches = stacked_batches([p.batches for p in plans], mesh, run_axis)
         prog_dir = os.path.join(ctx.dir, PROGRAMS_DIR, str(g))
         ckpt = Checkpointer(
             os.path.join(prog_dir, "checkpoints"),

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from rlhf_jax.cli import main
 from rlhf_jax.data.toy import ToyTask
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.parallel import MeshConfig, ParallelConfig
 from rlhf_jax.sweep import SweepConfig, expand
 from rlhf_jax.train import LoopConfig
 
@@ -212,6 +214,19 @@ def test_sft_and_reward_model_sweeps(inputs, tmp_path):
     assert res.runs[0].history[0]["loss"] != res.runs[1].history[0]["loss"]  # data order
     assert [rr.history[0]["lr"] for rr in res.runs] == pytest.approx([1e-2, 1e-2, 3e-3, 3e-3])
     assert os.path.isfile(tmp_path / "s" / "sft" / "runs" / "3" / "final" / "config.json")
+    # the run axis split over devices: 2 runs on the 2 devices of the mesh axis "data"
+    shard_cfg = r(
+        swept_cfg,
+        run=r(cfg.run, dir=str(tmp_path / "sh")),
+        parallel=ParallelConfig(mesh=MeshConfig(data=2), preset="dp"),
+        sweep=SweepConfig(stage="sft", seeds=(0, 1), shard_runs="data"),
+    )
+    sharded = pipeline.run_stage(shard_cfg, "sft", verbose=False)
+    for k in range(2):
+        for a, b in zip(res.runs[k].history, sharded.runs[k].history, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), k
+    leaf = jax.tree.leaves(sharded.result.state.params)[0]
+    assert leaf.sharding.spec[0] == "data" and len(leaf.sharding.device_set) == 2
 
     with open(os.path.join(cfg.run.dir, "inputs", "sft_train.jsonl")) as f:
         rows = [json.loads(line) for line in f][:16]
@@ -250,7 +265,6 @@ BAND_MIN_HALF_WIDTH = 0.2  # the band is the reference mean ± max(this, 3 x its
 def band_curve(tmp_path) -> np.ndarray:
     """Per-iteration mean reward ``[seeds, iterations]`` of a tiny PPO run (shared critic, a
     reward function counting the word "dog"), the seeds as one sweep program."""
-    import jax
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
