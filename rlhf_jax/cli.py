@@ -354,6 +354,9 @@ def export(
                 return os.path.join(sweep.run_dir(os.path.join(run_dir, name), run), "final")
         return os.path.join(run_dir, name, pipeline.FINAL_DIR)
 
+    if stage == "auto" and run is not None:  # the swept policy stage (a sweep has no final/)
+        swept = [s for s in pipeline.POLICY_STAGES if sweep.load_sweep(os.path.join(run_dir, s))]
+        stage = swept[0] if swept else stage
     if stage == "auto":
         policy = pipeline.run_policy(run_dir)
         stage = os.path.basename(os.path.dirname(policy)) if policy else "sft"

@@ -165,7 +165,13 @@ def expand(cfg: Any, stage: str) -> list[Run]:
     """The runs of ``cfg.sweep`` for ``stage``, each with its validated config; grouped into
     programs by their values of the keys outside :data:`VMAPPABLE`. Raises ConfigError (one line)
     for a key that is not in the config or not under the stage's section."""
+    from rlhf_jax.pipeline import STAGES
+
     sw: SweepConfig = cfg.sweep
+    if sw.stage is not None and sw.stage not in STAGES:
+        raise config_lib.ConfigError(
+            f"sweep.stage={sw.stage!r} is not a stage; the stages are: {', '.join(STAGES)}"
+        )
     if sw.stage != stage:
         return []
     keys = list(sw.grid) + list(sw.paired)

@@ -72,3 +72,17 @@ def test_report_command_on_a_sweep(tmp_path, capsys):
     argv = ["report", str(tmp_path / "run" / "ppo"), "--compare", "beta=0.05"]
     assert main(argv) == 1
     assert "--compare takes two configurations" in capsys.readouterr().err
+
+
+def test_seed_summary_of_run_results():
+    from types import SimpleNamespace
+
+    from rlhf_jax.report import seed_summary
+
+    runs = [
+        SimpleNamespace(evals=[{"step": 5, "win_rate": 0.5}, {"step": 10, "win_rate": w, "kl": 3}])
+        for w in (0.9, 0.94, 0.92)
+    ]
+    out = seed_summary(runs, ["win_rate", "kl", "gold"])
+    assert set(out) == {"win_rate", "kl"} and out["win_rate"].n == 3
+    assert out["win_rate"].mean == pytest.approx(0.92) and out["kl"].half_width == 0.0

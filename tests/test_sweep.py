@@ -173,6 +173,9 @@ def test_bad_sweeps_fail_in_one_line_before_anything_is_written(inputs, tmp_path
         with pytest.raises(config_lib.ConfigError, match=match):
             pipeline.run_stage(cfg, "ppo", verbose=False)
         assert not os.path.exists(tmp_path / "run")
+    cfg = _config(tmp_path / "run", inputs, sweep=SweepConfig(stage="ppp", seeds=(1, 2)))
+    with pytest.raises(config_lib.ConfigError, match="sweep.stage='ppp' is not a stage"):
+        pipeline.run_stage(cfg, "ppo", verbose=False)
     with pytest.raises(config_lib.ConfigError, match="different lengths"):
         config_lib.load_config(
             None, ["sweep.paired={ppo.trainer.lam: [0.9], ppo.trainer.gamma: [1.0, 0.99]}"]
