@@ -2,6 +2,7 @@
 
     python experiments/rlaif.py                                   # seed 0 into runs/rlaif
     python experiments/rlaif.py --only judge                      # train and evaluate the judge
+    python experiments/rlaif.py --direct                          # + direct RLAIF (GRPO)
     python experiments/rlaif.py --config experiments/configs/rlaif-toy.yaml \\
         run.seed=1 run.dir=runs/rlaif-1                           # another seed
 
@@ -21,6 +22,10 @@
 4. ``<run.dir>/judge_<mode>.yaml`` describes the judge, so that a pointwise judge can be a reward
    source of the on-policy stages (direct RLAIF), e.g. online DPO:
    ``rlhf-jax dpo dpo.trainer.online=true 'dpo.rewards=["judge:<run.dir>/judge_pointwise.yaml"]'``.
+
+5. ``--direct``: **direct RLAIF**, GRPO (``experiments/configs/toy-grpo.yaml``) with the pointwise
+   judge's expected score as the reward, compiled into the iteration, stopped at a KL budget
+   (``--direct-kl`` nats; a rule that does not look at the gold preference).
 
 Everything is local and offline. Each stage resumes (or is skipped when its ``final/`` exists).
 """
@@ -64,6 +69,13 @@ def _parse(argv):
     p.add_argument("--judge-init", default=None, help="start the judge from this HF directory")
     p.add_argument("--judge", default=None, help="use this trained judge (no judge training)")
     p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons (ratings)")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="then direct RLAIF: GRPO (experiments/configs/toy-grpo.yaml) with the pointwise "
+        "judge's score as its reward, compiled in the iteration, stopped at --direct-kl nats",
+    )
+    p.add_argument("--direct-kl", type=float, default=3.0, help="KL budget of the direct run")
     p.add_argument("--judge-eval-pairs", type=int, default=1024, help="held-out comparisons")
     p.add_argument("--judge-steps", type=int, default=1500, help="judge SFT steps")
     p.add_argument("--judge-hidden", type=int, default=64)
@@ -196,6 +208,37 @@ def evaluate_judge(cfg: pipeline.ExperimentConfig, judge_dir: str, args) -> dict
     return report
 
 
+def run_direct(cfg: pipeline.ExperimentConfig, judge_yaml: str, args) -> dict:
+    """Direct RLAIF: the ``grpo`` stage of ``toy-grpo.yaml`` from this run's SFT policy, its
+    reward the judge's expected score (``grpo.rewards=[judge:<judge_pointwise.yaml>]``), stopped
+    when the held-out KL to the SFT policy reaches ``--direct-kl`` nats (a budget, not a gold
+    figure: the gold preference stays hidden)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "toy-grpo.yaml")
+    g = config_lib.load_config(path).grpo
+    prompts = os.path.join(cfg.run.dir, "inputs", "prompts.jsonl")
+    loop = dataclasses.replace(
+        g.trainer.loop, stop_metric="kl", stop_direction="above", stop_value=args.direct_kl
+    )
+    grpo = dataclasses.replace(
+        g,
+        policy=os.path.join(cfg.run.stage_dir("sft"), pipeline.FINAL_DIR),
+        prompts_file=prompts,
+        eval_prompts_file=prompts,
+        rewards=(f"judge:{judge_yaml}",),
+        trainer=dataclasses.replace(g.trainer, loop=loop),
+    )
+    result, sec = _run(dataclasses.replace(cfg, grpo=grpo), "grpo")
+    last = result.result.evals[-1]
+    out = {k: last.get(k) for k in ("gold", "win_rate", "kl", "well_formed", "good")}
+    out.update(iterations=result.result.step, stop_reason=result.result.stop_reason, seconds=sec)
+    print(
+        f"[rlaif] direct RLAIF (GRPO on the judge's score): gold win rate against SFT "
+        f"{out['win_rate']:.1%}, KL {out['kl']:.2f} nats after {out['iterations']} iterations "
+        f"({out['stop_reason']})"
+    )
+    return out
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     base = quickstart.default_config()
@@ -209,7 +252,8 @@ def main(argv=None) -> int:
     judge_report = evaluate_judge(cfg, judge_dir, args)
     # the judge as data: `judge:<run.dir>/judge_pointwise.yaml` is a reward source (scoring)
     spec = J.JudgeConfig(**{**_judge_fields(args), "model": os.path.abspath(judge_dir)})
-    with open(os.path.join(cfg.run.dir, f"judge_{args.judge_mode}.yaml"), "w") as f:
+    judge_yaml = os.path.join(cfg.run.dir, f"judge_{args.judge_mode}.yaml")
+    with open(judge_yaml, "w") as f:
         f.write(config_lib.to_yaml(spec))
     out = {"judge": judge_report, "judge_dir": judge_dir}
     if args.only == "all":
@@ -238,6 +282,13 @@ def main(argv=None) -> int:
             f"{judge_report['pairs']} held-out pairs (simulated human "
             f"{judge_report['simulated_human_expected_agreement']:.3f})\n"
         )
+        if args.direct and args.judge_mode == "pointwise":
+            report["direct"] = direct = run_direct(cfg, judge_yaml, args)
+            text += (
+                f"direct RLAIF (GRPO, the judge's score as the reward): gold win rate against "
+                f"SFT {direct['win_rate']:.1%}, KL {direct['kl']:.2f} nats, "
+                f"{direct['iterations']} iterations ({direct['stop_reason']})\n"
+            )
         with open(os.path.join(cfg.run.dir, "report.md"), "w", encoding="utf-8") as f:
             f.write(text)
         print(text)
