@@ -87,6 +87,21 @@ VMAPPABLE: dict[str, tuple[str, ...]] = {
         "trainer.temperature",
         "trainer.vf_coef",
     ),
+    "dpo": (  # DPOHParams (rlhf_jax.algorithms.dpo)
+        "trainer.beta",
+        "trainer.optim.learning_rate",
+        "trainer.label_smoothing",
+        "trainer.simpo_gamma",
+        "trainer.rpo_alpha",
+        "trainer.temperature",
+    ),
+    "grpo": (  # GRPOHParams (rlhf_jax.algorithms.grpo)
+        "trainer.kl_coef",
+        "trainer.optim.learning_rate",
+        "trainer.clip_eps",
+        "trainer.clip_eps_high",
+        "trainer.temperature",
+    ),
 }
 
 _Value = int | float | str | bool

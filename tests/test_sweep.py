@@ -161,6 +161,11 @@ def test_static_axes_are_programs_one_after_another(inputs, tmp_path):
     assert [(x.program, x.seed) for x in runs] == [(0, 3), (0, 4)] * 2 + [(1, 3), (1, 4)] * 2
     assert runs[2].label == "trainer.num_epochs=1, trainer.optim.learning_rate=0.01"
     assert runs[7].cfg.ppo.trainer.num_epochs == 2 and runs[7].cfg.run.seed == 4
+    # the DPO and GRPO hyperparameters are arrays too: one program
+    for stage, key in (("grpo", "trainer.kl_coef"), ("dpo", "trainer.beta")):
+        grid = {f"{stage}.{key}": (0.05, 0.1), f"{stage}.trainer.optim.learning_rate": (1e-3, 1e-4)}
+        cfg = r(inputs, sweep=SweepConfig(stage=stage, seeds=(0, 1), grid=grid))
+        assert {x.program for x in expand(cfg, stage)} == {0}
 
 
 def test_bad_sweeps_fail_in_one_line_before_anything_is_written(inputs, tmp_path):
