@@ -3,6 +3,7 @@
     python experiments/rlaif.py                                   # seed 0 into runs/rlaif
     python experiments/rlaif.py --only judge                      # train and evaluate the judge
     python experiments/rlaif.py --direct                          # + direct RLAIF (GRPO)
+    python experiments/rlaif.py --only direct                     # the judge, SFT, GRPO only
     python experiments/rlaif.py --config experiments/configs/rlaif-toy.yaml \\
         run.seed=1 run.dir=runs/rlaif-1                           # another seed
 
@@ -23,7 +24,7 @@
    source of the on-policy stages (direct RLAIF), e.g. online DPO:
    ``rlhf-jax dpo dpo.trainer.online=true 'dpo.rewards=["judge:<run.dir>/judge_pointwise.yaml"]'``.
 
-5. ``--direct``: **direct RLAIF**, GRPO (``experiments/configs/toy-grpo.yaml``) with the pointwise
+5. ``--direct``: **direct RLAIF**, GRPO (``experiments/configs/grpo-toy.yaml``) with the pointwise
    judge's expected score as the reward, compiled into the iteration, stopped at a KL budget
    (``--direct-kl`` nats; a rule that does not look at the gold preference).
 
@@ -58,7 +59,8 @@ def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE settings of the RLAIF pipeline")
     p.add_argument("--config", default=None, help="a YAML config (experiments/configs/...)")
-    p.add_argument("--only", choices=("judge", "all"), default="all")
+    # judge: train and evaluate the judge; direct: + the SFT policy and direct RLAIF only
+    p.add_argument("--only", choices=("judge", "direct", "all"), default="all")
     p.add_argument(
         "--judge-mode",
         choices=J.MODES,
@@ -72,7 +74,7 @@ def _parse(argv):
     p.add_argument(
         "--direct",
         action="store_true",
-        help="then direct RLAIF: GRPO (experiments/configs/toy-grpo.yaml) with the pointwise "
+        help="then direct RLAIF: GRPO (experiments/configs/grpo-toy.yaml) with the pointwise "
         "judge's score as its reward, compiled in the iteration, stopped at --direct-kl nats",
     )
     p.add_argument("--direct-kl", type=float, default=3.0, help="KL budget of the direct run")
@@ -209,11 +211,11 @@ def evaluate_judge(cfg: pipeline.ExperimentConfig, judge_dir: str, args) -> dict
 
 
 def run_direct(cfg: pipeline.ExperimentConfig, judge_yaml: str, args) -> dict:
-    """Direct RLAIF: the ``grpo`` stage of ``toy-grpo.yaml`` from this run's SFT policy, its
+    """Direct RLAIF: the ``grpo`` stage of ``grpo-toy.yaml`` from this run's SFT policy, its
     reward the judge's expected score (``grpo.rewards=[judge:<judge_pointwise.yaml>]``), stopped
     when the held-out KL to the SFT policy reaches ``--direct-kl`` nats (a budget, not a gold
     figure: the gold preference stays hidden)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "toy-grpo.yaml")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "grpo-toy.yaml")
     g = config_lib.load_config(path).grpo
     prompts = os.path.join(cfg.run.dir, "inputs", "prompts.jsonl")
     loop = dataclasses.replace(
@@ -256,6 +258,9 @@ def main(argv=None) -> int:
     with open(judge_yaml, "w") as f:
         f.write(config_lib.to_yaml(spec))
     out = {"judge": judge_report, "judge_dir": judge_dir}
+    if args.only == "direct":
+        _run(cfg, "sft")
+        out["direct"] = run_direct(cfg, judge_yaml, args)
     if args.only == "all":
         cfg = dataclasses.replace(
             cfg,
