@@ -1,4 +1,4 @@
-"""Trainers: each a config and a compiled pure step; the pipeline (:mod:`rlhf_jax.pipeline`) runs them.
+"""Trainers: each a config and a compiled pure step, run by the pipeline (rlhf_jax.pipeline).
 
 - :mod:`rlhf_jax.algorithms.sft` — supervised fine-tuning / pretraining (token NLL).
 - :mod:`rlhf_jax.algorithms.reward_model` — scalar reward model from pairwise or K-wise comparisons.
