@@ -12,6 +12,9 @@ Nothing here writes a file before ``finish``.
   normalised on that policy's samples after training.
 - ``ppo``: :mod:`rlhf_jax.algorithms.ppo` against a reward model or a reward function, with the
   held-out evaluation of :func:`policy_evaluator`.
+- ``dpo``, ``grpo``: registered from :mod:`rlhf_jax.algorithms.dpo` and
+  :mod:`rlhf_jax.algorithms.grpo` (each module holds its stage section and ``prepare``);
+  ``judge``: :func:`rlhf_jax.judge.prepare_judge`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.algorithms import dpo, grpo
+from rlhf_jax.judge import prepare_judge
 from rlhf_jax.pipeline import (
     Context,
     Outputs,
@@ -549,21 +554,14 @@ register(
         prepare_ppo,
     )
 )
-from rlhf_jax.algorithms import dpo as _dpo  # noqa: E402
-
 register(
-    Stage("dpo", "DPO and its loss family on preference pairs, offline or online.", _dpo.prepare)
+    Stage("dpo", "DPO and its loss family on preference pairs, offline or online.", dpo.prepare)
 )
-
-from rlhf_jax.judge import prepare_judge as _prepare_judge  # noqa: E402
-
-register(Stage("judge", "Judge a file of preference pairs with an LM judge.", _prepare_judge))
-from rlhf_jax.algorithms import grpo as _grpo  # noqa: E402
-
 register(
     Stage(
         "grpo",
         "Critic-free RL: GRPO, Dr. GRPO, RLOO, REINFORCE++ (n samples per prompt).",
-        _grpo.prepare,
+        grpo.prepare,
     )
 )
+register(Stage("judge", "Judge a file of preference pairs with an LM judge.", prepare_judge))
