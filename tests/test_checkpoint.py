@@ -311,7 +311,9 @@ def test_a_different_model_width_names_the_parameter_and_both_shapes(tmp_path, c
     message = str(info.value)
     assert "params/w has shape (8, 4) there but (8, 6) in this run" in message
     assert "different config" in message and "step 2" in message
-    assert "\n" not in message and len(message) < 400
+    # one line, short apart from the directory it names (twice; the test's path length varies)
+    assert "\n" not in message
+    assert len(message.replace(str(tmp_path / "c"), "DIR")) < 300
     assert info.value.__cause__ is None  # no chained 100-line Orbax trace behind it
     assert sorted(os.listdir(tmp_path / "c")) == ["1", "2"]
     assert "Event loop is closed" not in capfd.readouterr().err

@@ -610,7 +610,9 @@ def ppo_loss(
     ``hparams.value_clip``) over its value-loss mask; both aggregated the preset's way
     (``loss_aggregation``). The objective of a minibatch is
     ``policy_sum / policy_count + c_vf * value_sum / value_count`` with the counts of the whole
-    minibatch (:func:`loss_counts`). ``metric_sums`` are sums (divide by the token counts).
+    minibatch (:func:`loss_counts`). ``metric_sums`` maps each metric's name (written only here)
+    to ``(sum, count)``: sums and counts add over microbatches and updates, and the reported
+    value is one division at the end.
     """
     conv = cfg.conventions
     prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
@@ -624,14 +626,13 @@ def ppo_loss(
     vf_sum, _, vf_metrics = losses.value_loss(
         values, batch.old_values, batch.returns, vmask, hparams.value_clip, options=conv
     )
+    p_tokens, v_tokens = pg_metrics["token_count"], vf_metrics["token_count"]
     metric_sums = {
-        "policy/approx_kl": pg_metrics["approx_kl"],
-        "policy/clip_frac": pg_metrics["clip_frac"],
-        "policy/ratio": pg_metrics["ratio"],
-        "policy/tokens": pg_metrics["token_count"],
-        "value/clip_frac": vf_metrics["value_clip_frac"],
-        "value/error": vf_metrics["value_error"],
-        "value/tokens": vf_metrics["token_count"],
+        "policy/approx_kl": (pg_metrics["approx_kl"], p_tokens),
+        "policy/clip_frac": (pg_metrics["clip_frac"], p_tokens),
+        "policy/ratio": (pg_metrics["ratio"], p_tokens),
+        "value/clip_frac": (vf_metrics["value_clip_frac"], v_tokens),
+        "value/error": (vf_metrics["value_error"], v_tokens),
     }
     return pg_sum, vf_sum, metric_sums
 
@@ -690,66 +691,42 @@ def update(
         pg_sum, vf_sum, sums = ppo_loss(cfg, static, params, mb, hparams)
         counts = jnp.maximum(counts[0], 1.0)  # the same [2] for every microbatch
         loss = pg_sum / counts[0] + hparams.vf_coef * vf_sum / counts[1]
-        sums = {**sums, "policy_loss": pg_sum / counts[0], "value_loss": vf_sum / counts[1]}
+        # the two losses' shares of this update (count 0 here: one count per update, below)
+        zero = jnp.float32(0.0)
+        sums["policy_loss"] = (pg_sum / counts[0], zero)
+        sums["value_loss"] = (vf_sum / counts[1], zero)
         return micro * loss, (jnp.float32(1.0), sums)
 
-    def one_update(carry, minibatch):
-        train, totals = carry
+    def one_update(train, minibatch):
         counts = loss_counts(cfg, minibatch.response_mask, micro)
         counts_b = jnp.broadcast_to(counts, (mb_size, 2))  # split with the rows by accumulate
         grads, _, sums = accumulate(objective, train.params, (minibatch, counts_b), micro)
-        loss = sums["policy_loss"] + hparams.vf_coef * sums["value_loss"]
+        loss = sums["policy_loss"][0] + hparams.vf_coef * sums["value_loss"][0]
         guarded = jnp.where(exp_ok, loss, jnp.nan)  # a non-finite batch drops every update
         train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
-        totals = {k: totals[k] + v for k, v in sums.items()} | {
-            "loss": totals["loss"] + loss,
-            "grad_norm": totals["grad_norm"] + upd["grad_norm"],
-            "skipped": jnp.maximum(totals["skipped"], upd["skipped"]),
-        }
-        return (train, totals), None
+        one = jnp.float32(1.0)  # the per-update metrics: means over the E x M updates
+        per_update = {"loss": (loss, one), "grad_norm": (upd["grad_norm"], one)}
+        per_update |= {name: (sums[name][0], one) for name in ("policy_loss", "value_loss")}
+        return train, ({**sums, **per_update}, upd["skipped"])
 
-    def one_epoch(carry, epoch):
+    def one_epoch(train, epoch):
         if m == 1:  # one minibatch: the row order does not change the summed loss
             minibatches = jax.tree.map(lambda x: x[None], exp)
         else:
             perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
             minibatches = jax.tree.map(lambda x: x[perm.reshape(m, mb_size)], exp)
-        carry, _ = lax.scan(one_update, carry, minibatches)
-        return carry, None
+        return lax.scan(one_update, train, minibatches)
 
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
-    names = (
-        "policy/approx_kl",
-        "policy/clip_frac",
-        "policy/ratio",
-        "policy/tokens",
-        "value/clip_frac",
-        "value/error",
-        "value/tokens",
-        "policy_loss",
-        "value_loss",
-        "loss",
-        "grad_norm",
-        "skipped",
-    )
-    totals = {k: jnp.zeros((), jnp.float32) for k in names}
-    (train, totals), _ = lax.scan(one_epoch, (train, totals), jnp.arange(cfg.num_epochs))
-    n_updates = cfg.num_epochs * m
-    p_tokens = jnp.maximum(totals["policy/tokens"], 1.0)
-    v_tokens = jnp.maximum(totals["value/tokens"], 1.0)
+    # per-update (sum, count) of every metric, stacked [E, M]; each name is written once (in
+    # ppo_loss or one_update) and the report is sum / count over all updates
+    train, (sums, skipped) = lax.scan(one_epoch, train, jnp.arange(cfg.num_epochs))
     metrics = {
-        "loss": totals["loss"] / n_updates,
-        "policy_loss": totals["policy_loss"] / n_updates,
-        "value_loss": totals["value_loss"] / n_updates,
-        "policy/approx_kl": totals["policy/approx_kl"] / p_tokens,
-        "policy/clip_frac": totals["policy/clip_frac"] / p_tokens,
-        "policy/ratio": totals["policy/ratio"] / p_tokens,
-        "value/clip_frac": totals["value/clip_frac"] / v_tokens,
-        "value/error": totals["value/error"] / v_tokens,
-        "grad_norm": totals["grad_norm"] / n_updates,
-        "skipped": jnp.maximum(totals["skipped"], 1.0 - exp_ok.astype(jnp.float32)),
-        "lr": current_learning_rate(cfg.optim, train.opt_state),
+        name: jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
+        for name, (total, count) in sums.items()
     }
+    metrics["skipped"] = jnp.maximum(jnp.max(skipped), 1.0 - exp_ok.astype(jnp.float32))
+    metrics["lr"] = current_learning_rate(cfg.optim, train.opt_state)
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
 
