@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.train import stack_states
 
 __all__ = [
     "RUNS_DIR",
@@ -242,7 +243,7 @@ def load_sweep(stage_dir: str | os.PathLike) -> dict | None:
 
 def stack(trees: Sequence[Any]) -> Any:
     """Stack pytrees of the same structure on a new leading (run) axis."""
-    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+    return stack_states(trees)
 
 
 def _uses(spec: Any, axis: str) -> bool:

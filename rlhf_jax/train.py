@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.optim import OptimConfig, current_learning_rate, make_optimizer
+from rlhf_jax.optim import OptimConfig, current_learning_rate, make_optimizer, set_learning_rate
 
 __all__ = [
     "LoopConfig",
@@ -48,6 +48,8 @@ __all__ = [
     "RunResult",
     "TrainState",
     "apply_update",
+    "seeded_state",
+    "stack_states",
     "run_loop",
     "run_slice",
 ]
@@ -111,6 +113,35 @@ class TrainState:
         optimizer state from :func:`rlhf_jax.optim.make_optimizer`."""
         params = jax.tree.map(jnp.array, params)
         return cls(params=params, opt_state=make_optimizer(optim).init(params), step=jnp.int32(0))
+
+
+def seeded_state(cls: type, params: Any, optim: OptimConfig, hparams: Any, **fields: Any) -> Any:
+    """A fresh state of an on-policy trainer (PPO, GRPO, DPO): ``cls(params, opt_state, step,
+    key, hparams, **fields)``.
+
+    ``params`` are copied (the state is donated; the caller's pytree is never aliased), the
+    optimizer state is new at ``hparams.learning_rate`` (:func:`rlhf_jax.optim.set_learning_rate`,
+    traceable, so a ``jax.vmap`` over stacked hparams builds N runs' states), the key is
+    ``PRNGKey(hparams.seed)``, and every leaf gets its own buffer (the learning rate in the
+    optimizer state would otherwise alias ``hparams``' array).
+    """
+    params = jax.tree.map(jnp.array, params)
+    opt_state = set_learning_rate(make_optimizer(optim).init(params), hparams.learning_rate)
+    state = cls(
+        params=params,
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.PRNGKey(hparams.seed),
+        hparams=hparams,
+        **fields,
+    )
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def stack_states(states: Sequence[Any]) -> Any:
+    """Stack run states (any pytrees of one structure) on a new leading run axis, for
+    ``jax.vmap`` of a step over runs."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *states)
 
 
 class NonFiniteError(UserError, FloatingPointError):

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -59,8 +59,8 @@ from jax import lax
 from rlhf_jax import losses, models, parallel, scoring
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.masks import as_float, as_scalar
-from rlhf_jax.optim import OptimConfig, make_optimizer, set_learning_rate
-from rlhf_jax.train import LoopConfig, apply_update
+from rlhf_jax.optim import OptimConfig, make_optimizer
+from rlhf_jax.train import LoopConfig, apply_update, seeded_state, stack_states
 
 __all__ = [
     "DPOConfig",
@@ -240,21 +240,7 @@ def init_state(cfg: DPOConfig, params: Any, hparams: DPOHParams | None = None) -
     """A fresh state: a *copy* of ``params`` and a new optimizer state at ``hparams``' rate.
     Traceable, so ``jax.vmap`` over stacked hparams builds N runs' states."""
     hparams = DPOHParams.from_config(cfg) if hparams is None else hparams
-    params = jax.tree.map(jnp.array, params)
-    opt_state = set_learning_rate(make_optimizer(cfg.optim).init(params), hparams.learning_rate)
-    state = DPOState(
-        params=params,
-        opt_state=opt_state,
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.PRNGKey(hparams.seed),
-        hparams=hparams,
-    )
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-
-
-def stack_states(states: Sequence[DPOState]) -> DPOState:
-    """Stack run states on a new leading axis, for ``jax.vmap`` of the step over runs."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return seeded_state(DPOState, params, cfg.optim, hparams)
 
 
 # ------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ a stacked state runs N experiments in one program.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -66,9 +66,8 @@ from rlhf_jax.optim import (
     accumulate,
     current_learning_rate,
     make_optimizer,
-    set_learning_rate,
 )
-from rlhf_jax.train import LoopConfig, TrainState, apply_update
+from rlhf_jax.train import LoopConfig, TrainState, apply_update, seeded_state, stack_states
 
 __all__ = [
     "BASELINES",
@@ -271,21 +270,7 @@ class GRPOExperience:
 def init_state(cfg: GRPOConfig, params: Any, hparams: GRPOHParams | None = None) -> GRPOState:
     """A fresh state: a *copy* of ``params`` and a new optimizer state at ``hparams``' rate."""
     hparams = GRPOHParams.from_config(cfg) if hparams is None else hparams
-    params = jax.tree.map(jnp.array, params)
-    opt_state = set_learning_rate(make_optimizer(cfg.optim).init(params), hparams.learning_rate)
-    state = GRPOState(
-        params=params,
-        opt_state=opt_state,
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.PRNGKey(hparams.seed),
-        hparams=hparams,
-    )
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-
-
-def stack_states(states: Sequence[GRPOState]) -> GRPOState:
-    """Stack run states on a new leading axis, for ``jax.vmap`` of the iteration over runs."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return seeded_state(GRPOState, params, cfg.optim, hparams)
 
 
 # ------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ and only on that path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -74,10 +74,9 @@ from rlhf_jax.optim import (
     accumulate,
     current_learning_rate,
     make_optimizer,
-    set_learning_rate,
 )
 from rlhf_jax.reward_fn import RewardFunction
-from rlhf_jax.train import LoopConfig, TrainState, apply_update
+from rlhf_jax.train import LoopConfig, TrainState, apply_update, seeded_state, stack_states
 
 __all__ = [
     "PPOConfig",
@@ -398,25 +397,8 @@ def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -
     runs' states at once (or use :func:`stack_states`).
     """
     hparams = PPOHParams.from_config(cfg) if hparams is None else hparams
-    params = jax.tree.map(jnp.array, params)  # the state is donated: never alias the SFT/RM params
-    opt_state = make_optimizer(cfg.optim).init(params)
-    opt_state = set_learning_rate(opt_state, hparams.learning_rate)
-    state = PPOState(
-        params=params,
-        opt_state=opt_state,
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.PRNGKey(hparams.seed),
-        kl_coef=jnp.asarray(hparams.kl_coef, jnp.float32),
-        hparams=hparams,
-    )
-    # Every leaf its own buffer (kl_coef and the lr in opt_state would alias hparams' arrays),
-    # since the iteration donates the whole state.
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-
-
-def stack_states(states: Sequence[PPOState]) -> PPOState:
-    """Stack run states on a new leading axis, for ``jax.vmap`` of the iteration over runs."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    kl_coef = jnp.asarray(hparams.kl_coef, jnp.float32)
+    return seeded_state(PPOState, params, cfg.optim, hparams, kl_coef=kl_coef)
 
 
 # ------------------------------------------------------------------------------------------
