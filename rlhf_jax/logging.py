@@ -41,7 +41,14 @@ import numpy as np
 
 from rlhf_jax.errors import UserError
 
-__all__ = ["RunLogger", "RunLogError", "read_metrics", "METRICS_FILE", "SAMPLES_FILE"]
+__all__ = [
+    "RunLogger",
+    "RunLogError",
+    "read_metrics",
+    "read_samples",
+    "METRICS_FILE",
+    "SAMPLES_FILE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,16 @@ _PROGRESS_HINTS = ("loss", "reward", "score", "gold", "kl", "acc")
 
 class RunLogError(UserError, OSError):
     """The run directory cannot be created or written; the message says which and what to do."""
+
+
+def read_samples(run_dir: str | os.PathLike, step: int | None = None) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/samples.jsonl`` (all, or those logged at ``step``); [] if none."""
+    path = os.path.join(os.fspath(run_dir), SAMPLES_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if step is None or r.get("step") == step]
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

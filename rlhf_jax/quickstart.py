@@ -42,6 +42,7 @@ from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data import toy
 from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.logging import read_samples
 from rlhf_jax.optim import OptimConfig
 from rlhf_jax.parallel import MeshConfig, ParallelConfig
 from rlhf_jax.train import LoopConfig
@@ -268,11 +269,7 @@ def build_report(cfg, results: Mapping[str, Any], seconds: Mapping[str, float]) 
         }
         for h in ppo.history
     ]
-    samples = [
-        r
-        for r in read_metrics_file(os.path.join(results["ppo"].dir, "samples.jsonl"))
-        if r.get("step") == ppo.step
-    ]
+    samples = read_samples(results["ppo"].dir, step=ppo.step)
     sft = results["sft"].result
     win = last.get("win_rate", float("nan"))
     return {
@@ -305,13 +302,6 @@ def build_report(cfg, results: Mapping[str, Any], seconds: Mapping[str, float]) 
             for name in ("sft", "rm", "ppo")
         },
     }
-
-
-def read_metrics_file(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_ppo(curve: Sequence[Mapping[str, float]], path: str) -> str:
