@@ -48,6 +48,7 @@ __all__ = [
     "RunResult",
     "TrainState",
     "apply_update",
+    "hparam_arrays",
     "seeded_state",
     "stack_states",
     "run_loop",
@@ -136,6 +137,19 @@ def seeded_state(cls: type, params: Any, optim: OptimConfig, hparams: Any, **fie
         **fields,
     )
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def hparam_arrays(cls: type, values: Mapping[str, Any], overrides: Mapping[str, Any], what: str):
+    """``cls(**values)`` as scalar arrays (float32; ``seed`` int32), ``overrides`` replacing
+    single fields: the ``from_config`` of every trainer's ``HParams`` (PPO, GRPO, DPO)."""
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(
+            f"unknown {what} hyperparameters {sorted(unknown)}; known: {sorted(values)}"
+        )
+    values = {**values, **overrides}
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
+    return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
 
 
 def stack_states(states: Sequence[Any]) -> Any:

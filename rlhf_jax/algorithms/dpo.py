@@ -60,7 +60,7 @@ from rlhf_jax import losses, models, parallel, scoring
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.masks import as_float, as_scalar
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.train import LoopConfig, apply_update, seeded_state, stack_states
+from rlhf_jax.train import LoopConfig, apply_update, hparam_arrays, seeded_state, stack_states
 
 __all__ = [
     "DPOConfig",
@@ -198,13 +198,7 @@ class DPOHParams:
             "temperature": cfg.temperature,
             "seed": cfg.seed,
         }
-        unknown = set(overrides) - set(values)
-        if unknown:
-            known = sorted(values)
-            raise ValueError(f"unknown DPO hyperparameters {sorted(unknown)}; known: {known}")
-        values.update(overrides)
-        out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
-        return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
+        return hparam_arrays(cls, values, overrides, "DPO")
 
 
 @flax.struct.dataclass

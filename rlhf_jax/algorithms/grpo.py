@@ -67,7 +67,14 @@ from rlhf_jax.optim import (
     current_learning_rate,
     make_optimizer,
 )
-from rlhf_jax.train import LoopConfig, TrainState, apply_update, seeded_state, stack_states
+from rlhf_jax.train import (
+    LoopConfig,
+    TrainState,
+    apply_update,
+    hparam_arrays,
+    seeded_state,
+    stack_states,
+)
 
 __all__ = [
     "BASELINES",
@@ -203,13 +210,7 @@ class GRPOHParams:
             "temperature": cfg.temperature,
             "seed": cfg.seed,
         }
-        unknown = set(overrides) - set(values)
-        if unknown:
-            known = sorted(values)
-            raise ValueError(f"unknown GRPO hyperparameters {sorted(unknown)}; known: {known}")
-        values.update(overrides)
-        out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
-        return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
+        return hparam_arrays(cls, values, overrides, "GRPO")
 
 
 @flax.struct.dataclass

@@ -76,7 +76,14 @@ from rlhf_jax.optim import (
     make_optimizer,
 )
 from rlhf_jax.reward_fn import RewardFunction
-from rlhf_jax.train import LoopConfig, TrainState, apply_update, seeded_state, stack_states
+from rlhf_jax.train import (
+    LoopConfig,
+    TrainState,
+    apply_update,
+    hparam_arrays,
+    seeded_state,
+    stack_states,
+)
 
 __all__ = [
     "PPOConfig",
@@ -225,14 +232,7 @@ class PPOHParams:
             "vf_coef": cfg.vf_coef,
             "seed": cfg.seed,
         }
-        unknown = set(overrides) - set(values)
-        if unknown:
-            raise ValueError(
-                f"unknown PPO hyperparameters {sorted(unknown)}; known: {sorted(values)}"
-            )
-        values.update(overrides)
-        out = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if k != "seed"}
-        return cls(seed=jnp.asarray(values["seed"], jnp.int32), **out)
+        return hparam_arrays(cls, values, overrides, "PPO")
 
 
 @flax.struct.dataclass
