@@ -13,6 +13,9 @@ template):
 ``completion``  ``{"prompt", "completion"}`` (or ``{"messages"}`` ending with an assistant turn)
 ``preference``  ``{"prompt", "chosen", "rejected"}`` and an optional numeric ``"margin"``
 ``ranking``     ``{"prompt", "completions"}``: exactly K completions ranked best to worst
+``safety``      ``{"prompt", "response_0", "response_1", "better_response_id",
+                "safer_response_id", "is_response_0_safe", "is_response_1_safe"}``
+                (PKU-SafeRLHF): the ids are the integer 0 or 1, the flags booleans
 ==============  =========================================================================
 
 Tokenization: a text prompt is encoded with the tokenizer's special tokens (its ``<bos>``), a text
@@ -30,7 +33,8 @@ rejected, filtered out (counted) or truncated (counted; prompts keep their last 
 their first), by ``overlong``. Text that encodes to the tokenizer's unknown token is counted
 (``rows_with_unknown_tokens``) or, with ``unknown_tokens="error"``, is a row error. A preference
 row whose chosen and rejected completions are the same tokens (after truncation) teaches a reward
-model nothing: it is a *degenerate pair*, dropped and counted by default (``degenerate_pairs``).
+model nothing: it is a *degenerate pair*, dropped and counted by default (``degenerate_pairs``);
+so is a safety row whose ``response_0`` and ``response_1`` are the same tokens.
 :meth:`TokenizedDataset.summary` is one line a program prints per dataset: rows read and kept,
 and every count above.
 :class:`DataLoader` yields batches of numpy int32 arrays::
@@ -41,6 +45,10 @@ and every count above.
     chosen_tokens    [B, R]      right-padded (kind "preference"); chosen_mask, rejected_tokens,
                                  rejected_mask alike; margin [B] float32 when the data has margins
     response_tokens  [B, K, R]   right-padded, best first (kind "ranking"); response_mask alike
+    response_tokens  [B, 2, R]   right-padded, response_0 then response_1 as in the row (kind
+                                 "safety"); response_mask alike; better [B] and safer [B] (the
+                                 better_response_id / safer_response_id, 0 or 1); safe [B, 2]
+                                 (1 = the response is safe, 0 = unsafe)
 
 in an order that is a function of ``(seed, epoch)`` only. Its cursor, ``{"seed", "epoch",
 "position"}``, is a small JSON-able dict: a loader restored from it yields exactly the batches the
@@ -74,7 +82,7 @@ __all__ = [
     "read_rows",
 ]
 
-KINDS = ("prompt", "completion", "preference", "ranking")
+KINDS = ("prompt", "completion", "preference", "ranking", "safety")
 FORMATS = ("jsonl", "json", "parquet")
 ROLES = ("system", "user", "assistant", "tool")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
@@ -114,7 +122,7 @@ class _RowError(Exception):
 class DataConfig:
     """How to read, validate and tokenize a dataset."""
 
-    kind: Literal["prompt", "completion", "preference", "ranking"]  # what each row holds
+    kind: Literal["prompt", "completion", "preference", "ranking", "safety"]  # what a row holds
     max_prompt_length: int  # P, the static (left-padded) prompt length, special tokens included
     max_completion_length: int = 0  # R, the static (right-padded) completion length; 0 for prompts
     num_completions: int | None = None  # K, required for kind "ranking"
@@ -123,8 +131,8 @@ class DataConfig:
     append_eos: bool = True  # end each completion with the tokenizer's EOS if it does not already
     vocab_size: int | None = None  # the model's vocabulary size: checked against the tokenizer
     unknown_tokens: Literal["allow", "error"] = "allow"  # text that encodes to the unk token
-    # preference rows with chosen == rejected (the same tokens): drop and count, keep and count,
-    # or treat as a malformed row (on_error decides: stop or skip)
+    # preference rows with chosen == rejected, safety rows with response_0 == response_1 (the
+    # same tokens): drop and count, keep and count, or treat as a malformed row (on_error decides)
     degenerate_pairs: Literal["drop", "keep", "error"] = "drop"
 
     def __post_init__(self) -> None:
@@ -175,7 +183,7 @@ class LoadStats:
     truncated_prompts: int = 0
     truncated_completions: int = 0
     rows_with_unknown_tokens: int = 0  # kept rows whose text encodes to the tokenizer's unk token
-    degenerate_pairs: int = 0  # preference rows with chosen == rejected (dropped unless "keep")
+    degenerate_pairs: int = 0  # preference/safety rows with two equal completions (see config)
     degenerate_kept: bool = False  # whether those rows were kept (DataConfig.degenerate_pairs)
     errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
 
@@ -356,17 +364,47 @@ def _split_messages(row: Mapping, kind: str) -> tuple[Text, list[Text]]:
     return msgs[:-1], [[msgs[-1]]]
 
 
-def parse_row(row: Any, config: DataConfig) -> tuple[Text, list[Text], float | None]:
-    """Validate a row: ``(prompt, completions, margin)``; raises _RowError naming the field."""
+SAFETY_IDS = ("better_response_id", "safer_response_id")
+SAFETY_FLAGS = ("is_response_0_safe", "is_response_1_safe")
+
+
+def _response_id(row: Mapping, name: str) -> int:
+    """The integer 0 or 1 (a Python or numpy int; not a bool, not a float)."""
+    value = _field(row, name)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _RowError(name, f"must be the integer 0 or 1, got {type(value).__name__} {value!r}")
+    if value not in (0, 1):
+        raise _RowError(name, f"must be the integer 0 or 1, got {int(value)}")
+    return int(value)
+
+
+def _safe_flag(row: Mapping, name: str) -> int:
+    """A boolean (Python or numpy) as 1 (safe) or 0 (unsafe)."""
+    value = _field(row, name)
+    if not isinstance(value, (bool, np.bool_)):
+        raise _RowError(
+            name,
+            f"must be a boolean, got {type(value).__name__} {value!r}; use true/false",
+        )
+    return int(bool(value))
+
+
+def parse_row(row: Any, config: DataConfig) -> tuple[Text, list[Text], dict[str, Any]]:
+    """Validate a row: ``(prompt, completions, labels)``; raises _RowError naming the field.
+
+    ``labels`` is ``{}``, except ``{"margin": float}`` for a preference row with a margin and
+    ``{"better": int, "safer": int, "safe": (int, int)}`` for a safety row (ids 0 or 1; safe 1, 0
+    unsafe).
+    """
     if not isinstance(row, Mapping):
         raise _RowError(None, f"a row must be a JSON object, got {type(row).__name__}")
     kind = config.kind
     if "prompt" not in row and "messages" in row and kind in ("prompt", "completion"):
         prompt, completions = _split_messages(row, kind)
-        return prompt, completions, None
+        return prompt, completions, {}
     prompt = _check_text(_field(row, "prompt"), "prompt", conversational=None)
     conv = isinstance(prompt, list)
-    margin = None
+    labels: dict[str, Any] = {}
     if kind == "prompt":
         completions = []
     elif kind == "completion":
@@ -382,7 +420,18 @@ def parse_row(row: Any, config: DataConfig) -> tuple[Text, list[Text], float | N
                 raise _RowError("margin", f"must be a number, got {type(margin).__name__}")
             if not math.isfinite(margin):
                 raise _RowError("margin", f"must be finite, got {margin}")
-            margin = float(margin)
+            labels["margin"] = float(margin)
+    elif kind == "safety":
+        completions = [
+            _check_text(_field(row, name), name, conversational=conv)
+            for name in ("response_0", "response_1")
+        ]
+        better, safer = (_response_id(row, name) for name in SAFETY_IDS)
+        labels = {
+            "better": better,
+            "safer": safer,
+            "safe": tuple(_safe_flag(row, name) for name in SAFETY_FLAGS),
+        }
     else:
         values = _field(row, "completions")
         if not isinstance(values, list):
@@ -404,13 +453,15 @@ def parse_row(row: Any, config: DataConfig) -> tuple[Text, list[Text], float | N
                 raise _RowError(
                     _completion_field(kind, i), "completion messages must have role 'assistant'"
                 )
-    return prompt, completions, margin
+    return prompt, completions, labels
 
 
 def _completion_field(kind: str, i: int) -> str:
-    return {"completion": "completion", "preference": ("chosen", "rejected")[min(i, 1)]}.get(
-        kind, f"completions[{i}]"
-    )
+    return {
+        "completion": "completion",
+        "preference": ("chosen", "rejected")[min(i, 1)],
+        "safety": ("response_0", "response_1")[min(i, 1)],
+    }.get(kind, f"completions[{i}]")
 
 
 class _Encoder:
@@ -539,11 +590,13 @@ def load_dataset(
     prompts: list[list[int]] = []
     completions: list[list[list[int]]] = []
     margins: list[float | None] = []
+    labels: list[dict[str, Any]] = []
     for unit, rownum, row in read_rows(source, format):
         stats.rows_read += 1
         enc.saw_unknown = False
         try:
-            prompt, texts, margin = parse_row(row, config)
+            prompt, texts, row_labels = parse_row(row, config)
+            margin = row_labels.get("margin")
             try:
                 p_ids, rendered = enc.prompt(prompt)
             except _RowError as e:
@@ -578,12 +631,13 @@ def load_dataset(
                 if any(len(c) > R for c in c_ids):
                     stats.truncated_completions += 1
                     c_ids = [_fit(c, R, "first") for c in c_ids]
-            degenerate = config.kind == "preference" and c_ids[0] == c_ids[1]
+            degenerate = config.kind in ("preference", "safety") and c_ids[0] == c_ids[1]
             if degenerate and config.degenerate_pairs == "error":
+                first, second = (_completion_field(config.kind, i) for i in (0, 1))
                 raise _RowError(
-                    "rejected",
-                    "is the same as 'chosen' (after tokenization), so the pair teaches nothing; "
-                    "fix the row or set degenerate_pairs='drop'",
+                    second,
+                    f"is the same as {first!r} (after tokenization), so the pair teaches "
+                    "nothing; fix the row or set degenerate_pairs='drop'",
                 )
             if margin is None and margins and margins[0] is not None:
                 raise _RowError("margin", "is missing but earlier rows have margins")
@@ -605,6 +659,7 @@ def load_dataset(
         prompts.append(p_ids)
         completions.append(c_ids)
         margins.append(margin)
+        labels.append(row_labels)
     if stats.rows_read == 0:
         raise DataError(name, "has no rows")
     if not prompts:
@@ -620,10 +675,14 @@ def load_dataset(
         arrays |= _pad_completions([c[1] for c in completions], R, pad, "rejected")
         if margins[0] is not None:
             arrays["margin"] = np.asarray(margins, dtype=np.float32)
-    elif config.kind == "ranking":
-        k = config.num_completions
+    elif config.kind in ("ranking", "safety"):
+        k = 2 if config.kind == "safety" else config.num_completions
         flat = _pad_completions([c for cs in completions for c in cs], R, pad, "response")
         arrays |= {key: v.reshape(len(prompts), k, R) for key, v in flat.items()}
+    if config.kind == "safety":
+        arrays["better"] = np.asarray([lab["better"] for lab in labels], dtype=np.int32)
+        arrays["safer"] = np.asarray([lab["safer"] for lab in labels], dtype=np.int32)
+        arrays["safe"] = np.asarray([lab["safe"] for lab in labels], dtype=np.int32).reshape(-1, 2)
     return TokenizedDataset(config.kind, arrays, stats, name)
 
 
