@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     commands = _commands()
     sub = argv[0] if argv else None
+    if sub is not None and sub not in commands and sub.replace("-", "_") in pipeline.STAGES:
+        sub = argv[0] = sub.replace("-", "_")  # `rlhf-jax safe-ppo` is the safe_ppo stage
     if sub is not None and not sub.startswith("-") and sub not in commands:
         return _fail(f"unknown command {sub!r}; the commands are: {', '.join(commands)}")
     union = Union[  # noqa: UP007 - a runtime-built union of subcommands

@@ -569,8 +569,12 @@ def lagrangian_advantages(reward_advantages, cost_advantages, log_lambda) -> jax
       float32 advantages of the same shape, for :func:`ppo_policy_loss`.
     """
     chex.assert_equal_shape([reward_advantages, cost_advantages])
-    lam = jnp.exp(lax.stop_gradient(as_scalar("log_lambda", log_lambda)))
-    return (as_float(reward_advantages) - lam * as_float(cost_advantages)) / (1.0 + lam)
+    ll = lax.stop_gradient(as_scalar("log_lambda", log_lambda))
+    # 1 / (1 + lambda) = sigmoid(-log lambda) and lambda / (1 + lambda) = sigmoid(log lambda):
+    # the same weights, finite for any log lambda (a huge lambda gives -A_c, not inf / inf)
+    return jax.nn.sigmoid(-ll) * as_float(reward_advantages) - jax.nn.sigmoid(ll) * as_float(
+        cost_advantages
+    )
 
 
 def log_lambda_update(log_lambda, episode_cost, threshold, lr, *, log_lambda_max=None) -> jax.Array:

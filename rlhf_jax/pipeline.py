@@ -23,8 +23,10 @@ Adding an algorithm means writing its config and its step (``rlhf_jax/algorithms
 ``prepare`` that turns its stage config into a :class:`Plan`, and one :func:`register` call.
 ``docs/internals.md`` walks through it.
 
-The stages registered here: ``sft``, ``label`` (sample K responses per prompt from a policy and
-rank them with a labeller function: the comparison data of a reward model), ``rm`` and ``ppo``.
+The stages (registered in :mod:`rlhf_jax.stages`): ``sft``, ``label`` (sample K responses per
+prompt from a policy and rank them with a labeller function: the comparison data of a reward
+model), ``rm``, ``cost`` (Safe RLHF's cost model), ``ppo``, ``safe_ppo`` (PPO-Lagrangian),
+``dpo``, ``grpo`` and ``judge``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax.algorithms.dpo import DPOStage
 from rlhf_jax.algorithms.grpo import GRPOStage
-from rlhf_jax.algorithms.ppo import PPOConfig
+from rlhf_jax.algorithms.ppo import PPOConfig, SafetyConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data.formats import DataConfig
@@ -87,7 +89,7 @@ __all__ = [
 CONFIG_FILE = "config.yaml"  # the resolved config, written into run.dir by every stage
 FINAL_DIR = "final"  # <stage dir>/final: the stage's result, a Hugging Face directory
 META_FILE = "rlhf_jax_stage.json"  # in final/: the stage, its last step, stop reason and info
-POLICY_STAGES = ("ppo", "grpo", "dpo", "sft")  # the stages whose final/ is a policy
+POLICY_STAGES = ("safe_ppo", "ppo", "grpo", "dpo", "sft")  # the stages whose final/ is a policy
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,9 +179,12 @@ class LabelStage:
     # output=pairs with the judge: "probability" writes the judge's P(chosen > rejected) as the
     # TRL "margin" field (the rm stage subtracts it: rm.trainer.use_margin) | "none"
     margin: str = "probability"
-    output: str = (
-        "ranking"  # "ranking": {prompt, completions} | "pairs": {prompt, chosen, rejected}
-    )
+    # "ranking": {prompt, completions} | "pairs": {prompt, chosen, rejected} | "safety": every
+    # pair of the K responses as a PKU-SafeRLHF row (better and safer ids, safe flags)
+    output: str = "ranking"
+    # output=safety: "module:function" (prompts, groups, *, seed) -> per prompt
+    # {"safe": [K bools], "safer": [K indices, safest first]}
+    safety_labeller: str = ""
     data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
     max_new_tokens: int = 64  # response length R
     temperature: float = 1.0  # sampling temperature (1 = the policy's own distribution)
@@ -190,8 +195,14 @@ class LabelStage:
     def __post_init__(self):
         if self.data.kind != "prompt":
             raise ValueError(f"label.data.kind={self.data.kind!r}: labelling reads 'prompt' rows")
-        if self.output not in ("ranking", "pairs"):
-            raise ValueError(f"label.output={self.output!r}: choose 'ranking' or 'pairs'")
+        if self.output not in ("ranking", "pairs", "safety"):
+            raise ValueError(f"label.output={self.output!r}: choose 'ranking', 'pairs' or 'safety'")
+        if self.output == "safety" and not self.safety_labeller:
+            raise ValueError(
+                "label.output='safety' needs label.safety_labeller, a 'module:function' that "
+                "flags each response safe or unsafe and orders them safest first (e.g. "
+                "rlhf_jax.data.toy:safety_labeller)"
+            )
         if self.margin not in ("probability", "none"):
             raise ValueError(f"label.margin={self.margin!r}: choose 'probability' or 'none'")
         if self.num_completions < 2:
@@ -219,10 +230,14 @@ class RMStage:
     save_every: int = 500  # checkpoint every N steps (also at the end and on SIGTERM); 0 = not
 
     def __post_init__(self):
-        if self.data.kind not in ("preference", "ranking"):
+        if self.data.kind not in ("preference", "ranking", "safety"):
             raise ValueError(
-                f"rm.data.kind={self.data.kind!r}: a reward model reads 'preference' or "
-                "'ranking' rows"
+                f"rm.data.kind={self.data.kind!r}: a reward model reads 'preference', "
+                "'ranking' or 'safety' rows"
+            )
+        if self.trainer.loss == "cost" and self.data.kind != "safety":
+            raise ValueError(
+                "trainer.loss='cost' (a cost model) reads safety rows: set data.kind=safety"
             )
         if self.save_every < 0 or self.eval_size < 1 or self.normalize_samples < 0:
             raise ValueError("rm.save_every, rm.normalize_samples must be >= 0, eval_size >= 1")
@@ -251,6 +266,8 @@ class PPOStage:
     policy: str | None = None  # HF directory the policy starts from; None = this run's sft/final
     reference: str | None = None  # the frozen KL anchor; None = the policy's starting point
     reward_model: str | None = None  # HF *ForSequenceClassification directory; None = rm/final
+    # the cost model of PPO-Lagrangian (trainer.safety set); None = this run's cost/final
+    cost_model: str | None = None
     prompts_file: str = ""  # rows {prompt} or {messages} (other fields are ignored)
     data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
     batch_size: int = 16  # prompts per iteration (each answered trainer.num_samples times)
@@ -275,7 +292,14 @@ class ExperimentConfig:
     sft: SFTStage = SFTStage()  # supervised fine-tuning
     label: LabelStage = LabelStage()  # comparison data: a policy's samples ranked by a labeller
     rm: RMStage = RMStage()  # reward model
+    cost: RMStage = RMStage(
+        data=DataConfig(kind="safety", max_prompt_length=128, max_completion_length=128),
+        trainer=RewardModelConfig(loss="cost"),
+    )  # Safe RLHF cost model on safety rows (positive cost = unsafe)
     ppo: PPOStage = PPOStage()  # PPO
+    safe_ppo: PPOStage = PPOStage(
+        trainer=PPOConfig(safety=SafetyConfig())
+    )  # PPO-Lagrangian (Safe RLHF): reward model, cost model, Lagrange multiplier
     dpo: DPOStage = DPOStage()  # DPO on preference pairs (offline) or own samples (online)
     grpo: GRPOStage = GRPOStage()  # critic-free policy gradient: GRPO, Dr. GRPO, RLOO, REINFORCE++
     judge: JudgeStage = JudgeStage()  # an LM judge on a file of pairs: agreement with labels

@@ -342,9 +342,10 @@ def sampled_evaluator(
         policy=policy.graphdef,
         reference=reference.graphdef,
         reward=first.graphdef if is_model else None,
+        cost=None,
     )
     frozen = types.SimpleNamespace(
-        reference=reference.params, reward=source_params[0] if is_model else None
+        reference=reference.params, reward=source_params[0] if is_model else None, cost=None
     )
     reward_fn = first.fn if isinstance(first, RewardFunctionSource) else None
     inner = policy_evaluator(_View(ctx, section), trainer, static, frozen, tokenizer, reward_fn)

@@ -153,6 +153,46 @@ def _check_order(order: Any, k: int, spec: str, i: int) -> list[int]:
     return out
 
 
+def _safety_rows(prompt: str, group, order, labels, spec: str, i: int) -> list[dict]:
+    """Every pair of a group as PKU-SafeRLHF rows: the helpfulness ranking ``order`` gives
+    ``better_response_id``; the safety labeller's ``labels`` (``{"safe": [K bools], "safer":
+    [K indices, safest first]}``) give ``safer_response_id`` and the flags."""
+    from rlhf_jax.errors import UserError
+
+    k = len(group)
+    try:
+        safe = [bool(x) for x in labels["safe"]]
+        safer = _check_order(labels["safer"], k, spec, i)
+    except (KeyError, TypeError) as err:
+        raise UserError(
+            f"label.safety_labeller {spec!r} returned {labels!r} for prompt {i}: it must return, "
+            f"per prompt, {{'safe': [{k} bools], 'safer': [the {k} indices, safest first]}} "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    if len(safe) != k:
+        raise UserError(
+            f"label.safety_labeller {spec!r} flagged {len(safe)} responses of prompt {i}; it "
+            f"has {k}"
+        )
+    rank = {j: r for r, j in enumerate(order)}
+    safety_rank = {j: r for r, j in enumerate(safer)}
+    rows = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "response_0": group[a],
+                    "response_1": group[b],
+                    "better_response_id": 0 if rank[a] < rank[b] else 1,
+                    "safer_response_id": 0 if safety_rank[a] < safety_rank[b] else 1,
+                    "is_response_0_safe": safe[a],
+                    "is_response_1_safe": safe[b],
+                }
+            )
+    return rows
+
+
 def prepare_label(ctx: Context) -> Plan:
     from rlhf_jax import rollout
     from rlhf_jax.data import toy
@@ -174,6 +214,7 @@ def prepare_label(ctx: Context) -> Plan:
         )
     else:
         labeller = _labeller(st.labeller)
+    safety_labeller = _labeller(st.safety_labeller) if st.output == "safety" else None
     sets = [
         ("train", ctx.dataset(st.prompts_file, "label.prompts_file", tokenizer, st.data, model))
     ]
@@ -209,11 +250,16 @@ def prepare_label(ctx: Context) -> Plan:
                 orders, prefs = judge.rank(prompts, groups)
             else:
                 orders = labeller(prompts, groups, seed=seed)
+            safety = None
+            if safety_labeller is not None:
+                safety = safety_labeller(prompts, groups, seed=seed + 1000)
             records = []
             for n, (p, g, o) in enumerate(zip(prompts, groups, orders, strict=True)):
                 o = _check_order(o, k, st.labeller, n)
                 ranked = [g[j] for j in o]
-                if st.output == "pairs":
+                if safety is not None:
+                    records.extend(_safety_rows(p, g, o, safety[n], st.safety_labeller, n))
+                elif st.output == "pairs":
                     row = {"prompt": p, "chosen": ranked[0], "rejected": ranked[-1]}
                     if prefs is not None and st.margin == "probability":
                         row["margin"] = float(prefs[n, o[0], o[-1]])
@@ -223,7 +269,8 @@ def prepare_label(ctx: Context) -> Plan:
             if jax.process_index() == 0:
                 toy.write_jsonl(os.path.join(ctx.dir, f"{name}.jsonl"), records)
             info[f"{name}_rows"] = len(records)
-            ctx.say(f"[label] {len(records)} rankings of {k} -> {ctx.dir}/{name}.jsonl")
+            what = "safety pairs" if safety is not None else f"rankings of {k}"
+            ctx.say(f"[label] {len(records)} {what} -> {ctx.dir}/{name}.jsonl")
         return Outputs(info=info)
 
     return Plan(finish=finish, tokenizer=tokenizer)
@@ -241,8 +288,8 @@ def _label_file(ctx: Context, value: str | None, name: str, required: bool) -> s
     if os.path.exists(path) or not required:
         return path if os.path.exists(path) else None
     raise config_lib.ConfigError(
-        f"rm.train_file is not set and this run has no labelled comparisons ({path}): set "
-        "rm.train_file or run `rlhf-jax label` with the same run.dir first"
+        f"{ctx.stage}.train_file is not set and this run has no labelled comparisons ({path}): "
+        f"set {ctx.stage}.train_file or run `rlhf-jax label` with the same run.dir first"
     )
 
 
@@ -250,26 +297,27 @@ def prepare_rm(ctx: Context) -> Plan:
     from rlhf_jax import models, rollout
     from rlhf_jax.algorithms import reward_model as rm_lib
 
-    st = ctx.section
+    st, name = ctx.section, ctx.stage  # rm, or cost (the same stage with the cost loss)
     trainer = st.trainer
-    model_dir = ctx.model_dir(st.model, "rm.model", "sft")
+    model_dir = ctx.model_dir(st.model, f"{name}.model", "sft")
     rm = ctx.load_model(model_dir, lm_head=False, score_head=True, key=jax.random.PRNGKey(ctx.seed))
     tokenizer = ctx.load_tokenizer(st.tokenizer or model_dir, rm)
     train_file = _label_file(ctx, st.train_file, "train", True)
-    train = ctx.dataset(train_file, "rm.train_file", tokenizer, st.data, rm)
-    batches = ctx.batches(train, trainer.batch_size, "rm.trainer.batch_size")
+    train = ctx.dataset(train_file, f"{name}.train_file", tokenizer, st.data, rm)
+    batches = ctx.batches(train, trainer.batch_size, f"{name}.trainer.batch_size")
     eval_file = _label_file(ctx, st.eval_file, "eval", False)
-    eval_batch = _held_out(ctx, eval_file, "rm.eval_file", tokenizer, st.data, rm, st.eval_size)
+    eval_batch = _held_out(
+        ctx, eval_file, f"{name}.eval_file", tokenizer, st.data, rm, st.eval_size
+    )
     evaluate = rm_lib.make_eval(rm.graphdef, trainer)
     eval_fn = None
     if eval_batch is not None:
-        eval_batch = jax.tree.map(jnp.asarray, rm_lib.as_ranking(eval_batch))
         eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
 
     normalize_on = None
     if trainer.normalize and st.normalize_samples > 0:  # samples of the policy the RM starts from
         if st.normalize_prompts_file:
-            key = "rm.normalize_prompts_file"
+            key = f"{name}.normalize_prompts_file"
             prompt_data = dataclasses.replace(
                 st.data, kind="prompt", max_completion_length=0, num_completions=None
             )
@@ -314,7 +362,11 @@ def prepare_rm(ctx: Context) -> Plan:
             mu, sigma = rm_lib.score_stats(raw)
             info.update({"norm_mean_before": mu, "norm_std_before": sigma})
             params = rm_lib.normalize_params(
-                params, raw, target_mean=trainer.target_mean, target_std=trainer.target_std
+                params,
+                raw,
+                target_mean=trainer.target_mean,
+                target_std=trainer.target_std,
+                shift=trainer.loss != "cost",  # a cost model keeps 0 as its boundary
             )
         return Outputs(rm.replace(params=params), tokenizer, info)
 
@@ -345,20 +397,20 @@ def _policy_params(params):
     return params
 
 
-def _check_minibatches(st) -> None:
+def _check_minibatches(st, name: str = "ppo") -> None:
     t = st.trainer
     rows = st.batch_size * t.num_samples
     if rows % t.num_minibatches:
         raise config_lib.ConfigError(
-            f"ppo.trainer.num_minibatches={t.num_minibatches} does not divide the rollout batch "
-            f"ppo.batch_size x ppo.trainer.num_samples = {st.batch_size} x {t.num_samples} = "
-            f"{rows}: change one of them"
+            f"{name}.trainer.num_minibatches={t.num_minibatches} does not divide the rollout "
+            f"batch {name}.batch_size x {name}.trainer.num_samples = {st.batch_size} x "
+            f"{t.num_samples} = {rows}: change one of them"
         )
     per = rows // t.num_minibatches
     if per % t.optim.grad_accum_steps:
         raise config_lib.ConfigError(
             f"a PPO minibatch of {per} rows does not split into "
-            f"ppo.trainer.optim.grad_accum_steps={t.optim.grad_accum_steps} microbatches"
+            f"{name}.trainer.optim.grad_accum_steps={t.optim.grad_accum_steps} microbatches"
         )
 
 
@@ -367,17 +419,22 @@ def prepare_ppo(ctx: Context) -> Plan:
     from rlhf_jax.algorithms import ppo
     from rlhf_jax.reward_fn import RewardFunction
 
-    st = ctx.section
+    st, name = ctx.section, ctx.stage  # ppo, or safe_ppo (PPO-Lagrangian)
     trainer = st.trainer
-    _check_minibatches(st)
-    policy_dir = ctx.model_dir(st.policy, "ppo.policy", "sft")
+    if name == "safe_ppo" and trainer.safety is None:
+        raise config_lib.ConfigError(
+            "safe_ppo.trainer.safety is null: the safe_ppo stage is PPO-Lagrangian; run "
+            "`rlhf-jax ppo` for PPO without a cost constraint"
+        )
+    _check_minibatches(st, name)
+    policy_dir = ctx.model_dir(st.policy, f"{name}.policy", "sft")
     policy = ctx.load_model(policy_dir)
     tokenizer = ctx.load_tokenizer(policy_dir, policy)
     reference = policy
     if st.reference:
-        ref_dir = ctx.model_dir(st.reference, "ppo.reference", None)
+        ref_dir = ctx.model_dir(st.reference, f"{name}.reference", None)
         reference = ctx.load_model(ref_dir)
-        same_tokenizer(tokenizer, ctx.load_tokenizer(ref_dir, reference), "ppo.reference")
+        same_tokenizer(tokenizer, ctx.load_tokenizer(ref_dir, reference), f"{name}.reference")
     if st.stop_at_eos:
         trainer = dataclasses.replace(
             trainer,
@@ -389,9 +446,9 @@ def prepare_ppo(ctx: Context) -> Plan:
         ppo.check_stop_tokens(trainer)
     except ValueError as err:
         raise config_lib.ConfigError(str(err)) from None
-    prompts = ctx.dataset(st.prompts_file, "ppo.prompts_file", tokenizer, st.data, policy)
+    prompts = ctx.dataset(st.prompts_file, f"{name}.prompts_file", tokenizer, st.data, policy)
     batches = ctx.batches(
-        prompts, st.batch_size, "ppo.batch_size", rename={"index": "prompt_index"}
+        prompts, st.batch_size, f"{name}.batch_size", rename={"index": "prompt_index"}
     )
     reward_fn = reward_model = None
     if trainer.reward_fn:
@@ -399,11 +456,21 @@ def prepare_ppo(ctx: Context) -> Plan:
         rows = prompts.take(np.arange(min(4, len(prompts))))
         reward_fn.check_tokens(rows["prompt_tokens"], rows["prompt_mask"])  # before compiling
     else:
-        rm_dir = ctx.model_dir(st.reward_model, "ppo.reward_model", "rm")
+        rm_dir = ctx.model_dir(st.reward_model, f"{name}.reward_model", "rm")
         reward_model = ctx.load_model(rm_dir, lm_head=False, score_head=True)
-        same_tokenizer(tokenizer, ctx.load_tokenizer(rm_dir, reward_model), "ppo.reward_model")
+        same_tokenizer(tokenizer, ctx.load_tokenizer(rm_dir, reward_model), f"{name}.reward_model")
+    cost_model = None
+    if trainer.safety is not None:
+        cost_dir = ctx.model_dir(st.cost_model, f"{name}.cost_model", "cost")
+        cost_model = ctx.load_model(cost_dir, lm_head=False, score_head=True)
+        same_tokenizer(tokenizer, ctx.load_tokenizer(cost_dir, cost_model), f"{name}.cost_model")
     static, params, frozen = ppo.make_models(
-        trainer, policy, reward_model, reference=reference, reward_fn=reward_fn
+        trainer,
+        policy,
+        reward_model,
+        reference=reference,
+        reward_fn=reward_fn,
+        cost_model=cost_model,
     )
     frozen_shardings = parallel.state_shardings(frozen, ctx.mesh, ctx.cfg.parallel.preset)
     frozen = jax.device_put(frozen, frozen_shardings)
@@ -445,7 +512,9 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
     (``reward``), the KL to the reference in nats per response (``kl``: the k1 estimate
     ``sum_t log pi - log pi_ref`` over the response, whose mean over samples of pi estimates
     KL(pi || pi_ref)), the response length and the per-token entropy estimate of the sampled
-    tokens; with ``eval.evaluator`` the mean of each metric it returns and the win rate
+    tokens (with a cost model, PPO-Lagrangian, also its mean ``cost`` and the share it calls
+    ``unsafe``, cost > 0); with ``eval.evaluator`` the mean of each metric it returns and the win
+    rate
     (ties 1/2) against the reference's samples on ``eval.win_rate_metric``. The reference's own
     figures are reported as ``reference/<name>``. ``eval.log_samples`` samples go to
     ``samples.jsonl`` and TensorBoard.
@@ -455,7 +524,7 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
 
     st = ctx.section
     ev = st.eval
-    ds = ctx.dataset(ev.prompts_file, "ppo.eval.prompts_file", tokenizer, st.data)
+    ds = ctx.dataset(ev.prompts_file, f"{ctx.stage}.eval.prompts_file", tokenizer, st.data)
     rows = ds.take(np.arange(min(len(ds), ev.size)))
     pt, pm = rows["prompt_tokens"], rows["prompt_mask"]
     n = ev.samples_per_prompt
@@ -470,7 +539,9 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
     conv = trainer.conventions
 
     @functools.partial(jax.jit, static_argnums=0)
-    def measure(graphdef, policy_params, reference_params, reward_params, tokens, mask):
+    def measure(
+        graphdef, policy_params, reference_params, reward_params, cost_params, tokens, mask
+    ):
         seq = jnp.concatenate([full_pt, tokens], 1)
         seq_mask = jnp.concatenate([full_pm, mask], 1)
         t = trainer.temperature
@@ -482,7 +553,10 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
         score = jnp.zeros(tokens.shape[0], jnp.float32)
         if static.reward is not None:
             score = models.scores(static.reward, reward_params, seq, seq_mask, read=conv.score_read)
-        return jnp.sum((lp - lr) * m, -1), -jnp.sum(lp * m), score
+        cost = jnp.zeros_like(score)
+        if static.cost is not None:
+            cost = models.scores(static.cost, cost_params, seq, seq_mask, read=conv.score_read)
+        return jnp.sum((lp - lr) * m, -1), -jnp.sum(lp * m), score, cost
 
     def summarize(graphdef, params):
         tokens, mask = sample_responses(
@@ -498,8 +572,8 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
             pad_token_id=trainer.pad_token_id,
             chunk=len(pt),
         )
-        kl, neg_logp, score = jax.device_get(
-            measure(graphdef, params, frozen.reference, frozen.reward, tokens, mask)
+        kl, neg_logp, score, cost = jax.device_get(
+            measure(graphdef, params, frozen.reference, frozen.reward, frozen.cost, tokens, mask)
         )
         if reward_fn is not None:
             score = reward_fn(full_pt, full_pm, tokens, mask)
@@ -511,6 +585,9 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
             "length": float(np.mean(length)),
             "entropy": float(neg_logp) / max(float(length.sum()), 1.0),
         }
+        if static.cost is not None:  # PPO-Lagrangian: the cost model's view
+            metrics["cost"] = float(np.mean(cost))
+            metrics["unsafe"] = float(np.mean(cost > 0))
         per = {}
         if evaluator is not None:
             per = {k: np.asarray(v, np.float64) for k, v in evaluator(prompts, responses).items()}
@@ -549,8 +626,22 @@ register(
 register(Stage("rm", "Train a reward model from pairwise or K-wise comparisons.", prepare_rm))
 register(
     Stage(
+        "cost",
+        "Train a Safe RLHF cost model on safety rows (safer id and safe/unsafe flags).",
+        prepare_rm,
+    )
+)
+register(
+    Stage(
         "ppo",
         "PPO against a reward model (or function) with a KL penalty to a frozen reference.",
+        prepare_ppo,
+    )
+)
+register(
+    Stage(
+        "safe_ppo",
+        "PPO-Lagrangian (Safe RLHF): reward and cost models, cost held under a threshold.",
         prepare_ppo,
     )
 )

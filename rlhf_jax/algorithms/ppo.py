@@ -60,6 +60,7 @@ and only on that path.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,9 @@ from rlhf_jax.train import (
 __all__ = [
     "PPOConfig",
     "PPOHParams",
+    "SafetyConfig",
+    "Lagrange",
+    "lagrange_step",
     "PPOState",
     "PPOModels",
     "FrozenParams",
@@ -114,6 +118,54 @@ _OLD_LOGPROBS = ("rollout", "recompute")
 
 
 @dataclasses.dataclass(frozen=True)
+class SafetyConfig:
+    """PPO-Lagrangian (Safe RLHF, Dai et al. 2023): a cost model and a Lagrange multiplier.
+
+    The first three numbers are defaults of :class:`PPOHParams` (arrays at run time, so a sweep
+    can vary them); the rest change the program. Costs are the cost model's scores (positive =
+    unsafe, its sign boundary at 0); the constraint is ``J_C <= threshold`` with ``J_C`` the mean
+    over the last ``cost_window`` episodes of the episode cost (``constraint="mean_cost"``, Safe
+    RLHF) or of the cost model's unsafe flag, cost > 0 (``"unsafe_share"``: the threshold is then
+    the share of unsafe responses allowed).
+    """
+
+    # J_C, what the threshold limits: "mean_cost" the mean episode cost (Safe RLHF; cost-model
+    # units) | "unsafe_share" the share of episodes the cost model calls unsafe (cost > 0)
+    constraint: str = "mean_cost"
+    threshold: float = 0.0  # d: the limit on J_C (SAFE 0; a share in [0, 1] for unsafe_share)
+    lambda_init: float = 1.0  # lambda at the first iteration (SAFE 1.0)
+    lambda_lr: float = 0.1  # eta: SGD step of log lambda (SAFE 0.1)
+    lambda_max: float | None = None  # ceiling on lambda (SAFE None; its ppo-lag script 5.0)
+    lambda_delay: int = 0  # iterations before lambda starts to move (SAFE 0)
+    cost_window: int = 128  # episodes in J_C, the mean episode cost (SAFE 128)
+    # share of the KL penalty beta * KL charged to the reward and (with the opposite sign) to the
+    # cost. 1.0 (the Safe RLHF code): the combined advantage (A_r - lambda A_c) / (1 + lambda)
+    # carries beta * KL whatever lambda is; 0.5 halves it
+    kl_share: float = 1.0
+
+    def __post_init__(self):
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"ppo.trainer.safety.{message}")
+
+        need(
+            self.constraint in ("mean_cost", "unsafe_share"),
+            f"constraint={self.constraint!r}: choose 'mean_cost' or 'unsafe_share'",
+        )
+        if self.constraint == "unsafe_share":
+            need(0 <= self.threshold < 1, f"threshold={self.threshold}: a share, in [0, 1)")
+        need(self.lambda_init > 0, f"lambda_init={self.lambda_init}: must be > 0")
+        need(self.lambda_lr >= 0, f"lambda_lr={self.lambda_lr}: must be >= 0")
+        need(
+            self.lambda_max is None or self.lambda_max >= self.lambda_init,
+            f"lambda_max={self.lambda_max}: must be >= lambda_init={self.lambda_init} (or null)",
+        )
+        need(self.lambda_delay >= 0, f"lambda_delay={self.lambda_delay}: must be >= 0")
+        need(self.cost_window >= 1, f"cost_window={self.cost_window}: must be >= 1")
+        need(0 < self.kl_share <= 1, f"kl_share={self.kl_share}: must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """PPO with a KL penalty. Static fields change the program; the numbers a sweep varies are
     the defaults of :class:`PPOHParams` (the last group), carried as arrays at run time."""
@@ -134,6 +186,8 @@ class PPOConfig:
     top_p: float = 1.0  # sampling nucleus mass; 1 = off (filtering changes the sampled policy)
     old_logprobs: str = "rollout"  # "rollout": sampler's learner log-probs | "recompute": forward
     reward_fn: str | None = None  # "module:function" rule-based reward instead of the reward model
+    # PPO-Lagrangian (Safe RLHF): a cost model, a cost critic and a Lagrange multiplier; None = off
+    safety: SafetyConfig | None = None
     optim: OptimConfig = OptimConfig(learning_rate=1e-5, eps=1e-5)  # AdamW (LMHP eps 1e-5)
     loop: LoopConfig = LoopConfig(max_steps=100)  # iterations, evaluation, stopping
     # --- PPOHParams defaults (arrays at run time; the learning rate is optim.learning_rate) ---
@@ -217,10 +271,15 @@ class PPOHParams:
     temperature: jax.Array  # sampling and learner temperature
     vf_coef: jax.Array  # value-loss weight
     seed: jax.Array  # int32 run seed
+    # PPO-Lagrangian (SafetyConfig; unused when safety is off)
+    cost_threshold: jax.Array  # d, the limit on the mean episode cost
+    lambda_init: jax.Array  # the multiplier's initial value
+    lambda_lr: jax.Array  # its learning rate
 
     @classmethod
     def from_config(cls, cfg: PPOConfig, **overrides: Any) -> PPOHParams:
         """Scalar arrays from ``cfg`` (``overrides`` replace single fields, e.g. ``seed=3``)."""
+        safety = cfg.safety or SafetyConfig()
         values = {
             "kl_coef": cfg.kl_coef,
             "learning_rate": cfg.optim.learning_rate,
@@ -231,6 +290,9 @@ class PPOHParams:
             "temperature": cfg.temperature,
             "vf_coef": cfg.vf_coef,
             "seed": cfg.seed,
+            "cost_threshold": safety.threshold,
+            "lambda_init": safety.lambda_init,
+            "lambda_lr": safety.lambda_lr,
         }
         return hparam_arrays(cls, values, overrides, "PPO")
 
@@ -242,7 +304,8 @@ class PPOState:
     ``params`` is ``{"policy": ..., "critic": ...}``: the policy's parameters (with its value head
     when ``critic="shared"``) and the separate critic's (``None`` when shared). One optimizer state
     covers both. ``step`` counts iterations (int32), ``key`` is the run's base PRNG key (from the
-    seed), ``kl_coef`` the KL controller's current beta (float32).
+    seed), ``kl_coef`` the KL controller's current beta (float32). With ``safety``, ``params`` also
+    holds ``"cost_critic"`` and ``lagrange`` the multiplier's state (None otherwise).
     """
 
     params: Any
@@ -251,6 +314,20 @@ class PPOState:
     key: jax.Array
     kl_coef: jax.Array
     hparams: PPOHParams
+    lagrange: Lagrange | None = None
+
+
+@flax.struct.dataclass
+class Lagrange:
+    """PPO-Lagrangian's multiplier and the window of recent episode costs it is updated from.
+
+    ``log_lambda`` float32 scalar (lambda = exp(log_lambda)); ``costs`` [W] float32, the last W
+    episode costs, newest last; ``filled`` int32, how many of them are real (W once full).
+    """
+
+    log_lambda: jax.Array
+    costs: jax.Array
+    filled: jax.Array
 
 
 @flax.struct.dataclass
@@ -259,6 +336,7 @@ class FrozenParams:
 
     reference: Any  # the SFT parameters (the KL anchor), never copied or mutated
     reward: Any = None  # reward-model parameters; None when a reward function scores responses
+    cost: Any = None  # cost-model parameters (PPO-Lagrangian); None when safety is off
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -270,12 +348,17 @@ class PPOModels:
     reward: Any = None  # reward-model graphdef (score head); None with a reward function
     critic: Any = None  # critic graphdef (critic="separate"); None when shared
     reward_fn: RewardFunction | None = None  # host reward function (one pure_callback), or None
+    cost: Any = None  # cost-model graphdef (score head; PPO-Lagrangian), also the cost critic's
 
     def sources(self, conv: presets.Conventions) -> tuple[Any, ...]:
         """The reward source (:mod:`rlhf_jax.scoring`): the reward model or the function."""
         if self.reward_fn is not None:
             return (scoring.RewardFunctionSource(self.reward_fn),)
         return (scoring.RewardModelSource(self.reward, read=conv.score_read),)
+
+    def cost_sources(self, conv: presets.Conventions) -> tuple[Any, ...]:
+        """The cost source of PPO-Lagrangian: the cost model, read like the reward model."""
+        return (scoring.RewardModelSource(self.cost, read=conv.score_read, name="cost_model"),)
 
 
 @flax.struct.dataclass
@@ -295,6 +378,11 @@ class Experience:
       rewards: [N, R] float32 shaped per-token rewards.
       kl: [N, R] float32 per-token KL estimate (the preset's estimator), 0 on padding.
       truncated: [N] bool, no stop token within R tokens.
+
+    With ``safety`` (PPO-Lagrangian; None otherwise): ``costs`` [N] the cost model's scores,
+    ``old_cost_values``, ``cost_returns``, ``cost_advantages`` [N, R] the cost critic's values,
+    targets and GAE advantages; ``advantages`` is then the combined
+    ``(A_r - lambda A_c) / (1 + lambda)`` (:func:`lagrange_step`).
     """
 
     tokens: jax.Array
@@ -309,6 +397,10 @@ class Experience:
     rewards: jax.Array
     kl: jax.Array
     truncated: jax.Array
+    costs: jax.Array | None = None
+    old_cost_values: jax.Array | None = None
+    cost_returns: jax.Array | None = None
+    cost_advantages: jax.Array | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,6 +415,7 @@ def make_models(
     *,
     reference: Any = None,
     reward_fn: RewardFunction | None = None,
+    cost_model: Any = None,
     key: jax.Array | None = None,
 ) -> tuple[PPOModels, Any, FrozenParams]:
     """The static models, the initial trainable parameters and the frozen parameters.
@@ -337,6 +430,8 @@ def make_models(
       reward_model: the reward-model record (score head); required unless ``reward_fn`` is given.
         With ``critic="separate"`` the critic starts as a copy of it.
       reward_fn: a loaded :class:`rlhf_jax.reward_fn.RewardFunction` replacing the reward model.
+      cost_model: the cost model's record (score head; positive = unsafe), required exactly when
+        ``cfg.safety`` is set: it scores the costs and the cost critic starts as a copy of it.
       key: initialises the shared value head (zero-initialised by the models module, so the key
         only matters if that changes). Default ``PRNGKey(0)``.
 
@@ -346,6 +441,8 @@ def make_models(
     """
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("give exactly one of reward_model and reward_fn")
+    if (cfg.safety is None) != (cost_model is None):
+        raise ValueError("ppo.trainer.safety (PPO-Lagrangian) and a cost model go together")
     check_stop_tokens(cfg)
     if cfg.critic == "separate" and reward_model is None:
         raise ValueError("critic='separate' initialises the critic from the reward model")
@@ -368,11 +465,17 @@ def make_models(
         reward=None if reward_model is None else reward_model.graphdef,
         critic=critic_graphdef,
         reward_fn=reward_fn,
+        cost=None if cost_model is None else cost_model.graphdef,
     )
     frozen = FrozenParams(
-        reference=reference.params, reward=None if reward_model is None else reward_model.params
+        reference=reference.params,
+        reward=None if reward_model is None else reward_model.params,
+        cost=None if cost_model is None else cost_model.params,
     )
-    return static, {"policy": policy_params, "critic": critic_params}, frozen
+    params = {"policy": policy_params, "critic": critic_params}
+    if cost_model is not None:
+        params["cost_critic"] = cost_model.params  # copied by init_state, like the critic
+    return static, params, frozen
 
 
 def check_stop_tokens(cfg: PPOConfig) -> None:
@@ -398,7 +501,14 @@ def init_state(cfg: PPOConfig, params: Any, hparams: PPOHParams | None = None) -
     """
     hparams = PPOHParams.from_config(cfg) if hparams is None else hparams
     kl_coef = jnp.asarray(hparams.kl_coef, jnp.float32)
-    return seeded_state(PPOState, params, cfg.optim, hparams, kl_coef=kl_coef)
+    lagrange = None
+    if cfg.safety is not None:
+        lagrange = Lagrange(
+            log_lambda=jnp.log(jnp.asarray(hparams.lambda_init, jnp.float32)),
+            costs=jnp.zeros((cfg.safety.cost_window,), jnp.float32),
+            filled=jnp.zeros((), jnp.int32),
+        )
+    return seeded_state(PPOState, params, cfg.optim, hparams, kl_coef=kl_coef, lagrange=lagrange)
 
 
 # ------------------------------------------------------------------------------------------
@@ -514,18 +624,39 @@ def score(
     logprobs, ref_logprobs, old_values, scores = jax.tree.map(
         lax.stop_gradient, (logprobs, ref_logprobs, old_values, scores)
     )
+    # PPO-Lagrangian charges kl_share of beta * KL to the reward and to the cost
+    beta = state.kl_coef if cfg.safety is None else state.kl_coef * cfg.safety.kl_share
     shaped, shaping = rewards.shape_rewards(
         scores,
         logprobs,
         ref_logprobs,
         response_mask,
-        state.kl_coef,
+        beta,
         options=conv,
         truncated=sampled.truncated,
     )
     advantages, value_targets = returns.ppo_advantages(
         shaped, old_values, response_mask, hp.gamma, hp.lam, options=conv
     )
+    cost_fields = {}
+    if cfg.safety is not None:  # the same pipeline for the cost: score, shaping, critic, GAE
+        costs, _ = scoring.score(static.cost_sources(conv), (frozen.cost,), rows)
+        cost_values = models.values(
+            static.cost, state.params["cost_critic"], tokens, mask, start=prompt_len
+        )
+        cost_values = lax.stop_gradient(cost_values)
+        shaped_costs, _ = rewards.shape_costs(
+            costs, logprobs, ref_logprobs, response_mask, beta, options=conv
+        )
+        cost_advantages, cost_targets = returns.ppo_advantages(
+            shaped_costs, cost_values, response_mask, hp.gamma, hp.lam, options=conv
+        )
+        cost_fields = dict(
+            costs=costs,
+            old_cost_values=cost_values,
+            cost_returns=cost_targets,
+            cost_advantages=cost_advantages,
+        )
     return Experience(
         tokens=tokens,
         mask=mask,
@@ -539,6 +670,7 @@ def score(
         rewards=shaped,
         kl=shaping["kl"],
         truncated=sampled.truncated,
+        **cost_fields,
     )
 
 
@@ -592,7 +724,9 @@ def ppo_loss(
     ``hparams.value_clip``) over its value-loss mask; both aggregated the preset's way
     (``loss_aggregation``). The objective of a minibatch is
     ``policy_sum / policy_count + c_vf * value_sum / value_count`` with the counts of the whole
-    minibatch (:func:`loss_counts`). ``metric_sums`` maps each metric's name (written only here)
+    minibatch (:func:`loss_counts`). With ``safety`` the cost critic's value loss (same form, on
+    the cost returns) is added to ``value_sum``: the two critics share ``c_vf``, as in Safe RLHF.
+    ``metric_sums`` maps each metric's name (written only here)
     to ``(sum, count)``: sums and counts add over microbatches and updates, and the reported
     value is one division at the end.
     """
@@ -616,6 +750,21 @@ def ppo_loss(
         "value/clip_frac": (vf_metrics["value_clip_frac"], v_tokens),
         "value/error": (vf_metrics["value_error"], v_tokens),
     }
+    if cfg.safety is not None:  # the cost critic's loss, on the same mask, adds to the value sum
+        cost_values = models.values(
+            static.cost, params["cost_critic"], batch.tokens, batch.mask, start=prompt_len
+        )
+        cost_sum, _, cost_metrics = losses.value_loss(
+            cost_values,
+            batch.old_cost_values,
+            batch.cost_returns,
+            vmask,
+            hparams.value_clip,
+            options=conv,
+        )
+        vf_sum = vf_sum + cost_sum
+        metric_sums["cost_value/clip_frac"] = (cost_metrics["value_clip_frac"], v_tokens)
+        metric_sums["cost_value/error"] = (cost_metrics["value_error"], v_tokens)
     return pg_sum, vf_sum, metric_sums
 
 
@@ -663,7 +812,10 @@ def update(
         )
     optimizer = make_optimizer(cfg.optim)
     hparams = state.hparams
-    exp_ok = _all_finite((exp.advantages, exp.returns, exp.old_logprobs, exp.old_values))
+    exp_ok = _all_finite(
+        (exp.advantages, exp.returns, exp.old_logprobs, exp.old_values)
+        + (exp.cost_returns, exp.old_cost_values)  # None (no leaves) without safety
+    )
     _, perm_key = iteration_keys(state)
 
     def objective(params, mb_and_counts):
@@ -733,6 +885,50 @@ def kl_control(cfg: PPOConfig, state: PPOState, exp: Experience, ok: jax.Array) 
     return jnp.where(ok & jnp.isfinite(new), new, state.kl_coef)
 
 
+def lagrange_step(
+    cfg: PPOConfig, state: PPOState, exp: Experience
+) -> tuple[Lagrange, Experience, dict[str, jax.Array]]:
+    """PPO-Lagrangian's multiplier update and the combined advantage (Safe RLHF's order).
+
+    1. The rollout's episode costs (the cost model's scores, ``exp.costs``, or with
+       ``constraint="unsafe_share"`` their unsafe flags ``cost > 0``) enter the window of the last
+       ``cost_window`` episodes; ``J_C`` is the window's mean.
+    2. From iteration ``lambda_delay`` on, one SGD step in log space
+       (:func:`rlhf_jax.losses.log_lambda_update`): ``log lambda += lr * (J_C - d) * lambda``,
+       clamped at ``log(lambda_max)``. It rises while ``J_C`` exceeds the threshold ``d`` and
+       falls below it. A non-finite result keeps the old value.
+    3. ``advantages = (A_r - lambda A_c) / (1 + lambda)`` with the new lambda, a constant for the
+       policy gradient (:func:`rlhf_jax.losses.lagrangian_advantages`).
+
+    Returns the new :class:`Lagrange`, the experience with the combined advantages (the reward
+    advantages stay in ``returns``' GAE; ``cost_advantages`` are kept), and metrics.
+    """
+    sc, lag, hp = cfg.safety, state.lagrange, state.hparams
+    window = sc.cost_window
+    costs = exp.costs.astype(jnp.float32)
+    if sc.constraint == "unsafe_share":
+        costs = (costs > 0).astype(jnp.float32)
+    buffer = jnp.concatenate([lag.costs, costs])[-window:]
+    filled = jnp.minimum(lag.filled + costs.shape[0], window)
+    valid = jnp.arange(window) >= window - filled
+    episode_cost = jnp.sum(jnp.where(valid, buffer, 0.0)) / jnp.maximum(filled, 1)
+    log_max = None if sc.lambda_max is None else math.log(sc.lambda_max)
+    stepped = losses.log_lambda_update(
+        lag.log_lambda, episode_cost, hp.cost_threshold, hp.lambda_lr, log_lambda_max=log_max
+    )
+    move = (state.step >= sc.lambda_delay) & jnp.isfinite(stepped)
+    log_lambda = jnp.where(move, stepped, lag.log_lambda)
+    combined = losses.lagrangian_advantages(exp.advantages, exp.cost_advantages, log_lambda)
+    pmask = rewards.policy_mask(exp.response_mask, options=cfg.conventions)
+    exp = exp.replace(advantages=combined * pmask)
+    metrics = {
+        "lambda": jnp.exp(log_lambda),
+        "cost/episode": episode_cost,
+        "cost/threshold": hp.cost_threshold,
+    }
+    return Lagrange(log_lambda=log_lambda, costs=buffer, filled=filled), exp, metrics
+
+
 def rollout_metrics(exp: Experience, kl_coef: jax.Array) -> dict[str, jax.Array]:
     """Scalar statistics of a scored rollout batch (before the update)."""
     rmask = exp.response_mask.astype(jnp.float32)
@@ -754,6 +950,21 @@ def rollout_metrics(exp: Experience, kl_coef: jax.Array) -> dict[str, jax.Array]
         "returns/mean": jnp.sum(exp.returns * rmask) / n_tokens,
         "values/mean": jnp.sum(exp.old_values * rmask) / n_tokens,
         "beta": kl_coef,
+    } | ({} if exp.costs is None else cost_metrics(exp))
+
+
+def cost_metrics(exp: Experience) -> dict[str, jax.Array]:
+    """PPO-Lagrangian's rollout statistics: mean cost, the share the cost model calls unsafe
+    (cost > 0), and the cost critic's values and advantages."""
+    rmask = exp.response_mask.astype(jnp.float32)
+    n_tokens = jnp.maximum(jnp.sum(rmask), 1.0)
+    return {
+        "cost/mean": jnp.mean(exp.costs),
+        "cost/unsafe": jnp.mean((exp.costs > 0).astype(jnp.float32)),
+        "cost_values/mean": jnp.sum(exp.old_cost_values * rmask) / n_tokens,
+        "cost_advantages/std": jnp.sqrt(
+            jnp.sum(jnp.square(exp.cost_advantages) * rmask) / n_tokens
+        ),
     }
 
 
@@ -777,10 +988,15 @@ def iteration_fn(
         prompts, prompt_mask, prompt_index = keep((prompts, prompt_mask, prompt_index))
         sampled = generate(cfg, static, state, prompts, prompt_mask, prompt_index)
         exp = keep(score(cfg, static, state, frozen, prompts, prompt_mask, sampled))
-        metrics = rollout_metrics(exp, state.kl_coef)
+        lagrange, lagrange_metrics = None, {}
+        if cfg.safety is not None:  # advantages/* below are then the combined ones
+            lagrange, exp, lagrange_metrics = lagrange_step(cfg, state, exp)
+        metrics = rollout_metrics(exp, state.kl_coef) | lagrange_metrics
         new_state, update_metrics = update(cfg, static, state, exp)
         ok = update_metrics["skipped"] == 0
-        new_state = new_state.replace(step=state.step + 1, kl_coef=kl_control(cfg, state, exp, ok))
+        new_state = new_state.replace(
+            step=state.step + 1, kl_coef=kl_control(cfg, state, exp, ok), lagrange=lagrange
+        )
         metrics.update(update_metrics)
         return new_state, metrics
 

@@ -15,6 +15,12 @@ Three losses, all from :mod:`rlhf_jax.losses` (this module does not re-derive th
   :func:`rlhf_jax.losses.ranking_rm_loss` ``mode="pairs"``. For K = 2 it equals the pairwise loss.
 - ``"best_of_k"`` — softmax cross-entropy of the K scores against the best response
   (lm-human-preferences ``PickBest``): ``ranking_rm_loss(mode="best_of_k")``.
+- ``"cost"`` — Safe RLHF's **cost model** on safety rows (PKU-SafeRLHF: two responses, the safer
+  one's id and a safe/unsafe flag per response; data kind ``"safety"``): a Bradley-Terry term
+  that ranks the less safe response's cost above the safer one's, plus a sign classifier that
+  pushes safe responses' costs below 0 and unsafe ones' above
+  (:func:`rlhf_jax.losses.cost_model_loss`; ``l2_coef`` is its score regulariser). A positive
+  cost means unsafe. The other losses read safety rows by their ``better_response_id``.
 
 A batch is the dict :func:`rlhf_jax.data.toy.ranking_batch` (and the general data path) builds::
 
@@ -28,10 +34,15 @@ as a ranking with K = 2.
 **Accuracy** is the share of the batch's ranked pairs (all C(K, 2) per group) whose better-ranked
 response scores strictly higher; on held-out comparisons it is the number to report.
 
+**Accuracy** of a cost model is the share of pairs whose less safe response has the higher cost;
+``sign_accuracy`` the share of responses whose cost has the sign of their flag (> 0 unsafe).
+
 **Normalisation** (lm-human-preferences ``train_reward.py``, "normalize before/after"): after
 training, the score head's gain and bias are set so the scores of responses *sampled from the SFT
 policy* have mean ``target_mean`` (0) and standard deviation ``target_std`` (1), so a KL coefficient
-β means the same thing whatever the reward model's scale: :func:`normalize_params`.
+β means the same thing whatever the reward model's scale: :func:`normalize_params`. A cost model's
+0 is its safe/unsafe boundary, so its normalisation only rescales (``shift=False``): the SFT
+samples' costs get standard deviation ``target_std`` about their mean, and 0 stays 0.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from rlhf_jax.train import LoopConfig, TrainState, apply_update
 
 __all__ = [
     "RewardModelConfig",
+    "as_cost_pairs",
     "as_ranking",
     "group_scores",
     "init_reward_model",
@@ -63,7 +75,7 @@ __all__ = [
     "score_stats",
 ]
 
-_LOSSES = ("pairwise", "ranking", "best_of_k")
+_LOSSES = ("pairwise", "ranking", "best_of_k", "cost")
 _READS = ("last_nonpad", "last")
 
 
@@ -71,15 +83,18 @@ _READS = ("last_nonpad", "last")
 class RewardModelConfig:
     """A scalar reward model trained from pairwise or K-wise comparisons."""
 
-    loss: str = "ranking"  # "pairwise" (K=2) | "ranking" (all C(K,2) pairs) | "best_of_k" (LMHP)
+    # "pairwise" (K=2) | "ranking" (all C(K,2) pairs) | "best_of_k" (LMHP) | "cost" (Safe RLHF
+    # cost model on "safety" rows: pairwise on the safer id + sign classifier on the flags)
+    loss: str = "ranking"
     center_coef: float = 0.0  # pairwise: centering c * mean((r_c + r_r)^2); TRL suggests 0.01
-    l2_coef: float = 0.0  # ranking: + l2_coef * 0.5 * (r_i^2 + r_j^2) per pair (OASST 0.001)
+    l2_coef: float = 0.0  # ranking, cost: + l2_coef * 0.5 * (r_i^2 + r_j^2) per pair (OASST 0.001)
     use_margin: bool = True  # subtract the batch's per-pair "margin" when the batch has one
     read: str = "last_nonpad"  # score position: "last_nonpad" (TRL, SAFE) | "last" (LMHP)
     optim: OptimConfig = OptimConfig(name="adamw", learning_rate=5e-5)  # optimizer and schedule
     loop: LoopConfig = LoopConfig(max_steps=1000)  # steps, evaluation, stopping, non-finite policy
     batch_size: int = 32  # comparison groups (prompts) per optimizer step
-    normalize: bool = True  # after training, set gain/bias so SFT samples score mean 0, std 1
+    # after training, set gain/bias so SFT samples score mean 0, std 1 (cost: rescale only)
+    normalize: bool = True
     target_mean: float = 0.0  # mean of the normalised scores of SFT samples
     target_std: float = 1.0  # standard deviation of the normalised scores of SFT samples
 
@@ -92,6 +107,11 @@ class RewardModelConfig:
             raise ValueError("reward_model.center_coef and reward_model.l2_coef must be >= 0")
         if not self.target_std > 0:
             raise ValueError(f"reward_model.target_std={self.target_std}: must be > 0")
+        if self.loss == "cost" and self.target_mean != 0:
+            raise ValueError(
+                f"reward_model.target_mean={self.target_mean} with loss='cost': a cost model's 0 "
+                "is its safe/unsafe boundary, so its normalisation only rescales; set 0"
+            )
         if self.batch_size < 1 or self.batch_size % self.optim.grad_accum_steps:
             raise ValueError(
                 f"reward_model.batch_size={self.batch_size} must be >= 1 and divisible by "
@@ -139,8 +159,23 @@ def init_reward_model(sft_model: Any, key: jax.Array) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
+def _reorder(batch: Mapping[str, Any], first: Any) -> dict[str, Any]:
+    """A safety batch's two responses as a ranking (K = 2), response ``first[n]`` first."""
+    xp = jnp if isinstance(batch["response_tokens"], jax.Array) else np
+    order = xp.stack([first, 1 - first], axis=1).astype(np.int32)  # [N, 2]
+    return {
+        "prompt_tokens": batch["prompt_tokens"],
+        "prompt_mask": batch["prompt_mask"],
+        "response_tokens": xp.take_along_axis(batch["response_tokens"], order[:, :, None], 1),
+        "response_mask": xp.take_along_axis(batch["response_mask"], order[:, :, None], 1),
+    }
+
+
 def as_ranking(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """A pair batch (``chosen_*``/``rejected_*``) as a ranking batch with K = 2; others as is."""
+    """A comparison batch as a ranking batch, best first: pairs (``chosen_*``/``rejected_*``)
+    and safety rows (by ``better``, the better response's id) with K = 2; rankings as is."""
+    if "better" in batch:
+        return _reorder(batch, batch["better"])
     if "response_tokens" in batch:
         return dict(batch)
     xp = jnp if isinstance(batch["chosen_tokens"], jax.Array) else np
@@ -153,6 +188,25 @@ def as_ranking(batch: Mapping[str, Any]) -> dict[str, Any]:
     if "margin" in batch:
         out["margin"] = batch["margin"]
     return out
+
+
+def as_cost_pairs(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A safety batch as ``(ranking with the less safe response first, signs [N, 2])``.
+
+    The signs are +1 for a response flagged safe and -1 for one flagged unsafe, in the ranking's
+    order; a ranking's "better" response is here the one that should cost more.
+    """
+    if "safer" not in batch:
+        raise ValueError(
+            "reward_model.loss='cost' needs safety rows (data kind 'safety': response_0, "
+            "response_1, safer_response_id, is_response_0_safe, is_response_1_safe)"
+        )
+    xp = jnp if isinstance(batch["response_tokens"], jax.Array) else np
+    unsafer = 1 - batch["safer"]
+    ranking = _reorder(batch, unsafer)
+    order = xp.stack([unsafer, batch["safer"]], axis=1).astype(np.int32)
+    signs = 2 * xp.take_along_axis(batch["safe"], order, 1).astype(np.float32) - 1
+    return ranking, signs
 
 
 def group_scores(
@@ -191,9 +245,19 @@ def rm_loss(
     ``metric_sums`` holds ``loss`` (the sum again), ``correct``/``pairs`` (for the accuracy) and
     ``score_sum``/``score_sq_sum``/``scores`` (count of scores) for the mean and spread.
     """
-    batch = as_ranking(batch)
+    signs = None
+    if cfg.loss == "cost":  # ranked [less safe, safer]: the first should cost more
+        batch, signs = as_cost_pairs(batch)
+    else:
+        batch = as_ranking(batch)
     scores = group_scores(graphdef, params, batch, read=cfg.read)  # [N, K]
-    if cfg.loss == "pairwise":
+    extra = {}
+    if cfg.loss == "cost":
+        total, count, cost_metrics = losses.cost_model_loss(
+            scores[:, 1], scores[:, 0], signs[:, 1], signs[:, 0], reg_coef=cfg.l2_coef
+        )
+        extra["sign_correct"] = cost_metrics["sign_accuracy"]
+    elif cfg.loss == "pairwise":
         if scores.shape[1] != 2:
             raise ValueError(
                 f"reward_model.loss='pairwise' needs pairs (K = 2), got K = {scores.shape[1]}; "
@@ -215,6 +279,7 @@ def rm_loss(
         "score_sum": jnp.sum(scores),
         "score_sq_sum": jnp.sum(scores**2),
         "scores": jnp.float32(scores.size),
+        **extra,
     }
     return total, (jnp.asarray(count, jnp.float32), sums)
 
@@ -227,7 +292,11 @@ def _summary(count: jax.Array, sums: Mapping[str, jax.Array]) -> dict[str, jax.A
         "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
         "score_mean": mean,
         "score_std": jnp.sqrt(jnp.maximum(var, 0.0)),
-    }
+    } | (
+        {"sign_accuracy": sums["sign_correct"] / jnp.maximum(count, 1.0)}
+        if "sign_correct" in sums
+        else {}
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -299,6 +368,7 @@ def normalize_params(
     *,
     target_mean: float = 0.0,
     target_std: float = 1.0,
+    shift: bool = True,
 ) -> Any:
     """Set the score head's gain and bias: ``scores`` get mean ``target_mean``, std ``target_std``.
 
@@ -308,7 +378,9 @@ def normalize_params(
         gain' = gain * target_std / sigma,   bias' = (bias - mu) * target_std / sigma + target_mean,
 
     so ``score' = (score - mu) * target_std / sigma + target_mean`` exactly (lm-human-preferences
-    ``train_reward.py`` ``normalize``). The rest of ``params`` is unchanged.
+    ``train_reward.py`` ``normalize``). With ``shift=False`` (a cost model, whose 0 is the
+    safe/unsafe boundary) only the scale changes: ``score' = score * target_std / sigma``
+    (``target_mean`` must then be 0). The rest of ``params`` is unchanged.
 
     Args:
       params: reward-model parameters with a score head (:mod:`rlhf_jax.models`).
@@ -319,4 +391,8 @@ def normalize_params(
         raise ValueError("the scores to normalise are all equal (std 0): sample more responses")
     scale = target_std / sigma
     gain, bias = models.score_gain_bias(params)
+    if not shift:
+        if target_mean != 0:
+            raise ValueError("normalize_params(shift=False) keeps 0 fixed: target_mean must be 0")
+        return models.set_score_gain_bias(params, gain * scale, bias * scale)
     return models.set_score_gain_bias(params, gain * scale, (bias - mu) * scale + target_mean)

@@ -134,6 +134,14 @@ __all__ = [
     "evaluate",
     "gold_reward",
     "simulated_labeller",
+    "HARMFUL_WORDS",
+    "TEMPTATION",
+    "SAFETY_FLIP",
+    "is_harmful",
+    "helpfulness",
+    "harm_labeller",
+    "safety_labeller",
+    "evaluate_safety",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -594,21 +602,24 @@ def rank_responses(
     *,
     temperature: float,
     seed: int,
+    score=None,
 ) -> list[dict[str, object]]:
     """K-wise rankings with Plackett-Luce noise (Bradley-Terry for K = 2).
 
     The ranking sorts ``gold / T + Gumbel noise`` in decreasing order, which draws the first place
     with probability ``softmax(gold / T)``, then the next among the rest, and so on. Temperature 0
     sorts by gold (ties in random order). Returns ``{"prompt", "completions"}`` with the
-    completions ranked best to worst.
+    completions ranked best to worst. ``score(prompt, response)`` replaces :func:`gold_score`
+    (the harm world ranks by :func:`helpfulness`).
     """
+    score = gold_score if score is None else score
     _check_same_length(prompts=prompts, responses=responses)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     rng = np.random.default_rng(seed)
     out = []
     for prompt, group in zip(prompts, responses, strict=True):
-        gold = np.array([gold_score(prompt, r) for r in group])
+        gold = np.array([score(prompt, r) for r in group])
         gumbel = rng.gumbel(size=len(group))
         if temperature == 0:
             order = np.lexsort((gumbel, -gold))  # by gold, ties by the noise
@@ -886,16 +897,8 @@ class ToyTask:
             raise ValueError("toy sizes (examples, prompts, layers) must be >= 1")
 
 
-def simulated_labeller(
-    prompts: Sequence[str], groups: Sequence[Sequence[str]], *, seed: int = 0
-) -> list[list[int]]:
-    """The simulated human as a labeller: for each prompt, its ``K`` responses ranked best first.
-
-    Returns the indices into each group in ranked order (Plackett-Luce noise at
-    :data:`LABEL_TEMPERATURE` on the gold score, :func:`rank_responses`). This is the
-    ``labeller`` the ``label`` stage calls (``rlhf_jax.data.toy:simulated_labeller``).
-    """
-    ranked = rank_responses(prompts, groups, temperature=LABEL_TEMPERATURE, seed=seed)
+def _orders(groups: Sequence[Sequence[str]], ranked: Sequence[dict]) -> list[list[int]]:
+    """The ranked texts of :func:`rank_responses` as index lists into each group."""
     out = []
     for group, rec in zip(groups, ranked, strict=True):
         left = list(range(len(group)))
@@ -906,6 +909,19 @@ def simulated_labeller(
             order.append(i)
         out.append(order)
     return out
+
+
+def simulated_labeller(
+    prompts: Sequence[str], groups: Sequence[Sequence[str]], *, seed: int = 0
+) -> list[list[int]]:
+    """The simulated human as a labeller: for each prompt, its ``K`` responses ranked best first.
+
+    Returns the indices into each group in ranked order (Plackett-Luce noise at
+    :data:`LABEL_TEMPERATURE` on the gold score, :func:`rank_responses`). This is the
+    ``labeller`` the ``label`` stage calls (``rlhf_jax.data.toy:simulated_labeller``).
+    """
+    ranked = rank_responses(prompts, groups, temperature=LABEL_TEMPERATURE, seed=seed)
+    return _orders(groups, ranked)
 
 
 def gold_reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -929,4 +945,72 @@ def evaluate(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.n
         "gold": gold,
         "well_formed": np.array([is_well_formed(r) for r in responses], np.float64),
         "good": (gold >= GOOD_THRESHOLD).astype(np.float64),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The harm world (Safe RLHF): helpfulness and harmlessness pull apart.
+# --------------------------------------------------------------------------------------------------
+
+HARMFUL_WORDS = ("very", "really")  # intensifiers: the micro-language's overclaiming
+TEMPTATION = 0.4  # what the harm world's helpfulness rater adds for an overclaiming response
+SAFETY_FLIP = 0.05  # the safety labeller flags a response wrongly with this probability
+
+
+def is_harmful(response: str) -> bool:
+    """True when ``response`` overclaims: it uses an intensifier of :data:`HARMFUL_WORDS`."""
+    return any(w in HARMFUL_WORDS for w in response.split())
+
+
+def helpfulness(prompt: str, response: str) -> float:
+    """The harm world's gold helpfulness: :func:`gold_score`, plus :data:`TEMPTATION` for a
+    well-formed response that overclaims (:func:`is_harmful`).
+
+    The rater is swayed by enthusiasm, so the most helpful responses are harmful ones: ``"a very
+    cute pet ."`` scores 2.99 where the best safe answer, ``"a cute pet ."``, scores 2.52. The SFT
+    distribution overclaims in about 8% of its responses (the intensified noun phrases).
+    """
+    base = gold_score(prompt, response)
+    return base + TEMPTATION if is_harmful(response) and is_well_formed(response) else base
+
+
+def harm_labeller(
+    prompts: Sequence[str], groups: Sequence[Sequence[str]], *, seed: int = 0
+) -> list[list[int]]:
+    """The harm world's helpfulness labeller: :func:`simulated_labeller` on :func:`helpfulness`
+    (Plackett-Luce noise at :data:`LABEL_TEMPERATURE`)."""
+    ranked = rank_responses(
+        prompts, groups, temperature=LABEL_TEMPERATURE, seed=seed, score=helpfulness
+    )
+    return _orders(groups, ranked)
+
+
+def safety_labeller(
+    prompts: Sequence[str], groups: Sequence[Sequence[str]], *, seed: int = 0
+) -> list[dict[str, list]]:
+    """The harm world's safety labeller: per prompt ``{"safe": [K bools], "safer": [K indices,
+    safest first]}`` (the ``label`` stage's ``safety_labeller``, ``output: safety``).
+
+    Each flag is ``not is_harmful(response)``, flipped with probability :data:`SAFETY_FLIP`; the
+    safer order sorts the responses by their (noisy) flags, safe first, ties in random order.
+    """
+    _check_same_length(prompts=prompts, groups=groups)
+    rng = np.random.default_rng(seed)
+    out = []
+    for group in groups:
+        flip = rng.random(len(group)) < SAFETY_FLIP
+        safe = [(not is_harmful(r)) != bool(f) for r, f in zip(group, flip, strict=True)]
+        order = np.lexsort((rng.random(len(group)), [0 if ok else 1 for ok in safe]))
+        out.append({"safe": safe, "safer": [int(i) for i in order]})
+    return out
+
+
+def evaluate_safety(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-response metrics of the harm world (the ``evaluator`` of ``experiments/safe_rlhf.py``):
+    ``helpful`` (:func:`helpfulness`), ``harmful`` (:func:`is_harmful`, 0/1), ``well_formed``."""
+    _check_same_length(prompts=prompts, responses=responses)
+    return {
+        "helpful": np.array([helpfulness(p, r) for p, r in zip(prompts, responses, strict=True)]),
+        "harmful": np.array([is_harmful(r) for r in responses], np.float64),
+        "well_formed": np.array([is_well_formed(r) for r in responses], np.float64),
     }
