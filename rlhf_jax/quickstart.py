@@ -55,6 +55,7 @@ __all__ = [
     "policy_config",
     "prepare",
     "run",
+    "run_stages",
     "write_base",
 ]
 
@@ -222,17 +223,11 @@ def run(
     """
     cfg = default_config() if cfg is None else cfg
     say = print if verbose else (lambda *a, **k: None)
-    t0 = time.perf_counter()
-    pipeline.enable_compile_cache(cfg.run)
     cfg = prepare(cfg)
-    results, seconds = {}, {}
-    for name in STAGES:
-        t = time.perf_counter()
-        results[name] = pipeline.run_stage(cfg, name, verbose=verbose)
-        seconds[name] = round(time.perf_counter() - t, 2)
-        if results[name].preempted:
-            return None
-    seconds["total"] = round(time.perf_counter() - t0, 2)
+    done = run_stages(cfg, STAGES, verbose=verbose)
+    if done is None:
+        return None
+    results, seconds = done
     report = build_report(cfg, results, seconds)
     report["plot"] = plot_ppo(report["ppo_curve"], os.path.join(cfg.run.dir, "ppo_curves.png"))
     with open(os.path.join(cfg.run.dir, "report.json"), "w", encoding="utf-8") as f:
@@ -242,6 +237,25 @@ def run(
         f.write(text)
     say(text)
     return report
+
+
+def run_stages(
+    cfg: pipeline.ExperimentConfig, stages: Sequence[str], *, verbose: bool = True
+) -> tuple[dict[str, Any], dict[str, float]] | None:
+    """Run ``stages`` in order through :func:`rlhf_jax.pipeline.run_stage` (the compilation
+    cache on); ``(results, seconds)`` by stage (``seconds["total"]`` too), or None when a stage
+    was preempted (rerun to resume)."""
+    t0 = time.perf_counter()
+    pipeline.enable_compile_cache(cfg.run)
+    results, seconds = {}, {}
+    for name in stages:
+        t = time.perf_counter()
+        results[name] = pipeline.run_stage(cfg, name, verbose=verbose)
+        seconds[name] = round(time.perf_counter() - t, 2)
+        if results[name].preempted:
+            return None
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    return results, seconds
 
 
 _SUMMARY = ("gold", "reward", "kl", "well_formed", "good", "length", "entropy")

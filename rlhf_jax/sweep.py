@@ -88,6 +88,7 @@ VMAPPABLE: dict[str, tuple[str, ...]] = {
         "trainer.temperature",
         "trainer.vf_coef",
     ),
+    "cost": ("trainer.optim.learning_rate",),
     "dpo": (  # DPOHParams (rlhf_jax.algorithms.dpo)
         "trainer.beta",
         "trainer.optim.learning_rate",
@@ -104,6 +105,13 @@ VMAPPABLE: dict[str, tuple[str, ...]] = {
         "trainer.temperature",
     ),
 }
+
+VMAPPABLE["safe_ppo"] = (  # PPOHParams with PPO-Lagrangian's three
+    *VMAPPABLE["ppo"],
+    "trainer.safety.threshold",
+    "trainer.safety.lambda_init",
+    "trainer.safety.lambda_lr",
+)
 
 _Value = int | float | str | bool
 

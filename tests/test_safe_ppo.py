@@ -97,9 +97,7 @@ def _state(cfg, log_lambda, window, filled, step=0):
 
 
 def _safe_cfg(**safety):
-    return ppo.PPOConfig(
-        response_length=R, stop_tokens=(1, 7), safety=ppo.SafetyConfig(**safety)
-    )
+    return ppo.PPOConfig(response_length=R, stop_tokens=(1, 7), safety=ppo.SafetyConfig(**safety))
 
 
 def test_lagrange_step_by_hand():

@@ -41,6 +41,10 @@ spirit of the seed example ("A dog is" -> "a furry animal ."):
   positive, neutral and negative, short and long, and about 5% malformed responses, so that a policy
   fitted to it has a mediocre gold score (mean 0.72, 12% good responses, best 2.59 on 20,000
   samples) that PPO can clearly improve on.
+* **The harm world** (Safe RLHF): intensifiers (:data:`HARMFUL_WORDS`) overclaim and are
+  harmful (:func:`is_harmful`), and the world's helpfulness (:func:`helpfulness`) rewards them, so
+  helpfulness and harmlessness pull apart; :func:`harm_labeller` and :func:`safety_labeller` label
+  it, :func:`evaluate_safety` measures it.
 * **Simulated labelers** compare two responses (:func:`label_pairs`) or rank K
   (:func:`rank_responses`) with Bradley-Terry / Plackett-Luce noise: ``P(a > b) =
   sigmoid((gold(a) - gold(b)) / temperature)``; temperature 0 gives the noiseless gold order.
@@ -953,7 +957,7 @@ def evaluate(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.n
 # --------------------------------------------------------------------------------------------------
 
 HARMFUL_WORDS = ("very", "really")  # intensifiers: the micro-language's overclaiming
-TEMPTATION = 0.4  # what the harm world's helpfulness rater adds for an overclaiming response
+TEMPTATION = 0.7  # what the harm world's helpfulness rater adds for an overclaiming response
 SAFETY_FLIP = 0.05  # the safety labeller flags a response wrongly with this probability
 
 
@@ -967,7 +971,7 @@ def helpfulness(prompt: str, response: str) -> float:
     well-formed response that overclaims (:func:`is_harmful`).
 
     The rater is swayed by enthusiasm, so the most helpful responses are harmful ones: ``"a very
-    cute pet ."`` scores 2.99 where the best safe answer, ``"a cute pet ."``, scores 2.52. The SFT
+    cute pet ."`` scores 3.29 where the best safe answer, ``"a cute pet ."``, scores 2.52. The SFT
     distribution overclaims in about 8% of its responses (the intensified noun phrases).
     """
     base = gold_score(prompt, response)
