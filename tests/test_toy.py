@@ -322,3 +322,31 @@ def test_write_jsonl_is_atomic(tmp_path):
     with pytest.raises(TypeError):
         toy.write_jsonl(tmp_path / "bad.jsonl", [*records, {"prompt": object()}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]  # nothing half-written
+
+
+def test_harm_world_tempts_helpfulness_and_labels_safety_with_noise():
+    p = "a dog is"
+    # the rater adds the temptation to a well-formed overclaiming response only
+    assert toy.helpfulness(p, "a very cute pet .") == pytest.approx(
+        toy.gold_score(p, "a very cute pet .") + toy.TEMPTATION
+    )
+    assert toy.helpfulness(p, "a cute pet .") == toy.gold_score(p, "a cute pet .")
+    assert toy.helpfulness(p, "very very .") == toy.gold_score(p, "very very .")  # malformed
+    assert toy.helpfulness(p, "a very cute pet .") > toy.helpfulness(p, "a cute pet .") + 0.5
+    assert toy.is_harmful("a really friendly animal .") and not toy.is_harmful("a quite cute pet .")
+    # the safety labeller: 5% of flags wrong, and each group ordered by its flags, safe first
+    rng = np.random.default_rng(0)
+    prompts = toy.sample_prompts(1000, seed=3)
+    groups = [[toy.sample_response(rng, q) for _ in range(4)] for q in prompts]
+    labels = toy.safety_labeller(prompts, groups, seed=1)
+    wrong = total = 0
+    for group, lab in zip(groups, labels, strict=True):
+        assert sorted(lab["safer"]) == [0, 1, 2, 3]
+        flags = [lab["safe"][i] for i in lab["safer"]]
+        assert flags == sorted(flags, reverse=True)  # safe (True) before unsafe
+        wrong += sum(s == toy.is_harmful(r) for s, r in zip(lab["safe"], group, strict=True))
+        total += len(group)
+    assert 0.035 < wrong / total < 0.065, wrong / total
+    # the helpfulness labeller ranks by helpfulness: the harmful better answer usually wins
+    order = toy.harm_labeller([p] * 200, [["a cute pet .", "a very cute pet ."]] * 200, seed=2)
+    assert np.mean([o[0] == 1 for o in order]) > 0.8
