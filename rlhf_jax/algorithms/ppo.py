@@ -36,6 +36,13 @@ reward model (InstructGPT, TRL, DeepSpeed-Chat); its score head is the value hea
 policy and critic are updated together by one optimizer on ``policy_loss + c_vf * value_loss``
 (as TRL's ``PolicyAndValueWrapper``), so the gradient-norm clip is over both.
 
+**PPO-Lagrangian** (Safe RLHF, ``PPOConfig.safety``; ``docs/formulas.md`` §8). The same
+iteration with a cost model and a cost critic: scoring adds the costs, the per-token costs
+(:func:`rlhf_jax.rewards.shape_costs`) and their GAE; :func:`lagrange_step` moves the Lagrange
+multiplier from the window of recent episode costs and combines the advantages as
+``(A_r - lambda A_c) / (1 + lambda)``; the update adds the cost critic's value loss. The threshold,
+lambda's initial value and its learning rate are :class:`PPOHParams` arrays like the rest.
+
 **Frozen models.** The reference *is* the SFT parameter pytree and the reward model's parameters
 are its own pytree; both are passed to the iteration as :class:`FrozenParams`, a separate argument
 that is never donated. The trainable policy and critic start as *copies* (the state is donated).
