@@ -3,7 +3,7 @@
 For each family (GPT-2, Llama with GQA and llama3 rope_scaling, Qwen2, Qwen3; Llama with YaRN
 rope scaling and q/k/v/o and MLP biases; Mistral with a sliding window shorter than the batch;
 Phi-3 with fused projections, partial rotary and a sliding window; Gemma 2 and Gemma 3 with
-local/global layers)
+local/global layers; Mixtral with 4 experts, top-2 routing and a sliding window)
 this builds a tiny random model with ``transformers`` (seeded), saves it as safetensors under
 ``tests/fixtures/golden/<name>/`` and stores the reference float32 logits of a left-padded batch
 in ``reference.npz`` (tokens, attention_mask, position_ids, logits). Position ids follow the
@@ -36,6 +36,7 @@ def configs():
         GPT2Config,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
@@ -129,6 +130,14 @@ def configs():
                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             },
+        ),
+        # mixture of experts: 4 SwiGLU experts, each token routed to 2; a window of 6 < 12
+        "mixtral": MixtralConfig(
+            **llama_like,
+            tie_word_embeddings=False,
+            sliding_window=6,
+            num_local_experts=4,
+            num_experts_per_tok=2,
         ),
     }
 

@@ -1,4 +1,5 @@
-"""Hugging Face interop: golden logits of GPT-2 / Llama / Qwen2 / Qwen3 and the save round trip.
+"""Hugging Face interop: golden logits of every family (GPT-2, Llama, Qwen2/3, Mistral, Phi-3,
+Gemma 2/3, Mixtral) and the save round trip.
 
 The fixtures under tests/fixtures/golden/ are tiny random checkpoints written by transformers
 (PyTorch) with their reference float32 logits on a left-padded batch
@@ -20,7 +21,18 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelLoadError, hf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "llama_yarn", "mistral", "phi3", "gemma2", "gemma3")
+ARCHS = (
+    "gpt2",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "llama_yarn",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "mixtral",
+)
 ARCH_OF = {"llama_yarn": "llama"}  # fixture name -> model_type
 ATOL = 1e-4
 
@@ -48,7 +60,14 @@ def test_config_read(golden):
     assert cfg.qk_norm == (name in ("qwen3", "gemma3"))
     assert cfg.tie_word_embeddings == (name in ("gpt2", "qwen3", "gemma2", "gemma3"))
     assert cfg.mlp_bias == (name in ("gpt2", "llama_yarn"))
-    assert cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 4, "gemma3": 4}.get(name)
+    assert cfg.sliding_window == {
+        "mistral": 5,
+        "phi3": 7,
+        "gemma2": 4,
+        "gemma3": 4,
+        "mixtral": 6,
+    }.get(name)
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == ((4, 2) if name == "mixtral" else (0, 2))
     if name.startswith("gemma"):
         assert cfg.layer_types == ("sliding_attention", "full_attention")
         assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (

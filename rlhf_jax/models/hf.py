@@ -40,6 +40,12 @@ Gemma 2/3 name the norms input_layernorm (attn_norm), post_attention_layernorm (
 pre_feedforward_layernorm (mlp_norm) and post_feedforward_layernorm (post_mlp_norm).
 Phi-3 is the Llama layout with two fused Linear weights: ``self_attn.qkv_proj`` (rows: q, then k,
 then v) and ``mlp.gate_up_proj`` (rows: gate, then up), split on load and re-fused on save.
+Mixtral is the Mistral layout with the MLP of layer ``i`` under ``layers.{i}.block_sparse_moe.``
+(the per-expert names that Hub checkpoints use and transformers 5 writes): ``gate.weight``
+``[E, D]`` (our ``mlp/router``) and ``experts.{j}.w1`` / ``w3`` / ``w2`` ``.weight`` (expert
+``j``'s gate / up / down Linear weights, stacked along the ``E`` axis of our
+``mlp/experts/{gate,up,down}_proj``). transformers' in-memory fused ``experts.gate_up_proj`` layout
+is not read.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "mixtral",
 )
 _ARCH_OF_TYPE = {"gemma3_text": "gemma3"}  # model_type -> ModelConfig.arch where they differ
 _TYPE_OF_ARCH = {v: k for k, v in _ARCH_OF_TYPE.items()}
@@ -85,6 +92,7 @@ _ARCH_CLASS = {
     "gemma3": "Gemma3",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
+    "mixtral": "Mixtral",
 }
 # Tensors of real checkpoints that hold no parameter (attention-mask buffers, RoPE caches).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -181,7 +189,7 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
     if mlp_bias and kind != "llama":
         raise ModelLoadError(f"{source}: mlp_bias=true: only the llama layout has MLP biases")
     window = None
-    if kind in ("mistral", "phi3") or gemma:
+    if kind in ("mistral", "phi3", "mixtral") or gemma:
         window = hf.get("sliding_window")
     elif hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise ModelLoadError(
@@ -227,6 +235,7 @@ def _config_from_hf(hf, kind, dtype, param_dtype, scan_unroll, source):
         sliding_window=window,
         partial_rotary_factor=partial,
         **(_gemma_fields(hf, kind, local_theta, source) if gemma else {}),
+        **(_moe_fields(hf) if kind == "mixtral" else {}),
         **common,
     )
 
@@ -246,6 +255,12 @@ def _gemma_fields(hf: dict, kind: str, local_theta, source: str) -> dict:
         final_logit_softcap=hf.get("final_logit_softcapping"),
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
     )
+
+
+def _moe_fields(hf: dict) -> dict:
+    """Mixtral's expert count and top-k. ``router_aux_loss_coef`` and ``router_jitter_noise``
+    are training options of transformers that rlhf_jax does not implement (not read)."""
+    return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"])
 
 
 def _layer_types(c: ModelConfig) -> tuple:
@@ -307,7 +322,7 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
         )
         if c.arch == "qwen2" and not c.attention_bias:
             raise ValueError("qwen2 always has q/k/v biases: save this model as arch='llama'")
-        if c.arch in ("mistral", "phi3") and c.attention_bias:
+        if c.arch in ("mistral", "phi3", "mixtral") and c.attention_bias:
             raise ValueError(f"{c.arch} has no q/k/v biases: save this model as arch='llama'")
         if c.arch in ("llama", "qwen3"):
             out["attention_bias"] = bool(c.attention_bias)
@@ -315,10 +330,20 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
             raise ValueError(f"{c.arch} has no MLP biases: save this model as arch='llama'")
         if c.arch == "llama":
             out["mlp_bias"] = bool(c.mlp_bias)
-        if c.sliding_window is not None and c.arch not in ("mistral", "phi3", *GEMMA):
-            raise ValueError(f"{c.arch}: sliding_window is a mistral / phi3 / gemma option")
-        if c.arch in ("mistral", "phi3", *GEMMA):
+        windowed = ("mistral", "phi3", "mixtral", *GEMMA)
+        if c.sliding_window is not None and c.arch not in windowed:
+            raise ValueError(
+                f"{c.arch}: sliding_window is a mistral / phi3 / mixtral / gemma option"
+            )
+        if c.arch in windowed:
             out["sliding_window"] = c.sliding_window
+        if c.moe:
+            out.update(
+                num_local_experts=c.num_experts,
+                num_experts_per_tok=c.num_experts_per_tok,
+                output_router_logits=False,
+                router_jitter_noise=0.0,
+            )
         gemma_only = dict(
             layer_types=c.layer_types,
             rope_local_theta=c.rope_local_theta,
@@ -370,13 +395,14 @@ def config_to_hf(config: ModelConfig, *, sequence_classification: bool = False) 
 
 
 def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
-    """``(top, per_layer)``: our path -> (HF name, how), how one of 'T', 'id', 'q', 'k', 'v' or
-    ``("rows", lo, hi, total)``.
+    """``(top, per_layer)``: our path -> (HF name, how), how one of 'T', 'ET', 'id', 'q', 'k', 'v'
+    or ``("rows", lo, hi, total)``.
 
     'T' transposes a Linear ``[out, in]`` weight; 'q'/'k'/'v' take a third of GPT-2's fused
     ``c_attn`` along its last axis; ``("rows", lo, hi, total)`` takes rows ``lo:hi`` of a fused
     Linear ``[total, in]`` weight (Phi-3's ``qkv_proj`` and ``gate_up_proj``) and transposes
-    them. Per-layer names hold ``{i}``.
+    them. 'ET' stacks the ``E`` transposed Linear weights of the experts (names with ``{j}``).
+    Per-layer names hold ``{i}``.
     """
     if config.arch == "gpt2":
         top = {
@@ -423,6 +449,11 @@ def _hf_layout(config: ModelConfig) -> tuple[dict, dict]:
         per[("mlp_norm", "scale")] = (h + "pre_feedforward_layernorm.weight", "id")
         per[("post_attn_norm", "scale")] = (h + "post_attention_layernorm.weight", "id")
         per[("post_mlp_norm", "scale")] = (h + "post_feedforward_layernorm.weight", "id")
+    if config.moe:  # Mixtral: the router and E experts' Linear weights [out, in], stacked on E
+        moe = h + "block_sparse_moe."
+        per[("mlp", "router", "kernel")] = (moe + "gate.weight", "T")
+        for ours, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            per[("mlp", "experts", ours)] = (moe + "experts.{j}." + w + ".weight", "ET")
     if config.arch == "phi3":  # fused qkv_proj [(H + 2 Hkv) Dh, D], gate_up_proj [2F, D]
         q, kv, f = (
             config.num_heads * config.head_dim,
@@ -625,6 +656,11 @@ def from_pretrained(
             name, how = per[ours[1:]]
             out = np.empty(expected, wdtype)
             for i in range(config.num_layers):
+                if how == "ET":  # [L, E, in, out] from E Linear weights per layer
+                    for j in range(expected[1]):
+                        n = name.format(i=i, j=j)
+                        out[i, j] = _transform(fetch(n), "T", n, expected[2:], path)
+                    continue
                 out[i] = _transform(
                     fetch(name.format(i=i)), how, name.format(i=i), expected[1:], path
                 )
@@ -769,6 +805,11 @@ def _hf_tensors(model: Model) -> tuple[list[tuple[str, tuple, np.dtype, Callable
             continue
         x = flat[full]
         for i in range(config.num_layers):
+            if how == "ET":  # one Linear weight [out, in] per expert
+                for j in range(x.shape[1]):
+                    hf = base + name.format(i=i, j=j)
+                    add(hf, x.shape[2:][::-1], x.dtype, lambda x=x, i=i, j=j: np.asarray(x[i, j]).T)
+                continue
             hf = base + name.format(i=i)
             if isinstance(how, tuple):  # a row block of a fused Linear weight
                 fused_rows.setdefault(hf, []).append((how[1], x, i))

@@ -15,11 +15,13 @@ arch          positions   norm       MLP           q/k/v bias  o bias      extra
 ``gemma3``    RoPE        RMSNorm    GeGLU         no         no          see below, q/k norm
 ``qwen2``     RoPE        RMSNorm    SwiGLU        yes        no          GQA
 ``qwen3``     RoPE        RMSNorm    SwiGLU        option     = qkv bias  per-head q/k RMSNorm
+``mixtral``   RoPE        RMSNorm    SwiGLU MoE    no         no          GQA, sliding window,
+                                                                          top-k experts
 ============  ==========  =========  ============  =========  ==========  ==============
 
 The formulas follow the Hugging Face ``transformers`` implementations (``modeling_gpt2.py``,
 ``modeling_llama.py``, ``modeling_mistral.py``, ``modeling_phi3.py``, ``modeling_qwen2.py``,
-``modeling_qwen3.py``, ``modeling_gemma2.py``, ``modeling_gemma3.py``);
+``modeling_qwen3.py``, ``modeling_gemma2.py``, ``modeling_gemma3.py``, ``modeling_mixtral.py``);
 the golden tests check the logits against them to 1e-4. ``rope_scaling`` covers ``linear``,
 ``llama3`` and ``yarn``.
 
@@ -29,6 +31,20 @@ before each residual add (sandwich), embeddings times ``sqrt(D)``, tied LM head,
 (``layer_types``); Gemma 2 soft-caps attention scores and final logits (``cap * tanh(x / cap)``),
 Gemma 3 gives local layers their own RoPE base (``rope_local_theta``; ``rope_scaling`` applies to
 the global ones). YaRN's attention factor is applied on every layer.
+
+Mixtral (mixture of experts): Mistral's attention, and in place of the MLP ``E`` SwiGLU experts
+(``num_experts``) and a linear router (no bias). The routing is transformers'
+``MixtralTopKRouter``: ``p = softmax(h @ router)`` in float32 over the ``E`` experts, the
+``k = num_experts_per_tok`` largest kept and renormalised to sum to 1 (the same as a softmax over
+the top-k router logits). :func:`_moe` computes it **densely**: every expert runs on every token
+and the outputs are summed with the routing weights, zero for the experts a token did not choose,
+so the result is exactly the sparse sum of the k chosen experts (the zeros add nothing). The cost:
+``E / k`` times the expert FLOPs and ``E`` ``[B, t, F]`` activations of a sparse dispatch (4x for
+Mixtral's 8 experts, top-2), no token dropping and no capacity factor; right for tiny and small
+models and for an ``expert`` mesh axis that splits the ``E`` experts (each device runs its own
+experts on every token, then the partial sums are added over the axis). The auxiliary
+load-balancing loss (transformers ``router_aux_loss_coef``) and the router's training-time
+jitter noise are not implemented.
 
 One forward: a layer is computed by one function, :func:`block`, on a dict of its weights. The
 ``nnx`` modules hold the parameters (their names below) and the training forward runs
@@ -52,6 +68,10 @@ Parameter names (the sharding rules of :mod:`rlhf_jax.parallel` match on these p
     layers/mlp/gate_proj/{kernel,bias} [L, D, F]     SwiGLU only (bias: mlp_bias)
     layers/mlp/up_proj/{kernel,bias}   [L, D, F]     GPT-2 ``c_fc``
     layers/mlp/down_proj/{kernel,bias} [L, F, D]     GPT-2 ``mlp.c_proj``
+    layers/mlp/router/kernel           [L, D, E]     Mixtral only (instead of gate/up/down):
+    layers/mlp/experts/gate_proj       [L, E, D, F]  the E experts' SwiGLU weights, [in, out]
+    layers/mlp/experts/up_proj         [L, E, D, F]
+    layers/mlp/experts/down_proj       [L, E, F, D]
     final_norm/{scale,bias}            [D]
     lm_head/kernel                     [D, V]        absent when tied (logits = h @ embed.T)
     value_head/{kernel,bias}           [D, 1], [1]   see heads.py
@@ -74,7 +94,8 @@ from flax import nnx
 
 from rlhf_jax.models.heads import ScoreHead, ValueHead
 
-ARCHS = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHS = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral")
+MOE = ("mixtral",)  # families whose MLP is a mixture of experts
 GEMMA = ("gemma2", "gemma3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -99,6 +120,7 @@ class ModelConfig:
     """
 
     arch: str = "llama"  # 'gpt2' | 'llama' | 'mistral' | 'phi3' | 'qwen2' | 'qwen3' | 'gemma2/3'
+    #                      | 'mixtral'
     vocab_size: int = 256  # V
     hidden_size: int = 64  # D
     num_layers: int = 2  # L
@@ -126,6 +148,9 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None = Dh
+    # Mixture of experts (Mixtral): E experts of width intermediate_size each; 0 = a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # k, the experts each token is routed to (MoE only)
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     param_dtype: str = "float32"  # parameter dtype: 'float32' | 'bfloat16'
     bos_token_id: int | None = None
@@ -215,6 +240,19 @@ class ModelConfig:
             put("layer_types", types)
         if gpt2 and (self.qk_norm or not self.attention_bias or not self.mlp_bias):
             raise ValueError("ModelConfig: gpt2 has q/k/v and MLP biases and no qk_norm")
+        if self.arch in MOE:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"ModelConfig: {self.arch} needs num_experts >= num_experts_per_tok >= 1 "
+                    f"(got num_experts={self.num_experts}, "
+                    f"num_experts_per_tok={self.num_experts_per_tok})"
+                )
+            if self.attention_bias or self.mlp_bias:
+                raise ValueError(f"ModelConfig: {self.arch} has no biases")
+        elif self.num_experts:
+            raise ValueError(
+                f"ModelConfig.num_experts={self.num_experts}: only {MOE} have experts (0 = off)"
+            )
         if self.sliding_window is not None and int(self.sliding_window) <= 0:
             raise ValueError(
                 f"ModelConfig.sliding_window={self.sliding_window} must be positive (None = off)"
@@ -244,6 +282,11 @@ class ModelConfig:
         if self.layer_types is None:
             return (self.sliding_window is not None,) * self.num_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (:func:`_moe`)."""
+        return self.num_experts > 0
 
     @property
     def rotary_dim(self) -> int:
@@ -463,14 +506,32 @@ class Attention(nnx.Module):
             self.k_norm = _norm(cfg, dh)
 
 
+class Experts(nnx.Module):
+    """The ``E`` SwiGLU experts of a mixture-of-experts layer, stacked: ``gate_proj`` and
+    ``up_proj`` ``[E, D, F]``, ``down_proj`` ``[E, F, D]`` (``[in, out]`` per expert)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        dt = cfg.weight_dtype
+        self.gate_proj = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (e, d, f), dt))
+        self.up_proj = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (e, d, f), dt))
+        self.down_proj = nnx.Param(nnx.initializers.normal(out_std)(rngs.params(), (e, f, d), dt))
+
+
 class MLP(nnx.Module):
     """The MLP parameters of a layer. GPT-2: ``down(gelu_tanh(up x))``; Llama family:
-    ``down(silu(gate x) * up x)`` (SwiGLU). The computation is :func:`block`."""
+    ``down(silu(gate x) * up x)`` (SwiGLU); Mixtral: a ``router`` ``[D, E]`` and the
+    :class:`Experts`. The computation is :func:`block`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         gpt2 = cfg.arch == "gpt2"
         d, f = cfg.hidden_size, cfg.intermediate_size
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        if cfg.moe:
+            self.router = _linear(cfg, d, cfg.num_experts, False, rngs)
+            self.experts = Experts(cfg, rngs=rngs)
+            return
         if not gpt2:
             self.gate_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
         self.up_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
@@ -507,10 +568,18 @@ class Block(nnx.Module):
             "v": lin(att.v_proj),
             "o": lin(att.o_proj),
             "mlp_norm": norm(self.mlp_norm),
-            "up": lin(mlp.up_proj),
-            "down": lin(mlp.down_proj),
         }
-        if self.cfg.arch != "gpt2":
+        if self.cfg.moe:
+            ex = mlp.experts
+            w["router"] = lin(mlp.router)
+            w["experts"] = {
+                "gate": ex.gate_proj[...],
+                "up": ex.up_proj[...],
+                "down": ex.down_proj[...],
+            }
+        else:
+            w["up"], w["down"] = lin(mlp.up_proj), lin(mlp.down_proj)
+        if self.cfg.arch != "gpt2" and not self.cfg.moe:
             w["gate"] = lin(mlp.gate_proj)
         if self.cfg.qk_norm:
             w["q_norm"], w["k_norm"] = norm(att.q_norm), norm(att.k_norm)
@@ -628,6 +697,8 @@ def _project_qkv(cfg: ModelConfig, w, y):
 
 def _mlp(cfg: ModelConfig, w, y):
     cdt = cfg.compute_dtype
+    if cfg.moe:
+        return _moe(cfg, w, y)
     if cfg.arch == "gpt2":
         return _dense(jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True), w["down"], cdt)
     if "gate_up" in w:  # fused (decode_step)
@@ -636,6 +707,39 @@ def _mlp(cfg: ModelConfig, w, y):
         gate, up = _dense(y, w["gate"], cdt), _dense(y, w["up"], cdt)
     act = jax.nn.gelu(gate, approximate=True) if cfg.gemma else jax.nn.silu(gate)  # GeGLU
     return _dense(act * up, w["down"], cdt)
+
+
+def routing_weights(cfg: ModelConfig, router_logits: jax.Array) -> jax.Array:
+    """``[..., E]`` router logits -> ``[..., E]`` float32 routing weights, zero off the top k.
+
+    transformers ``MixtralTopKRouter``: ``p = softmax(logits)`` in float32, the ``k`` largest
+    ``p`` kept (``jax.lax.top_k``; an exact tie may be broken otherwise than by ``torch.topk``)
+    and divided by their sum, i.e. a ``softmax`` over the chosen logits. Gradients flow through
+    the kept weights, not through the choice.
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    top, idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # [..., k]
+    top = top / jnp.sum(top, -1, keepdims=True)
+    onehot = jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32)  # [..., k, E]
+    return jnp.einsum("...k,...ke->...e", top, onehot)
+
+
+def _moe(cfg: ModelConfig, w, y):
+    """A mixture of SwiGLU experts on ``y [B, t, D]``, computed densely (module docstring).
+
+    ``out = sum_e r_e * down_e(silu(gate_e y) * up_e y)`` with ``r = routing_weights(y @ router)``
+    (zero for the experts a token does not use). The weight multiplies each expert's hidden
+    activations before ``down`` (the same sum), so one contraction over ``(e, f)`` gives the
+    output; with the experts split over a mesh axis that contraction ends in one all-reduce.
+    """
+    cdt = cfg.compute_dtype
+    ex = w["experts"]
+    r = routing_weights(cfg, _dense(y, w["router"], cdt))  # [B, t, E] float32
+    yc = y.astype(cdt)
+    gate = jnp.einsum("btd,edf->btef", yc, ex["gate"].astype(cdt))  # [B, t, E, F]
+    up = jnp.einsum("btd,edf->btef", yc, ex["up"].astype(cdt))
+    act = jax.nn.silu(gate) * up * r[..., None].astype(cdt)
+    return jnp.einsum("btef,efd->btd", act, ex["down"].astype(cdt))
 
 
 def _attend(cfg: ModelConfig, q, keys, vals, allowed, heads_first: bool):
@@ -894,7 +998,7 @@ def fuse_layer(w: dict) -> dict:
     out["qkv"] = cat([w["q"], w["k"], w["v"]])
     if "gate" in w:
         out["gate_up"] = cat([w["gate"], w["up"]])
-    else:
+    elif "up" in w:  # GPT-2 (a mixture of experts keeps its "experts" as they are)
         out["up"] = w["up"]
     return out
 
