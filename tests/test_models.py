@@ -43,6 +43,7 @@ ARCH_KW = {
     ),
     "qwen2": dict(num_kv_heads=2),
     "qwen3": dict(num_kv_heads=1, head_dim=8),
+    "mixtral": dict(num_kv_heads=2, sliding_window=3, num_experts=4, num_experts_per_tok=2),
 }
 
 

@@ -27,10 +27,12 @@ from rlhf_jax.parallel import DistributedConfig, MeshConfig, ParallelConfig
 
 
 def test_mesh_config_resolves_the_rest():
-    assert MeshConfig().resolve(8) == (8, 1, 1)
-    assert MeshConfig(data=2, fsdp=-1).resolve(8) == (2, 4, 1)
-    assert MeshConfig(data=1, fsdp=4, tensor=-1).resolve(8) == (1, 4, 2)
-    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+    # (data, fsdp, expert, tensor)
+    assert MeshConfig().resolve(8) == (8, 1, 1, 1)
+    assert MeshConfig(data=2, fsdp=-1).resolve(8) == (2, 4, 1, 1)
+    assert MeshConfig(data=1, fsdp=4, tensor=-1).resolve(8) == (1, 4, 1, 2)
+    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == (2, 2, 1, 2)
+    assert MeshConfig(data=2, expert=-1).resolve(8) == (2, 1, 4, 1)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,9 @@ def test_mesh_config_resolves_the_rest():
         (dict(data=-1, fsdp=3), 8, "not divisible by the fixed axes"),
         (dict(data=4, dcn_data=3), 8, "dcn_data=3 must divide mesh.data=4"),
         (dict(data=-1, fsdp=4, dcn_fsdp=1, dcn_data=4), 8, "dcn_data=4 must divide the resolved"),
+        (dict(data=-1, expert=-1), 8, "at most one axis may be -1"),
+        (dict(data=-1, expert=3), 8, "not divisible by the fixed axes"),
+        (dict(expert=2, dcn_expert=4), 8, "dcn_expert=4 must divide mesh.expert=2"),
     ],
 )
 def test_mesh_config_errors_say_what_to_change(kwargs, devices, match):
@@ -52,7 +57,7 @@ def test_mesh_config_errors_say_what_to_change(kwargs, devices, match):
 def test_make_mesh_axes_and_types():
     mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=-1))
     assert mesh.axis_names == parallel.AXES
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     # dcn > 1 asks for more hosts than this single process has
     with pytest.raises(ValueError, match="ask for 2 hosts/slices"):
@@ -84,7 +89,9 @@ def test_presets_differ_only_in_the_table():
     patterns = {preset: [p for p, _ in rules] for preset, rules in parallel.RULES.items()}
     assert set(patterns) == set(parallel.PRESETS)
     assert all(v == patterns["dp"] for v in patterns.values())
-    assert all(all(a is None for a in spec) for _, spec in parallel.RULES["dp"])
+    # dp replicates every parameter but the experts of a mixture, split over `expert` (size 1
+    # unless configured) in every preset
+    assert all(all(a in (None, "expert") for a in spec) for _, spec in parallel.RULES["dp"])
     assert parallel.RULES["dp"][-1] == (".*", P())
 
 
@@ -94,6 +101,14 @@ ARCH_SHAPES = {  # small but with every parameter kind of each family (qkv bias,
     "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, hidden_size=32, intermediate_size=64),
     "qwen3": dict(
         arch="qwen3", num_heads=4, num_kv_heads=2, hidden_size=32, head_dim=16, intermediate_size=64
+    ),
+    "mixtral": dict(
+        arch="mixtral",
+        num_heads=4,
+        num_kv_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_experts=4,
     ),
 }
 
@@ -116,6 +131,10 @@ EXPECTED_FSDP_TP = {
     "layers/mlp/up_proj/bias": P(None, "tensor"),
     "layers/mlp/down_proj/kernel": P(None, "tensor", "fsdp"),
     "layers/mlp/down_proj/bias": P(),
+    "layers/mlp/experts/gate_proj": P(None, "expert", None, ("fsdp", "tensor")),
+    "layers/mlp/experts/up_proj": P(None, "expert", None, ("fsdp", "tensor")),
+    "layers/mlp/experts/down_proj": P(None, "expert", "tensor", "fsdp"),
+    "layers/mlp/router/kernel": P(None, "fsdp"),
     "layers/attn_norm/scale": P(),
     "final_norm/scale": P(),
     "value_head/kernel": P("fsdp"),
@@ -131,7 +150,7 @@ def test_rules_cover_every_architecture_and_head(arch):
 
     config = models.ModelConfig(vocab_size=64, num_layers=2, **ARCH_SHAPES[arch])
     _, params = memory.abstract_model(config, value_head=True, score_head=True)
-    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
     specs = parallel.param_specs(params, "fsdp+tp", mesh)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
     got = {parallel.path_str(path): spec for path, spec in flat}
@@ -140,7 +159,7 @@ def test_rules_cover_every_architecture_and_head(arch):
             assert spec == EXPECTED_FSDP_TP[path], (arch, path, spec)
         else:  # only norm parameters and biases may be left out of the table above
             assert spec == P() and path.rsplit("/", 1)[-1] in ("scale", "bias", "reward_bias"), path
-    kernels = [p for p in got if p.endswith("kernel") or p.endswith("embedding")]
+    kernels = [p for p in got if p.endswith(("kernel", "embedding", "_proj"))]
     assert all(got[p] != P() for p in kernels), arch  # every matrix is split
     assert "value_head/kernel" in got and "score_head/kernel" in got
 

@@ -36,7 +36,7 @@ Mixtral (mixture of experts): Mistral's attention, and in place of the MLP ``E``
 (``num_experts``) and a linear router (no bias). The routing is transformers'
 ``MixtralTopKRouter``: ``p = softmax(h @ router)`` in float32 over the ``E`` experts, the
 ``k = num_experts_per_tok`` largest kept and renormalised to sum to 1 (the same as a softmax over
-the top-k router logits). :func:`_moe` computes it **densely**: every expert runs on every token
+the top-k router logits). :func:`moe_mlp` computes it **densely**: every expert runs on every token
 and the outputs are summed with the routing weights, zero for the experts a token did not choose,
 so the result is exactly the sparse sum of the k chosen experts (the zeros add nothing). The cost:
 ``E / k`` times the expert FLOPs and ``E`` ``[B, t, F]`` activations of a sparse dispatch (4x for
@@ -285,7 +285,7 @@ class ModelConfig:
 
     @property
     def moe(self) -> bool:
-        """Whether the MLP is a mixture of experts (:func:`_moe`)."""
+        """Whether the MLP is a mixture of experts (:func:`moe_mlp`)."""
         return self.num_experts > 0
 
     @property
@@ -698,7 +698,7 @@ def _project_qkv(cfg: ModelConfig, w, y):
 def _mlp(cfg: ModelConfig, w, y):
     cdt = cfg.compute_dtype
     if cfg.moe:
-        return _moe(cfg, w, y)
+        return moe_mlp(cfg, w, y)
     if cfg.arch == "gpt2":
         return _dense(jax.nn.gelu(_dense(y, w["up"], cdt), approximate=True), w["down"], cdt)
     if "gate_up" in w:  # fused (decode_step)
@@ -724,7 +724,7 @@ def routing_weights(cfg: ModelConfig, router_logits: jax.Array) -> jax.Array:
     return jnp.einsum("...k,...ke->...e", top, onehot)
 
 
-def _moe(cfg: ModelConfig, w, y):
+def moe_mlp(cfg: ModelConfig, w, y):
     """A mixture of SwiGLU experts on ``y [B, t, D]``, computed densely (module docstring).
 
     ``out = sum_e r_e * down_e(silu(gate_e y) * up_e y)`` with ``r = routing_weights(y @ router)``

@@ -1,12 +1,14 @@
 """The device mesh and the multi-host start: configs, ``jax.distributed``, ``make_mesh``.
 
-A mesh has the axes ``('data', 'fsdp', 'tensor')`` (:data:`AXES`, all ``AxisType.Auto``), built
+A mesh has the axes ``('data', 'fsdp', 'expert', 'tensor')`` (:data:`AXES`, all
+``AxisType.Auto``), built
 from a :class:`MeshConfig` (sizes, ``-1`` = the rest; a split between hosts/slices (DCN) and chips
 within one (ICI)). :class:`ParallelConfig` bundles the mesh with the parameter rule preset
 (:mod:`rlhf_jax.parallel.sharding`), the form of the data-parallel step
 (:func:`rlhf_jax.parallel.placement.accumulate`) and the multi-host start
 (:func:`initialize_distributed`). The batch's leading axis is split over ``('data', 'fsdp')``
-(:data:`BATCH_AXES`).
+(:data:`BATCH_AXES`). The ``expert`` axis (default size 1) splits the experts of a
+mixture-of-experts model (:mod:`rlhf_jax.parallel.sharding`); the batch is not split over it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from jax.sharding import AxisType
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp", "tensor")  # mesh axis names, outermost (slowest network) first
+AXES = ("data", "fsdp", "expert", "tensor")  # mesh axis names, outermost (slowest network) first
 BATCH_AXES = ("data", "fsdp")  # the leading batch axis is split over these
 PRESETS = ("dp", "fsdp", "tp", "fsdp+tp")  # parameter rule tables (rlhf_jax.parallel.sharding)
 STEP_MODES = ("jit", "shard_map")  # forms of the data-parallel gradient (placement.accumulate)
@@ -61,6 +63,9 @@ class MeshConfig:
     dcn_data: int = 1  # of `data`, how many groups live on different hosts/slices (DCN)
     dcn_fsdp: int = 1  # of `fsdp`, how many groups live on different hosts/slices (DCN)
     dcn_tensor: int = 1  # of `tensor`, across hosts/slices (rarely wise: TP wants fast ICI)
+    # expert parallel: a mixture of experts' E experts split (the batch is not); -1 = the rest
+    expert: int = 1
+    dcn_expert: int = 1  # of `expert`, across hosts/slices
 
     def __post_init__(self):
         sizes = self.sizes
@@ -76,17 +81,19 @@ class MeshConfig:
                 raise ValueError(f"mesh.dcn_{name}={d} must divide mesh.{name}={s}")
 
     @property
-    def sizes(self) -> tuple[int, int, int]:
-        """``(data, fsdp, tensor)`` as configured (may hold one -1)."""
-        return (self.data, self.fsdp, self.tensor)
+    def sizes(self) -> tuple[int, int, int, int]:
+        """``(data, fsdp, expert, tensor)`` as configured (may hold one -1), in :data:`AXES`
+        order."""
+        return (self.data, self.fsdp, self.expert, self.tensor)
 
     @property
-    def dcn_sizes(self) -> tuple[int, int, int]:
-        """``(dcn_data, dcn_fsdp, dcn_tensor)``."""
-        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+    def dcn_sizes(self) -> tuple[int, int, int, int]:
+        """``(dcn_data, dcn_fsdp, dcn_expert, dcn_tensor)``."""
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_expert, self.dcn_tensor)
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        """Concrete ``(data, fsdp, tensor)`` for ``num_devices``, with -1 replaced by the rest."""
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        """Concrete ``(data, fsdp, expert, tensor)`` for ``num_devices``, -1 replaced by the
+        rest."""
         known = math.prod(s for s in self.sizes if s != -1)
         if -1 in self.sizes:
             if num_devices % known:
@@ -220,7 +227,7 @@ def _env_int(name: str) -> int | None:
 def make_mesh(
     cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
-    """A mesh with axes ``('data', 'fsdp', 'tensor')`` (all ``AxisType.Auto``) over ``devices``.
+    """A mesh with axes :data:`AXES` (all ``AxisType.Auto``) over ``devices``.
 
     With every ``dcn_*`` equal to 1 this is ``jax.make_mesh``, which orders devices for the
     physical topology. Otherwise the mesh is hybrid: ``mesh_utils.create_hybrid_device_mesh`` puts
@@ -231,7 +238,7 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = cfg.resolve(len(devices))
     types = (AxisType.Auto,) * len(AXES)
-    if cfg.dcn_sizes == (1, 1, 1):
+    if all(d == 1 for d in cfg.dcn_sizes):
         return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
     from jax.experimental import mesh_utils
 
@@ -253,7 +260,7 @@ def make_mesh(
 
 def mesh_devices(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> list:
     """The devices a mesh of ``cfg`` takes: all of ``devices`` (default ``jax.devices()``) when
-    an axis is ``-1``, else the first ``data x fsdp x tensor`` (``MeshConfig(data=1)``: one
+    an axis is ``-1``, else the first ``data x fsdp x expert x tensor`` (``MeshConfig(data=1)``: one
     device, the trivial mesh, whatever the machine holds)."""
     devices = list(jax.devices() if devices is None else devices)
     return devices if -1 in cfg.sizes else devices[: math.prod(cfg.sizes)]

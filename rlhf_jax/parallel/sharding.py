@@ -6,7 +6,9 @@ Presets ``dp``, ``fsdp``, ``tp`` and ``fsdp+tp`` differ only in their table (:da
 are generated from one architecture layout (:data:`PARAM_LAYOUT`, a path regex -> logical axis
 names, as in maxtext's ``logical_axis_rules``), a per-preset map from logical names to mesh axes
 (:data:`PRESET_AXES`) and whether the preset adds FSDP, which splits every matrix's output
-dimension over ``fsdp`` (:data:`PRESET_FSDP`).
+dimension over ``fsdp`` (:data:`PRESET_FSDP`). In every preset the experts of a mixture-of-experts
+layer (Mixtral's ``layers/mlp/experts/*``, ``[L, E, ...]``) are split along ``E`` over the mesh
+axis ``expert`` (size 1 unless configured, which leaves them whole).
 
 A spec names the *trailing* dimensions of a parameter: a parameter with more dimensions than its
 spec (stacked layers with a leading layer axis) is replicated along the extra leading ones. An axis
@@ -59,7 +61,8 @@ __all__ = [
 
 # Logical axis names of the parameters, per path pattern (first match wins). Each tuple names the
 # trailing dimensions: "vocab", "embed" (the model width), "heads" (query heads x head_dim),
-# "kv_heads" (key/value heads x head_dim), "mlp" (the MLP width); None = never sharded.
+# "kv_heads" (key/value heads x head_dim), "mlp" (the MLP width), "expert" (the experts of a
+# mixture-of-experts layer); None = never sharded.
 # Kernels are stored [in, out] (flax convention). Covers GPT-2 and Llama/Qwen2/Qwen3 names of
 # rlhf_jax.models.transformer and the scalar heads (value / reward / cost) of heads.py.
 PARAM_LAYOUT: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -76,6 +79,10 @@ PARAM_LAYOUT: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)(c_attn|qkv_proj|wqkv)/kernel$", ("embed", "heads")),
     (r"(^|/)(c_attn|qkv_proj|wqkv)/bias$", ("heads",)),
     (r"(^|/)(o_proj|out_proj|wo|attn/c_proj)/kernel$", ("heads", "embed")),
+    # mixture of experts (Mixtral): [E, in, out] expert kernels, the [D, E] router
+    (r"(^|/)experts/(gate_proj|up_proj)$", ("expert", "embed", "mlp")),
+    (r"(^|/)experts/down_proj$", ("expert", "mlp", "embed")),
+    (r"(^|/)router/kernel$", ("embed", None)),
     # MLP: SwiGLU gate/up/down (Llama, Qwen) and GPT-2's c_fc / c_proj
     (r"(^|/)(gate_proj|up_proj|w1|w3|c_fc|fc_in)/kernel$", ("embed", "mlp")),
     (r"(^|/)(gate_proj|up_proj|w1|w3|c_fc|fc_in)/bias$", ("mlp",)),
@@ -87,17 +94,33 @@ PARAM_LAYOUT: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 
 # Logical axis -> mesh axis (tensor parallelism, Megatron-style: column-parallel q/k/v, gate/up
-# and the LM head split their output; row-parallel o_proj, down_proj split their input), and
-# whether the preset adds FSDP. With the logical layout, these two entries make a preset's table.
+# and the LM head split their output; row-parallel o_proj, down_proj split their input; expert
+# parallelism: the experts over `expert`, in every preset), and whether the preset adds FSDP.
+# With the logical layout, these two entries make a preset's table.
 PRESET_AXES: dict[str, dict[str, str | None]] = {
-    "dp": {"vocab": None, "embed": None, "heads": None, "kv_heads": None, "mlp": None},
-    "fsdp": {"vocab": None, "embed": None, "heads": None, "kv_heads": None, "mlp": None},
+    "dp": {
+        "vocab": None,
+        "embed": None,
+        "heads": None,
+        "kv_heads": None,
+        "mlp": None,
+        "expert": "expert",
+    },
+    "fsdp": {
+        "vocab": None,
+        "embed": None,
+        "heads": None,
+        "kv_heads": None,
+        "mlp": None,
+        "expert": "expert",
+    },
     "tp": {
         "vocab": "tensor",
         "embed": None,
         "heads": "tensor",
         "kv_heads": "tensor",
         "mlp": "tensor",
+        "expert": "expert",
     },
     "fsdp+tp": {
         "vocab": "tensor",
@@ -105,6 +128,7 @@ PRESET_AXES: dict[str, dict[str, str | None]] = {
         "heads": "tensor",
         "kv_heads": "tensor",
         "mlp": "tensor",
+        "expert": "expert",
     },
 }
 PRESET_FSDP = {"dp": False, "fsdp": True, "tp": False, "fsdp+tp": True}
@@ -113,7 +137,8 @@ Rules = tuple[tuple[str, P], ...]
 
 
 def _with_fsdp(spec: list, names: tuple) -> list:
-    """Add ``fsdp`` to a matrix's *output* dimension (an embedding table's ``embed``).
+    """Add ``fsdp`` to a matrix's *output* dimension (an embedding table's ``embed``; the last
+    dimension of a stack of expert matrices ``[E, in, out]``).
 
     Measured choice (``docs/scaling.md``): without activation sharding hints in the model, XLA's
     partitioner gathers the weights (as FSDP should) when ``fsdp`` splits the output dimension,
@@ -121,9 +146,9 @@ def _with_fsdp(spec: list, names: tuple) -> list:
     1B, batch 16 x 1024 on data=2, fsdp=4: 27.5 vs 45.6 GiB of temporaries per device). A
     ``[D, 1]`` scalar-head kernel is split on ``D``. Vectors (biases, norms) stay as they are.
     """
-    if len(names) != 2:
+    if len(names) < 2:
         return spec
-    i = 1 if names[1] is not None else 0
+    i = -1 if names[-1] is not None else -2
     spec[i] = "fsdp" if spec[i] is None else ("fsdp", spec[i])
     return spec
 
