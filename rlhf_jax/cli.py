@@ -383,11 +383,13 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
 
     SFT and RM: :func:`rlhf_jax.memory.dry_run` (the SFT trainer's step on the stage's model,
     batch and sequence length). PPO: :func:`rlhf_jax.memory.ppo_dry_run`, the whole iteration
-    (the reward model taken to be the policy's size).
+    (the reward model taken to be the policy's size). With a ``sweep:`` of this stage, each
+    program of the sweep (:func:`rlhf_jax.sweep.expand`) is compiled as it runs: its N runs'
+    stacked states and batches and the step vmapped over them (``runs=N``), one row per program.
     """
     import json
 
-    from rlhf_jax import memory
+    from rlhf_jax import sweep
     from rlhf_jax.models import hf
 
     section = getattr(cfg, stage)
@@ -396,6 +398,8 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
         model_path = cfg.sft.model
     if not model_path:
         raise UsageError(f"{stage} --dry-run needs a model directory (its config.json sizes it)")
+    if stage not in ("sft", "rm", "ppo"):
+        raise UsageError(f"{stage} has no --dry-run")
     config_file = os.path.join(pipeline.find_model(model_path), "config.json")
     with open(config_file, encoding="utf-8") as f:
         model_config = hf.config_from_hf(
@@ -405,38 +409,67 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
             scan_unroll=cfg.run.scan_unroll,
             source=config_file,
         )
-    if stage == "sft":
-        batch = cfg.sft.trainer.batch_size
-        seq = cfg.sft.data.max_prompt_length + cfg.sft.data.max_completion_length
-        optim = cfg.sft.trainer.optim
-    elif stage == "rm":
-        k = cfg.rm.data.num_completions or 2 if cfg.rm.data.kind == "ranking" else 2
-        batch = cfg.rm.trainer.batch_size * k
-        seq = cfg.rm.data.max_prompt_length + cfg.rm.data.max_completion_length
-        optim = cfg.rm.trainer.optim
-    elif stage == "ppo":  # the whole iteration: four models, the KV cache, the update
-        report = memory.ppo_dry_run(
+    model_name = os.path.basename(os.path.normpath(model_path))
+    runs = sweep.expand(cfg, stage)  # [] unless the config sweeps this stage
+    if not runs:
+        return _memory_table([_dry_run_one(stage, cfg, model_config, model_name)])
+    reports = []
+    for g in sorted({r.program for r in runs}):
+        group = [r for r in runs if r.program == g]
+        label = f" program {g}: {len(group)} runs ({group[0].label})"
+        reports.append(
+            _dry_run_one(
+                stage, group[0].cfg, model_config, model_name, len(group), cfg.sweep.shard_runs,
+                label,
+            )
+        )  # fmt: skip
+    return _memory_table(reports) + (
+        f"\n\nsweep of {stage}: {len(runs)} runs; each row is one compiled program holding the "
+        "stacked states of its runs (run them one at a time with sweep.stage=null)"
+    )
+
+
+def _memory_table(reports) -> str:
+    from rlhf_jax import memory
+
+    return memory.format_memory_table(reports)
+
+
+def _dry_run_one(stage, cfg, model_config, model_name, runs=1, shard_runs=None, label=""):
+    """The MemoryReport of one program of ``stage``: one run, or ``runs`` vmapped."""
+    from rlhf_jax import memory
+
+    if stage == "ppo":  # the whole iteration: four models, the KV cache, the update
+        return memory.ppo_dry_run(
             model_config,
             cfg.parallel,
             cfg.ppo.trainer,
             batch_size=cfg.ppo.batch_size,
             prompt_len=cfg.ppo.data.max_prompt_length,
-            name=f"ppo {os.path.basename(os.path.normpath(model_path))} "
-            f"B={cfg.ppo.batch_size} P={cfg.ppo.data.max_prompt_length} "
-            f"R={cfg.ppo.trainer.response_length}",
+            name=f"ppo {model_name} B={cfg.ppo.batch_size} P={cfg.ppo.data.max_prompt_length} "
+            f"R={cfg.ppo.trainer.response_length}{label}",
+            runs=runs,
+            shard_runs=shard_runs,
         )
-        return memory.format_memory_table([report])
-    else:
-        raise UsageError(f"{stage} has no --dry-run")
-    report = memory.dry_run(
+    if stage == "sft":
+        batch = cfg.sft.trainer.batch_size
+        seq = cfg.sft.data.max_prompt_length + cfg.sft.data.max_completion_length
+        optim = cfg.sft.trainer.optim
+    else:  # rm
+        k = cfg.rm.data.num_completions or 2 if cfg.rm.data.kind == "ranking" else 2
+        batch = cfg.rm.trainer.batch_size * k
+        seq = cfg.rm.data.max_prompt_length + cfg.rm.data.max_completion_length
+        optim = cfg.rm.trainer.optim
+    return memory.dry_run(
         model_config,
         cfg.parallel,
         batch_size=batch,
         seq_len=seq,
         optim=optim,
-        name=f"{stage} {os.path.basename(os.path.normpath(model_path))} B={batch} T={seq}",
+        name=f"{stage} {model_name} B={batch} T={seq}{label}",
+        runs=runs,
+        shard_runs=shard_runs,
     )
-    return memory.format_memory_table([report])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ device (:class:`MemoryReport`). :func:`compile_memory` measures any other jitted
 (PPO's iteration, say). An 8B model's step compiles on a laptop's fake CPU devices. See
 ``docs/scaling.md``.
 
+``runs=N`` measures a sweep's program instead (:mod:`rlhf_jax.sweep`): N stacked states (each leaf
+``[N, ...]``, placed as the sweep places them, the run axis unsharded or split over
+``shard_runs``), N stacked batches, and ``jax.jit(jax.vmap(step))`` of the step compiled without a
+mesh, as :func:`rlhf_jax.sweep.run_sweep` compiles it. PPO's frozen models are shared by the runs
+(not stacked), as in the sweep.
+
 This module sits above :mod:`rlhf_jax.algorithms` (it compiles their steps); nothing in
 :mod:`rlhf_jax.parallel` or :mod:`rlhf_jax.algorithms` imports it.
 """
@@ -117,6 +123,38 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     )
 
 
+def _stacked(tree: Any, runs: int, shardings: Any, mesh, run_axis: str | None) -> Any:
+    """Abstract ``tree`` with a leading run axis ``[runs, ...]`` on the sweep's shardings
+    (:func:`rlhf_jax.sweep.stacked_shardings`: each leaf's spec after the run axis)."""
+    from rlhf_jax.sweep import stacked_shardings
+
+    placed = stacked_shardings(shardings, mesh, run_axis)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct((runs, *x.shape), x.dtype, sharding=s), tree, placed
+    )
+
+
+def _stacked_rows(shape: tuple[int, ...], mesh, run_axis: str | None) -> jax.ShapeDtypeStruct:
+    """An abstract ``[runs, rows, ...]`` int32 batch leaf placed as
+    :func:`rlhf_jax.sweep.stacked_batches` places it (rows over the other batch axes)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rows = tuple(a for a in BATCH_AXES if a != run_axis)
+    spec = P(run_axis, rows, *([None] * (len(shape) - 2)))
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, spec))
+
+
+def _check_runs(runs: int, mesh, run_axis: str | None) -> None:
+    if runs < 1:
+        raise ValueError(f"dry run: runs={runs}; give at least 1")
+    if run_axis is not None and runs % mesh.shape[run_axis]:
+        raise ValueError(
+            f"dry run: {runs} runs do not split over the {mesh.shape[run_axis]} devices of mesh "
+            f"axis {run_axis!r}: change the number of runs or the mesh"
+        )
+
+
 def dry_run(
     model_config,
     cfg: ParallelConfig,
@@ -127,6 +165,8 @@ def dry_run(
     devices: Sequence[jax.Device] | None = None,
     name: str | None = None,
     rules: Rules | None = None,
+    runs: int = 1,
+    shard_runs: str | None = None,
 ) -> MemoryReport:
     """Compile the SFT trainer's step for ``cfg``'s mesh and rules; its per-device memory.
 
@@ -145,6 +185,9 @@ def dry_run(
       devices: the devices of the mesh (default all).
       name: the row's label (default from the model and the mesh).
       rules: a rule table to use instead of ``cfg.preset``'s (to compare layouts).
+      runs: N > 1: a sweep's program of N runs (module docstring): N stacked states and batches,
+        the step vmapped over them.
+      shard_runs: the mesh axis the run axis is split over (``sweep.shard_runs``), or None.
     """
     from rlhf_jax.algorithms import sft
     from rlhf_jax.optim import OptimConfig
@@ -167,8 +210,16 @@ def dry_run(
         name = f"{model_config.arch} ({sizes}) {cfg.preset}"
     state = jax.eval_shape(lambda p: sft.init_state(p, sft_cfg), params)
     shardings = state_shardings(state, mesh, rules or cfg.preset)
-    state = _abstract(state, shardings)
     key = jax.eval_shape(lambda: jax.random.key(0))
+    _check_runs(runs, mesh, shard_runs)
+    if runs > 1:  # a sweep's program: N stacked states and batches, the step vmapped (no mesh)
+        from rlhf_jax.sweep import vmap_step
+
+        state = _stacked(state, runs, shardings, mesh, shard_runs)
+        batch = {k: _stacked_rows((runs, *rows), mesh, shard_runs) for k in batch}
+        step = jax.jit(vmap_step(sft.make_step(graphdef, sft_cfg, mode=cfg.step)), donate_argnums=0)
+        return compile_memory(step, state, batch, key, name=name, num_params=runs * num)
+    state = _abstract(state, shardings)
     step = sft.make_step(graphdef, sft_cfg, mesh=mesh, state_shardings=shardings, mode=cfg.step)
     return compile_memory(step, state, batch, key, name=name, num_params=num)
 
@@ -183,6 +234,8 @@ def ppo_dry_run(
     reward_config=None,
     devices: Sequence[jax.Device] | None = None,
     name: str | None = None,
+    runs: int = 1,
+    shard_runs: str | None = None,
 ) -> MemoryReport:
     """Compile PPO's whole iteration for ``cfg``'s mesh and rules; its per-device memory.
 
@@ -200,6 +253,9 @@ def ppo_dry_run(
       batch_size: prompts per iteration (global; divisible by data x fsdp).
       prompt_len: the static prompt length P.
       reward_config: the reward model's ``ModelConfig`` (default: the policy's).
+      runs: N > 1: a sweep's program of N runs (module docstring): N stacked states (policy,
+        critic, their AdamW moments) and prompt batches, one frozen reference and reward model.
+      shard_runs: the mesh axis the run axis is split over (``sweep.shard_runs``), or None.
     """
     from rlhf_jax import models
     from rlhf_jax.algorithms import ppo
@@ -220,16 +276,25 @@ def ppo_dry_run(
     state = jax.eval_shape(lambda p: ppo.init_state(ppo_cfg, p), params)
     shardings = state_shardings(state, mesh, cfg.preset)
     frozen_shardings = state_shardings(frozen, mesh, cfg.preset)
-    state, frozen = _abstract(state, shardings), _abstract(frozen, frozen_shardings)
-    prompts = jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32)
-    step = ppo.make_iteration(
-        ppo_cfg, static, mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings
-    )
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     num = count(params) + count(frozen)
     if name is None:
         sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
         name = f"ppo {policy_config.arch} ({sizes}) {cfg.preset}"
+    _check_runs(runs, mesh, shard_runs)
+    frozen = _abstract(frozen, frozen_shardings)
+    if runs > 1:  # a sweep's program: the iteration vmapped over stacked states and prompts
+        state = _stacked(state, runs, shardings, mesh, shard_runs)
+        prompts = _stacked_rows((runs, batch_size, prompt_len), mesh, shard_runs)
+        iterate = ppo.make_iteration(ppo_cfg, static)  # no mesh, as the sweep compiles it
+        step = jax.jit(jax.vmap(iterate, in_axes=(0, None, 0, 0, None)), donate_argnums=0)
+        return compile_memory(step, state, frozen, prompts, prompts, None, name=name,
+                              num_params=runs * count(params) + count(frozen))  # fmt: skip
+    state = _abstract(state, shardings)
+    prompts = jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32)
+    step = ppo.make_iteration(
+        ppo_cfg, static, mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings
+    )
     with jax.set_mesh(mesh):
         return compile_memory(step.jitted, state, frozen, prompts, prompts, None, name=name,
                               num_params=num)  # fmt: skip

@@ -36,3 +36,72 @@ def test_ppo_dry_run_holds_the_state_and_the_frozen_models():
     replicated = memory.ppo_dry_run(MODEL, dp, cfg, batch_size=8, prompt_len=8)
     assert replicated.arguments >= held
     assert replicated.temps > 0 and replicated.num_params > 0
+
+
+def test_a_sweep_dry_run_holds_n_stacked_states():
+    """``runs=N`` compiles the sweep's program (N stacked states and batches, the step vmapped):
+    the arguments grow by a whole train state (params and AdamW moments) per run, the temporaries
+    grow too, and PPO's frozen reference and reward model are held once, not N times."""
+    one_device = parallel.ParallelConfig(mesh=parallel.MeshConfig(data=1))
+    devices = jax.devices()[:1]
+    params = memory.abstract_model(MODEL)[1]
+    sft = {
+        n: memory.dry_run(MODEL, one_device, batch_size=4, seq_len=16, devices=devices, runs=n)
+        for n in (1, 2, 4)
+    }
+    state = 3 * _bytes(params)  # params, mu, nu
+    for n in (2, 4):
+        grown = sft[n].arguments - sft[1].arguments
+        assert (n - 1) * state <= grown <= (n - 1) * (state + 4096), (n, grown, state)
+        assert sft[n].temps > sft[1].temps and sft[n].total > sft[1].total
+    assert sft[4].total > sft[2].total
+    assert sft[2].num_params == 2 * sft[1].num_params
+
+    cfg = ppo.PPOConfig(response_length=4, num_minibatches=1)
+    rm = memory.abstract_model(MODEL, lm_head=False, score_head=True)[1]
+    runs = {
+        n: memory.ppo_dry_run(
+            MODEL, one_device, cfg, batch_size=4, prompt_len=8, devices=devices, runs=n
+        )  # fmt: skip
+        for n in (1, 3)
+    }
+    trained = 3 * (_bytes(params) + _bytes(rm))  # policy and critic, with their moments
+    frozen = _bytes(params) + _bytes(rm)  # reference and reward model: shared by the runs
+    grown = runs[3].arguments - runs[1].arguments
+    assert 2 * trained <= grown < 2 * trained + frozen, (grown, trained, frozen)
+    assert runs[3].temps > runs[1].temps
+
+
+def test_a_sweep_dry_run_checks_the_run_axis():
+    import pytest
+
+    dp = parallel.ParallelConfig(mesh=parallel.MeshConfig(data=2))
+    with pytest.raises(ValueError, match="3 runs do not split over the 2 devices"):
+        memory.dry_run(MODEL, dp, batch_size=4, seq_len=8, devices=jax.devices()[:2], runs=3,
+                       shard_runs="data")  # fmt: skip
+
+
+def test_the_dry_run_of_a_sweep_reports_its_program(capsys, tmp_path, monkeypatch):
+    """``rlhf-jax sft --dry-run`` with a ``sweep:`` of sft compiles the N-run program: its row
+    names the runs, and it holds three train states where the one-run dry run holds one."""
+    import json
+
+    from rlhf_jax.cli import main
+    from rlhf_jax.models import hf
+
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(MODEL)))  # no weights
+    reports = []
+    measure = memory.dry_run
+    monkeypatch.setattr(memory, "dry_run", lambda *a, **k: reports.append(measure(*a, **k))
+                        or reports[-1])  # fmt: skip
+    argv = ["sft", f"sft.model={tmp_path}", "sft.trainer.batch_size=8",
+            "sft.data.max_prompt_length=8", "sft.data.max_completion_length=8",
+            "parallel.mesh.data=8", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    assert "runs" not in capsys.readouterr().out
+    assert main([*argv[:-1], "sweep.stage=sft", "sweep.seeds=[0,1,2]", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "program 0: 3 runs (base)" in out and "sweep of sft: 3 runs" in out
+    one, three = reports
+    state = 3 * _bytes(memory.abstract_model(MODEL)[1])  # params, mu, nu
+    assert three.arguments - one.arguments >= 2 * state and three.total > one.total
