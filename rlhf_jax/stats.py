@@ -10,6 +10,7 @@ function of ``jax.scipy.special``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,8 +36,11 @@ def _t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``0 < p < 1``)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``0 < p < 1``).
+
+    Cached: a curve band asks for the same quantile at every point (100 bisection steps each)."""
     if not 0 < p < 1 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
     lo, hi = -1e3, 1e3
