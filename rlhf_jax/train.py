@@ -39,7 +39,13 @@ import numpy as np
 import optax
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.optim import OptimConfig, current_learning_rate, make_optimizer, set_learning_rate
+from rlhf_jax.optim import (
+    OptimConfig,
+    accumulate,
+    current_learning_rate,
+    make_optimizer,
+    set_learning_rate,
+)
 
 __all__ = [
     "LoopConfig",
@@ -251,6 +257,81 @@ def apply_update(
         "skipped": 1.0 - ok.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def epoch_updates(
+    optim_cfg: OptimConfig,
+    train: TrainState,
+    exp: Any,
+    objective: Callable[..., Any],
+    counts: Callable[[Any], jax.Array],
+    *,
+    num_epochs: int,
+    num_minibatches: int,
+    perm_key: jax.Array,
+    ok: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The on-policy learn phase (PPO, GRPO): E epochs x M minibatches, one guarded optimizer
+    update per minibatch, ``lax.scan`` over both.
+
+    Epoch ``e`` permutes the ``N`` rows of ``exp`` (a pytree of ``[N, ...]`` arrays) with
+    ``fold_in(perm_key, e)`` (no permutation when ``M = 1``: the summed loss does not depend on
+    the order) and cuts them into ``M`` equal minibatches. Each minibatch's gradient is
+    accumulated exactly over ``optim_cfg.grad_accum_steps`` microbatches
+    (:func:`rlhf_jax.optim.accumulate`), every loss divided by its *whole-minibatch* denominators
+    ``counts(minibatch)`` (a scalar or ``[C]``, broadcast over the rows and handed to the objective
+    with each microbatch: the objective reads it from any row).
+
+    Args:
+      objective: ``objective(params, (microbatch, counts)) -> (micro * loss, (1.0, (token_sums,
+        update_values)))``: ``token_sums`` maps a metric name to ``(sum, count)`` (reported as
+        the sum over all updates divided by the count over all updates), ``update_values`` maps a
+        name to its share of this update's value (summed over microbatches, reported as the mean
+        over updates) and must hold ``"loss"``, the update's loss.
+      ok: scalar bool, the experience is finite; when false every update is dropped.
+
+    Returns:
+      the new train state and the metrics: every name of both kinds, ``grad_norm`` (mean over
+      updates), ``lr`` and ``skipped`` (1 if any update was dropped or ``ok`` is false).
+    """
+    n_rows = jax.tree.leaves(exp)[0].shape[0]
+    m, micro = num_minibatches, optim_cfg.grad_accum_steps
+    if n_rows % m or (n_rows // m) % micro:
+        raise ValueError(
+            f"rollout batch N = B * n = {n_rows} must split into num_minibatches={m} "
+            f"minibatches of optim.grad_accum_steps={micro} equal microbatches"
+        )
+    mb_size = n_rows // m
+    optimizer = make_optimizer(optim_cfg)
+    one = jnp.float32(1.0)
+
+    def one_update(train, minibatch):
+        c = counts(minibatch)
+        c = jnp.broadcast_to(c, (mb_size, *c.shape))  # split with the rows by accumulate
+        grads, _, (sums, values) = accumulate(objective, train.params, (minibatch, c), micro)
+        loss = jnp.where(ok, values["loss"], jnp.nan)  # a non-finite batch drops every update
+        train, upd = apply_update(optimizer, train, grads, loss, optim_cfg)
+        per_update = {name: (v, one) for name, v in values.items()}
+        per_update["grad_norm"] = (upd["grad_norm"], one)
+        return train, ({**sums, **per_update}, upd["skipped"])
+
+    def one_epoch(train, epoch):
+        if m == 1:
+            minibatches = jax.tree.map(lambda x: x[None], exp)
+        else:
+            perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
+            minibatches = jax.tree.map(lambda x: x[perm.reshape(m, mb_size)], exp)
+        return jax.lax.scan(one_update, train, minibatches)
+
+    # per-update (sum, count) of every metric, stacked [E, M]; the report is sum / count
+    train, (sums, skipped) = jax.lax.scan(one_epoch, train, jnp.arange(num_epochs))
+    metrics = {
+        name: jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
+        for name, (total, count) in sums.items()
+    }
+    metrics["skipped"] = jnp.maximum(jnp.max(skipped), 1.0 - ok.astype(jnp.float32))
+    metrics["lr"] = current_learning_rate(optim_cfg, train.opt_state)
+    return train, metrics
 
 
 # ------------------------------------------------------------------------------------------

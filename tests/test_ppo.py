@@ -330,7 +330,7 @@ def test_conventions_override():
 def test_minibatches_must_divide_the_batch(sft, reward_model, prompts):
     cfg = dataclasses.replace(SGD_CFG, num_minibatches=3)
     static, params, frozen = ppo.make_models(cfg, sft, reward_model)
-    with pytest.raises(ValueError, match="not divisible by num_minibatches=3"):
+    with pytest.raises(ValueError, match="must split into num_minibatches=3"):
         jax.eval_shape(ppo.iteration_fn(cfg, static), ppo.init_state(cfg, params), frozen, *prompts)
 
 

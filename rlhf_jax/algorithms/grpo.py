@@ -61,16 +61,11 @@ from jax import lax
 
 from rlhf_jax import losses, models, parallel, presets, returns, rewards, scoring
 from rlhf_jax.data.formats import DataConfig
-from rlhf_jax.optim import (
-    OptimConfig,
-    accumulate,
-    current_learning_rate,
-    make_optimizer,
-)
+from rlhf_jax.optim import OptimConfig
 from rlhf_jax.train import (
     LoopConfig,
     TrainState,
-    apply_update,
+    epoch_updates,
     hparam_arrays,
     seeded_state,
     stack_states,
@@ -389,93 +384,50 @@ def update(
     exp: GRPOExperience,
     perm_key: jax.Array,
 ) -> tuple[GRPOState, dict[str, jax.Array]]:
-    """Learn: E epochs x M minibatches of :func:`rlhf_jax.losses.grpo_loss` (``lax.scan``).
+    """Learn: E epochs x M minibatches of :func:`rlhf_jax.losses.grpo_loss`
+    (:func:`rlhf_jax.train.epoch_updates`, PPO's learn phase).
 
     Each minibatch is one optimizer update, its gradient accumulated exactly over
     ``optim.grad_accum_steps`` microbatches (each loss divided by the whole minibatch's count
     for the aggregation mode, as PPO). A non-finite update is dropped (``skipped``).
     """
-    n_rows = exp.tokens.shape[0]
-    m, micro = cfg.num_minibatches, cfg.optim.grad_accum_steps
-    if n_rows % m or (n_rows // m) % micro:
-        raise ValueError(
-            f"rollout batch N = B * n = {n_rows} must split into num_minibatches={m} "
-            f"minibatches of grad_accum_steps={micro} equal microbatches"
-        )
-    mb_size = n_rows // m
-    optimizer = make_optimizer(cfg.optim)
+    micro = cfg.optim.grad_accum_steps
     hp = state.hparams
     agg = cfg.conventions.loss_aggregation
     ok = jnp.all(jnp.isfinite(exp.advantages)) & jnp.all(jnp.isfinite(exp.ref_logprobs))
 
-    def count_of(mask):  # the whole minibatch's denominator, summed over its microbatches
+    def count_of(mb):  # the whole minibatch's denominator, summed over its microbatches
+        mask = mb.response_mask
         parts = mask.reshape(micro, mask.shape[0] // micro, mask.shape[1])
-        return jnp.sum(jax.vmap(lambda x: losses.aggregate(jnp.zeros(x.shape), x, agg)[1])(parts))
+        per = jax.vmap(lambda x: losses.aggregate(jnp.zeros(x.shape), x, agg)[1])(parts)
+        return jnp.sum(per)
 
     def objective(params, mb_and_count):
         mb, count = mb_and_count
         total, _, mets = _loss(cfg, static, params, mb, hp)
-        denom = jnp.maximum(count[0], 1.0)
+        loss = total / jnp.maximum(count[0], 1.0)
         tokens = mets["token_count"]
         sums = {
-            "policy_loss": total / denom,
-            "policy/clip_frac": mets["clip_frac"],
-            "policy/clip_frac_low": mets["clip_frac_low"],
-            "policy/clip_frac_high": mets["clip_frac_high"],
-            "policy/ratio": mets["ratio"],
-            "kl/loss_k3": mets["kl"],
-            "policy/tokens": tokens,
+            "policy/clip_frac": (mets["clip_frac"], tokens),
+            "policy/clip_frac_low": (mets["clip_frac_low"], tokens),
+            "policy/clip_frac_high": (mets["clip_frac_high"], tokens),
+            "policy/ratio": (mets["ratio"], tokens),
+            "kl/token_k3": (mets["kl"], tokens),
         }
-        return micro * total / denom, (jnp.float32(1.0), sums)
+        return micro * loss, (jnp.float32(1.0), (sums, {"loss": loss}))
 
-    def one_update(carry, minibatch):
-        train, totals = carry
-        count = jnp.broadcast_to(count_of(minibatch.response_mask), (mb_size,))
-        grads, _, sums = accumulate(objective, train.params, (minibatch, count), micro)
-        loss = jnp.where(ok, sums["policy_loss"], jnp.nan)
-        train, upd = apply_update(optimizer, train, grads, loss, cfg.optim)
-        totals = {k: totals[k] + v for k, v in sums.items()} | {
-            "grad_norm": totals["grad_norm"] + upd["grad_norm"],
-            "skipped": jnp.maximum(totals["skipped"], upd["skipped"]),
-        }
-        return (train, totals), None
-
-    def one_epoch(carry, epoch):
-        if m == 1:
-            minibatches = jax.tree.map(lambda x: x[None], exp)
-        else:
-            perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
-            minibatches = jax.tree.map(lambda x: x[perm.reshape(m, mb_size)], exp)
-        carry, _ = lax.scan(one_update, carry, minibatches)
-        return carry, None
-
-    names = (
-        "policy_loss",
-        "policy/clip_frac",
-        "policy/clip_frac_low",
-        "policy/clip_frac_high",
-        "policy/ratio",
-        "kl/loss_k3",
-        "policy/tokens",
-        "grad_norm",
-        "skipped",
-    )
-    totals = {k: jnp.zeros((), jnp.float32) for k in names}
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
-    (train, totals), _ = lax.scan(one_epoch, (train, totals), jnp.arange(cfg.num_epochs))
-    n_updates = cfg.num_epochs * m
-    tokens = jnp.maximum(totals["policy/tokens"], 1.0)
-    metrics = {
-        "loss": totals["policy_loss"] / n_updates,
-        "policy/clip_frac": totals["policy/clip_frac"] / tokens,
-        "policy/clip_frac_low": totals["policy/clip_frac_low"] / tokens,
-        "policy/clip_frac_high": totals["policy/clip_frac_high"] / tokens,
-        "policy/ratio": totals["policy/ratio"] / tokens,
-        "kl/token_k3": totals["kl/loss_k3"] / tokens,
-        "grad_norm": totals["grad_norm"] / n_updates,
-        "skipped": jnp.maximum(totals["skipped"], 1.0 - ok.astype(jnp.float32)),
-        "lr": current_learning_rate(cfg.optim, train.opt_state),
-    }
+    train, metrics = epoch_updates(
+        cfg.optim,
+        train,
+        exp,
+        objective,
+        count_of,
+        num_epochs=cfg.num_epochs,
+        num_minibatches=cfg.num_minibatches,
+        perm_key=perm_key,
+        ok=ok,
+    )
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
 

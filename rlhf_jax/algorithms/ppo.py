@@ -77,17 +77,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax import losses, models, parallel, presets, returns, rewards, rollout, scoring
-from rlhf_jax.optim import (
-    OptimConfig,
-    accumulate,
-    current_learning_rate,
-    make_optimizer,
-)
+from rlhf_jax.optim import OptimConfig
 from rlhf_jax.reward_fn import RewardFunction
 from rlhf_jax.train import (
     LoopConfig,
     TrainState,
-    apply_update,
+    epoch_updates,
     hparam_arrays,
     seeded_state,
     stack_states,
@@ -790,14 +785,14 @@ def update(
     state: PPOState,
     exp: Experience,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
-    """Phase 3, learn: E epochs x M minibatches of the PPO loss (``lax.scan`` over both).
+    """Phase 3, learn: E epochs x M minibatches of the PPO loss (``train.epoch_updates``).
 
     Epoch ``e`` permutes the ``N`` rows with ``fold_in(permutation_key, e)`` and cuts them into
     ``M`` equal minibatches; each minibatch is one optimizer update of
     ``policy_loss + c_vf * value_loss`` (:func:`ppo_loss`), its gradient accumulated over
-    ``optim.grad_accum_steps`` microbatches exactly (:func:`rlhf_jax.optim.accumulate`; each
-    loss divided by its whole-minibatch count). An update whose experience, loss or gradient is
-    not finite is dropped (:func:`rlhf_jax.train.apply_update`) and ``skipped`` reports it.
+    ``optim.grad_accum_steps`` microbatches exactly (each loss divided by its whole-minibatch
+    count, :func:`loss_counts`). An update whose experience, loss or gradient is not finite is
+    dropped (:func:`rlhf_jax.train.apply_update`) and ``skipped`` reports it.
 
     Returns:
       The new state (``step`` unchanged) and metrics over all E x M updates: ``loss``,
@@ -806,18 +801,7 @@ def update(
       over all updates), ``grad_norm`` (mean), ``lr`` and ``skipped`` (1 if any update was
       dropped).
     """
-    n_rows = exp.tokens.shape[0]
-    m, micro = cfg.num_minibatches, cfg.optim.grad_accum_steps
-    if n_rows % m:
-        raise ValueError(
-            f"rollout batch N = B * n = {n_rows} is not divisible by num_minibatches={m}"
-        )
-    mb_size = n_rows // m
-    if mb_size % micro:
-        raise ValueError(
-            f"minibatch of {mb_size} rows is not divisible by optim.grad_accum_steps={micro}"
-        )
-    optimizer = make_optimizer(cfg.optim)
+    micro = cfg.optim.grad_accum_steps
     hparams = state.hparams
     exp_ok = _all_finite(
         (exp.advantages, exp.returns, exp.old_logprobs, exp.old_values)
@@ -831,43 +815,23 @@ def update(
         mb, counts = mb_and_counts
         pg_sum, vf_sum, sums = ppo_loss(cfg, static, params, mb, hparams)
         counts = jnp.maximum(counts[0], 1.0)  # the same [2] for every microbatch
-        loss = pg_sum / counts[0] + hparams.vf_coef * vf_sum / counts[1]
-        # the two losses' shares of this update (count 0 here: one count per update, below)
-        zero = jnp.float32(0.0)
-        sums["policy_loss"] = (pg_sum / counts[0], zero)
-        sums["value_loss"] = (vf_sum / counts[1], zero)
-        return micro * loss, (jnp.float32(1.0), sums)
-
-    def one_update(train, minibatch):
-        counts = loss_counts(cfg, minibatch.response_mask, micro)
-        counts_b = jnp.broadcast_to(counts, (mb_size, 2))  # split with the rows by accumulate
-        grads, _, sums = accumulate(objective, train.params, (minibatch, counts_b), micro)
-        loss = sums["policy_loss"][0] + hparams.vf_coef * sums["value_loss"][0]
-        guarded = jnp.where(exp_ok, loss, jnp.nan)  # a non-finite batch drops every update
-        train, upd = apply_update(optimizer, train, grads, guarded, cfg.optim)
-        one = jnp.float32(1.0)  # the per-update metrics: means over the E x M updates
-        per_update = {"loss": (loss, one), "grad_norm": (upd["grad_norm"], one)}
-        per_update |= {name: (sums[name][0], one) for name in ("policy_loss", "value_loss")}
-        return train, ({**sums, **per_update}, upd["skipped"])
-
-    def one_epoch(train, epoch):
-        if m == 1:  # one minibatch: the row order does not change the summed loss
-            minibatches = jax.tree.map(lambda x: x[None], exp)
-        else:
-            perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n_rows)
-            minibatches = jax.tree.map(lambda x: x[perm.reshape(m, mb_size)], exp)
-        return lax.scan(one_update, train, minibatches)
+        policy, value = pg_sum / counts[0], vf_sum / counts[1]
+        loss = policy + hparams.vf_coef * value
+        values = {"loss": loss, "policy_loss": policy, "value_loss": value}
+        return micro * loss, (jnp.float32(1.0), (sums, values))
 
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
-    # per-update (sum, count) of every metric, stacked [E, M]; each name is written once (in
-    # ppo_loss or one_update) and the report is sum / count over all updates
-    train, (sums, skipped) = lax.scan(one_epoch, train, jnp.arange(cfg.num_epochs))
-    metrics = {
-        name: jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
-        for name, (total, count) in sums.items()
-    }
-    metrics["skipped"] = jnp.maximum(jnp.max(skipped), 1.0 - exp_ok.astype(jnp.float32))
-    metrics["lr"] = current_learning_rate(cfg.optim, train.opt_state)
+    train, metrics = epoch_updates(
+        cfg.optim,
+        train,
+        exp,
+        objective,
+        lambda mb: loss_counts(cfg, mb.response_mask, micro),
+        num_epochs=cfg.num_epochs,
+        num_minibatches=cfg.num_minibatches,
+        perm_key=perm_key,
+        ok=exp_ok,
+    )
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
 
