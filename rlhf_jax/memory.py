@@ -75,23 +75,28 @@ class MemoryReport:
             num_params=num_params,
         )
 
-    def row(self) -> str:
-        """A Markdown table row in GiB (see :func:`format_memory_table`)."""
-        gib = lambda b: f"{b / 2**30:.2f}"
+    def row(self, unit: str = "GiB") -> str:
+        """A Markdown table row in ``unit`` (GiB or MiB; see :func:`format_memory_table`)."""
+        scale = 2 ** {"GiB": 30, "MiB": 20}[unit]
+        size = lambda b: f"{b / scale:.2f}"  # noqa: E731
+        n = self.num_params
+        params = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
         return (
-            f"| {self.name} | {self.num_params / 1e9:.2f}B | {gib(self.arguments)} | "
-            f"{gib(self.outputs)} | {gib(self.aliased)} | {gib(self.temps)} | "
-            f"{gib(self.generated_code)} | {gib(self.total)} |"
+            f"| {self.name} | {params} | {size(self.arguments)} | "
+            f"{size(self.outputs)} | {size(self.aliased)} | {size(self.temps)} | "
+            f"{size(self.generated_code)} | {size(self.total)} |"
         )
 
 
 def format_memory_table(reports: Sequence[MemoryReport]) -> str:
-    """A Markdown table of per-device memory (GiB) for several dry runs."""
+    """A Markdown table of per-device memory for several dry runs: in GiB, or in MiB when every
+    total is under 1 GiB (a toy model's step), the unit named in the header."""
+    unit = "GiB" if max((r.total for r in reports), default=0) >= 2**30 else "MiB"
     head = (
-        "| step | params | arguments | outputs | aliased | temps | code | total |\n"
+        f"| step | params | arguments | outputs | aliased | temps | code | total ({unit}) |\n"
         "|---|---|---|---|---|---|---|---|"
     )
-    return "\n".join([head, *(r.row() for r in reports)])
+    return "\n".join([head, *(r.row(unit) for r in reports)])
 
 
 def abstract_model(model_config, **heads) -> tuple[Any, Any]:
