@@ -268,6 +268,11 @@ class PPOStage:
     reward_model: str | None = None  # HF *ForSequenceClassification directory; None = rm/final
     # the cost model of PPO-Lagrangian (trainer.safety set); None = this run's cost/final
     cost_model: str | None = None
+    # reward sources instead of reward_model / trainer.reward_fn, their weighted sum the score:
+    # each "model:<HF dir>", "fn:<module:function>" or "judge:<judge YAML or HF dir>", "@<w>"
+    rewards: tuple[str, ...] = ()
+    # "fn:" sources see the stop token and other special tokens in the decoded responses
+    decode_special_tokens: bool = False
     prompts_file: str = ""  # rows {prompt} or {messages} (other fields are ignored)
     data: DataConfig = DataConfig(kind="prompt", max_prompt_length=64)  # prompt length P
     batch_size: int = 16  # prompts per iteration (each answered trainer.num_samples times)

@@ -315,7 +315,8 @@ def sampled_evaluator(
     """``eval_fn(state)`` of a policy-only state (``state.params`` the policy's parameters): the
     PPO stage's held-out evaluation (:func:`rlhf_jax.stages.policy_evaluator`: reward, KL to the
     reference, length, entropy, evaluator metrics, win rate) on the prompts of ``eval_cfg`` (a
-    ``pipeline.EvalConfig``). Its ``reward`` is the first reward source's score (0 without one).
+    ``pipeline.EvalConfig``). Its ``reward`` is the weighted sum of ``sources``, the training
+    reward (0 without a source).
     """
     import types
 
@@ -326,8 +327,6 @@ def sampled_evaluator(
     section = types.SimpleNamespace(
         eval=eval_cfg, data=DataConfig(kind="prompt", max_prompt_length=prompt_length)
     )
-    first = sources[0] if sources else None
-    read = first.read if isinstance(first, RewardModelSource) else "last_nonpad"
     trainer = types.SimpleNamespace(
         temperature=temperature,
         top_p=top_p,
@@ -335,19 +334,19 @@ def sampled_evaluator(
         response_length=response_length,
         stop_tokens=tuple(stop),
         pad_token_id=int(tokenizer.pad_token_id or 0),
-        conventions=presets.DEFAULT.replace(score_read=read),
+        conventions=presets.DEFAULT,
     )
-    is_model = isinstance(first, RewardModelSource)
     static = types.SimpleNamespace(
         policy=policy.graphdef,
         reference=reference.graphdef,
-        reward=first.graphdef if is_model else None,
+        reward=None,
         cost=None,
+        reward_sources=tuple(sources),
     )
     frozen = types.SimpleNamespace(
-        reference=reference.params, reward=source_params[0] if is_model else None, cost=None
+        reference=reference.params, reward=None, cost=None, sources=tuple(source_params)
     )
-    reward_fn = first.fn if isinstance(first, RewardFunctionSource) else None
+    reward_fn = None
     inner = policy_evaluator(_View(ctx, section), trainer, static, frozen, tokenizer, reward_fn)
 
     def eval_fn(state):

@@ -415,7 +415,7 @@ def _check_minibatches(st, name: str = "ppo") -> None:
 
 
 def prepare_ppo(ctx: Context) -> Plan:
-    from rlhf_jax import parallel
+    from rlhf_jax import parallel, scoring
     from rlhf_jax.algorithms import ppo
     from rlhf_jax.reward_fn import RewardFunction
 
@@ -451,7 +451,30 @@ def prepare_ppo(ctx: Context) -> Plan:
         prompts, st.batch_size, f"{name}.batch_size", rename={"index": "prompt_index"}
     )
     reward_fn = reward_model = None
-    if trainer.reward_fn:
+    sources, source_params = (), ()
+    if st.rewards:  # reward sources (rlhf_jax.scoring): models, functions, a judge; weighted
+        if trainer.reward_fn or st.reward_model:
+            raise config_lib.ConfigError(
+                f"{name}.rewards replaces {name}.reward_model and {name}.trainer.reward_fn: "
+                "set only one of them"
+            )
+        sources, source_params = scoring.load_sources(
+            ctx,
+            st.rewards,
+            f"{name}.rewards",
+            tokenizer,
+            prompts,
+            special_tokens=st.decode_special_tokens,
+        )
+        if trainer.critic == "separate" and not any(
+            isinstance(src, scoring.RewardModelSource) for src in sources
+        ):
+            raise config_lib.ConfigError(
+                f"{name}.trainer.critic='separate' initialises the critic from a reward model, "
+                f"but no source of {name}.rewards is one: set {name}.trainer.critic=shared or add "
+                "a 'model:' source"
+            )
+    elif trainer.reward_fn:
         reward_fn = RewardFunction.load(trainer.reward_fn, tokenizer)
         rows = prompts.take(np.arange(min(4, len(prompts))))
         reward_fn.check_tokens(rows["prompt_tokens"], rows["prompt_mask"])  # before compiling
@@ -471,6 +494,8 @@ def prepare_ppo(ctx: Context) -> Plan:
         reference=reference,
         reward_fn=reward_fn,
         cost_model=cost_model,
+        sources=sources,
+        source_params=source_params,
     )
     frozen_shardings = parallel.state_shardings(frozen, ctx.mesh, ctx.cfg.parallel.preset)
     frozen = jax.device_put(frozen, frozen_shardings)
@@ -500,26 +525,37 @@ def prepare_ppo(ctx: Context) -> Plan:
         eval_fn=eval_fn,
         tokenizer=tokenizer,
         save_every=st.save_every,
-        explain=None if reward_fn is None else reward_fn.callback_error,
+        explain=_explain(reward_fn, sources),
     )
+
+
+def _explain(reward_fn, sources):
+    """What a failure inside the compiled step was, when a host reward function raised there."""
+    from rlhf_jax import scoring
+
+    fns = [reward_fn] if reward_fn is not None else []
+    fns += [s.fn for s in sources if isinstance(s, scoring.RewardFunctionSource)]
+    if not fns:
+        return None
+    return lambda: next((e for e in (fn.callback_error() for fn in fns) if e is not None), None)
 
 
 def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn=None):
     """The PPO stage's ``eval_fn(state) -> metrics`` on the held-out prompts of ``ppo.eval``.
 
     Samples ``eval.samples_per_prompt`` responses per prompt from the current policy (fixed key,
-    so successive evaluations share the noise) and reports their mean reward-model score
-    (``reward``), the KL to the reference in nats per response (``kl``: the k1 estimate
+    so successive evaluations share the noise) and reports their mean score (``reward``: the
+    reward model's, the function's, or the weighted sum of the reward sources'), the KL to the
+    reference in nats per response (``kl``: the k1 estimate
     ``sum_t log pi - log pi_ref`` over the response, whose mean over samples of pi estimates
     KL(pi || pi_ref)), the response length and the per-token entropy estimate of the sampled
     tokens (with a cost model, PPO-Lagrangian, also its mean ``cost`` and the share it calls
     ``unsafe``, cost > 0); with ``eval.evaluator`` the mean of each metric it returns and the win
-    rate
-    (ties 1/2) against the reference's samples on ``eval.win_rate_metric``. The reference's own
+    rate (ties 1/2) against the reference's samples on ``eval.win_rate_metric``. The reference's own
     figures are reported as ``reference/<name>``. ``eval.log_samples`` samples go to
     ``samples.jsonl`` and TensorBoard.
     """
-    from rlhf_jax import models, rollout
+    from rlhf_jax import models, rollout, scoring
     from rlhf_jax.reward_fn import load_reward_fn
 
     st = ctx.section
@@ -537,6 +573,7 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
     start = pt.shape[1]
     key = jax.random.PRNGKey(ctx.seed + 3)
     conv = trainer.conventions
+    sources = getattr(static, "reward_sources", ())  # reward sources: their weighted sum
 
     @functools.partial(jax.jit, static_argnums=0)
     def measure(
@@ -551,7 +588,10 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
                                    start=start, temperature=t)  # fmt: skip
         m = mask.astype(jnp.float32)
         score = jnp.zeros(tokens.shape[0], jnp.float32)
-        if static.reward is not None:
+        if sources:
+            rows_ = scoring.Responses(full_pt, full_pm, tokens, mask, seq, seq_mask)
+            score, _ = scoring.score(sources, reward_params, rows_)
+        elif static.reward is not None:
             score = models.scores(static.reward, reward_params, seq, seq_mask, read=conv.score_read)
         cost = jnp.zeros_like(score)
         if static.cost is not None:
@@ -573,7 +613,7 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
             chunk=len(pt),
         )
         kl, neg_logp, score, cost = jax.device_get(
-            measure(graphdef, params, frozen.reference, frozen.reward, frozen.cost, tokens, mask)
+            measure(graphdef, params, frozen.reference, reward_params, frozen.cost, tokens, mask)
         )
         if reward_fn is not None:
             score = reward_fn(full_pt, full_pm, tokens, mask)
@@ -598,6 +638,7 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
         ]
         return metrics, per, samples
 
+    reward_params = tuple(frozen.sources) if sources else frozen.reward
     ref_metrics, ref_per, _ = summarize(static.reference, frozen.reference)
     reference_figures = {f"reference/{k}": v for k, v in ref_metrics.items()}
 

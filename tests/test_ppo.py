@@ -339,3 +339,38 @@ def test_a_missing_stop_penalty_needs_stop_tokens(sft, reward_model):
     with pytest.raises(ValueError, match="stop_tokens is empty"):
         ppo.make_models(cfg, sft, reward_model)
     ppo.make_models(dataclasses.replace(cfg, stop_tokens=(1,)), sft, reward_model)
+
+
+def test_reward_sources_score_as_their_weighted_sum(sft, reward_model, prompts):
+    """``sources``: a reward model (weight 0.5) and a function (weight 2) instead of one reward
+    model; the score is 0.5 * the reward model's + 2 * the function's, and the separate critic
+    starts from the reward model among the sources."""
+    from rlhf_jax import scoring
+
+    def dogs(prompts, responses):
+        return [float(r.split().count("dog")) for r in responses]
+
+    fn = RewardFunction.load(dogs, make_tokenizer())
+    sources = (
+        scoring.RewardModelSource(reward_model.graphdef, weight=0.5),
+        scoring.RewardFunctionSource(fn, weight=2.0),
+    )
+    cfg = SGD_CFG
+    static, params, frozen = ppo.make_models(
+        cfg, sft, sources=sources, source_params=(reward_model.params, None)
+    )
+    tree_close(params["critic"], reward_model.params, 0.0)
+    state = ppo.init_state(cfg, params)
+    tokens, mask = prompts
+    sampled = jax.jit(lambda s: ppo.generate(cfg, static, s, tokens, mask))(state)
+    exp = ppo.score(cfg, static, state, frozen, tokens, mask, sampled)
+    rows = scoring.Responses.of(tokens, mask, sampled)
+    rm = models.scores(reward_model.graphdef, reward_model.params, rows.tokens, rows.mask)
+    texts = fn.texts(*map(np.asarray, (rows.prompt_tokens, rows.prompt_mask, sampled.tokens,
+                                         sampled.mask)))[1]  # fmt: skip
+    want = 0.5 * np.asarray(rm) + 2.0 * np.array([t.split().count("dog") for t in texts])
+    np.testing.assert_allclose(np.asarray(exp.scores), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of"):
+        ppo.make_models(cfg, sft, reward_model, sources=sources, source_params=(None, None))
+    with pytest.raises(ValueError, match="no reward source is one"):
+        ppo.make_models(cfg, sft, sources=sources[1:], source_params=(None,))

@@ -339,6 +339,11 @@ class FrozenParams:
     reference: Any  # the SFT parameters (the KL anchor), never copied or mutated
     reward: Any = None  # reward-model parameters; None when a reward function scores responses
     cost: Any = None  # cost-model parameters (PPO-Lagrangian); None when safety is off
+    sources: tuple = ()  # the parameters of PPOModels.reward_sources (None for a function)
+
+    def reward_params(self) -> tuple[Any, ...]:
+        """The parameters of each reward source, in :meth:`PPOModels.sources` order."""
+        return self.sources if self.sources else (self.reward,)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -351,9 +356,15 @@ class PPOModels:
     critic: Any = None  # critic graphdef (critic="separate"); None when shared
     reward_fn: RewardFunction | None = None  # host reward function (one pure_callback), or None
     cost: Any = None  # cost-model graphdef (score head; PPO-Lagrangian), also the cost critic's
+    # reward sources of rlhf_jax.scoring (reward models, functions, an LM judge; weighted sum),
+    # given instead of `reward` / `reward_fn`; their parameters are FrozenParams.sources
+    reward_sources: tuple = ()
 
     def sources(self, conv: presets.Conventions) -> tuple[Any, ...]:
-        """The reward source (:mod:`rlhf_jax.scoring`): the reward model or the function."""
+        """The reward sources (:mod:`rlhf_jax.scoring`): ``reward_sources`` if given, else the
+        reward model (read the preset's way) or the function."""
+        if self.reward_sources:
+            return self.reward_sources
         if self.reward_fn is not None:
             return (scoring.RewardFunctionSource(self.reward_fn),)
         return (scoring.RewardModelSource(self.reward, read=conv.score_read),)
@@ -418,6 +429,8 @@ def make_models(
     reference: Any = None,
     reward_fn: RewardFunction | None = None,
     cost_model: Any = None,
+    sources: tuple[Any, ...] = (),
+    source_params: tuple[Any, ...] = (),
     key: jax.Array | None = None,
 ) -> tuple[PPOModels, Any, FrozenParams]:
     """The static models, the initial trainable parameters and the frozen parameters.
@@ -434,6 +447,11 @@ def make_models(
       reward_fn: a loaded :class:`rlhf_jax.reward_fn.RewardFunction` replacing the reward model.
       cost_model: the cost model's record (score head; positive = unsafe), required exactly when
         ``cfg.safety`` is set: it scores the costs and the cost critic starts as a copy of it.
+      sources, source_params: reward sources of :mod:`rlhf_jax.scoring` and their parameters
+        (:func:`rlhf_jax.scoring.load_sources`: reward models, ``module:function`` rewards, an LM
+        judge), whose weighted sum is the score, instead of ``reward_model`` / ``reward_fn``.
+        With ``critic="separate"`` the critic starts as a copy of the first reward model among
+        them.
       key: initialises the shared value head (zero-initialised by the models module, so the key
         only matters if that changes). Default ``PRNGKey(0)``.
 
@@ -441,12 +459,33 @@ def make_models(
       ``(models, params, frozen)``: ``params = {"policy", "critic"}`` is what :func:`init_state`
       copies into a state; ``frozen`` holds the reference and reward parameters by reference.
     """
-    if (reward_model is None) == (reward_fn is None):
-        raise ValueError("give exactly one of reward_model and reward_fn")
+    if len(sources) != len(source_params):
+        raise ValueError(f"{len(sources)} reward sources but {len(source_params)} parameter sets")
+    if (reward_model is not None) + (reward_fn is not None) + bool(sources) != 1:
+        raise ValueError("give exactly one of reward_model, reward_fn and sources")
+    if sources and cfg.critic == "separate":  # the critic starts from the first reward model
+        first = next(
+            (
+                (src, p)
+                for src, p in zip(sources, source_params, strict=True)
+                if isinstance(src, scoring.RewardModelSource)
+            ),
+            None,
+        )
+        if first is None:
+            raise ValueError(
+                "critic='separate' initialises the critic from a reward model, but no reward "
+                "source is one: use critic='shared' or add a 'model:' source"
+            )
+        critic_source = (first[0].graphdef, first[1])
+    else:
+        critic_source = (
+            None if reward_model is None else (reward_model.graphdef, reward_model.params)
+        )
     if (cfg.safety is None) != (cost_model is None):
         raise ValueError("ppo.trainer.safety (PPO-Lagrangian) and a cost model go together")
     check_stop_tokens(cfg)
-    if cfg.critic == "separate" and reward_model is None:
+    if cfg.critic == "separate" and critic_source is None:
         raise ValueError("critic='separate' initialises the critic from the reward model")
     key = jax.random.PRNGKey(0) if key is None else key
     if cfg.critic == "shared":
@@ -454,7 +493,7 @@ def make_models(
         critic_graphdef, critic_params = None, None
     else:
         policy_graphdef, policy_params = sft.graphdef, sft.params
-        critic_graphdef, critic_params = reward_model.graphdef, reward_model.params
+        critic_graphdef, critic_params = critic_source
     reference = sft if reference is None else reference
     if reference.config.vocab_size != sft.config.vocab_size:
         raise ValueError(
@@ -468,11 +507,13 @@ def make_models(
         critic=critic_graphdef,
         reward_fn=reward_fn,
         cost=None if cost_model is None else cost_model.graphdef,
+        reward_sources=tuple(sources),
     )
     frozen = FrozenParams(
         reference=reference.params,
         reward=None if reward_model is None else reward_model.params,
         cost=None if cost_model is None else cost_model.params,
+        sources=tuple(source_params),
     )
     params = {"policy": policy_params, "critic": critic_params}
     if cost_model is not None:
@@ -622,7 +663,7 @@ def score(
     ref_logprobs = scoring.reference_logprobs(
         static.reference, frozen.reference, rows, hp.temperature
     )
-    scores, _ = scoring.score(static.sources(conv), (frozen.reward,), rows)
+    scores, _ = scoring.score(static.sources(conv), frozen.reward_params(), rows)
     logprobs, ref_logprobs, old_values, scores = jax.tree.map(
         lax.stop_gradient, (logprobs, ref_logprobs, old_values, scores)
     )
