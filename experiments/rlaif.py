@@ -50,6 +50,7 @@ from rlhf_jax.algorithms.sft import SFTConfig
 from rlhf_jax.data import toy
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.sweep import SweepConfig
 from rlhf_jax.train import LoopConfig
 
 JUDGE_PROMPT_LENGTH = 40  # <bos> + the template's 13 words + a prompt (3) + 2 responses (<= 9)
@@ -244,7 +245,9 @@ def run_direct(cfg: pipeline.ExperimentConfig, judge_yaml: str, args) -> dict:
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     base = quickstart.default_config()
-    base = dataclasses.replace(base, run=dataclasses.replace(base.run, dir="runs/rlaif"))
+    base = dataclasses.replace(  # one PPO run (the quickstart's default sweeps PPO's seed)
+        base, run=dataclasses.replace(base.run, dir="runs/rlaif"), sweep=SweepConfig()
+    )
     cfg = config_lib.load_config(args.config, list(args.overrides), base=base)
     t0 = time.perf_counter()
     cfg = quickstart.prepare(cfg)  # the toy inputs under <run.dir>/inputs

@@ -38,6 +38,7 @@ from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.data.formats import DataConfig
 from rlhf_jax.errors import UserError
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.sweep import SweepConfig
 from rlhf_jax.train import LoopConfig
 
 STAGES = ("sft", "label", "rm", "cost", "ppo", "safe_ppo")
@@ -67,6 +68,7 @@ def safe_config() -> pipeline.ExperimentConfig:
     return dataclasses.replace(
         base,
         run=dataclasses.replace(base.run, dir="runs/safe-rlhf"),
+        sweep=SweepConfig(),  # one PPO run each (the quickstart's default sweeps PPO's seed)
         label=dataclasses.replace(
             base.label,
             labeller="rlhf_jax.data.toy:harm_labeller",

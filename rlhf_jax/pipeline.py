@@ -489,10 +489,29 @@ class Context:
 
 def run_policy(run_dir: str) -> str | None:
     """The latest policy of a run: the most recently written ``<stage>/final`` of
-    :data:`POLICY_STAGES` (after SFT and PPO, PPO's), or None."""
-    finals = [os.path.join(run_dir, s, FINAL_DIR) for s in POLICY_STAGES]
-    finals = [f for f in finals if os.path.isfile(os.path.join(f, "config.json"))]
-    return max(finals, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")), default=None)
+    :data:`POLICY_STAGES` (after SFT and PPO, PPO's), or None.
+
+    A policy stage run as a sweep (``sweep.json``, one ``runs/K/final`` per run) has no single
+    policy: when it is the latest, this raises a ConfigError asking for one run's directory."""
+    from rlhf_jax.sweep import SWEEP_FILE
+
+    latest = []  # (mtime, path, is a sweep)
+    for s in POLICY_STAGES:
+        final = os.path.join(run_dir, s, FINAL_DIR, "config.json")
+        if os.path.isfile(final):
+            latest.append((os.path.getmtime(final), os.path.dirname(final), False))
+        swept = os.path.join(run_dir, s, SWEEP_FILE)
+        if os.path.isfile(swept):
+            latest.append((os.path.getmtime(swept), os.path.join(run_dir, s), True))
+    if not latest:
+        return None
+    _, path, is_sweep = max(latest)
+    if is_sweep:
+        raise config_lib.ConfigError(
+            f"{path} is a sweep: its runs' policies are {path}/runs/K/final; name one of them "
+            "(rlhf-jax export takes --run K)"
+        )
+    return path
 
 
 def find_model(path: str, key: str = "model") -> str:

@@ -130,6 +130,11 @@ def generate(
     )
 
 
+def _reward_model_path(path: str) -> str:
+    """A run directory's reward model (``<run>/rm``), or ``path`` itself."""
+    return os.path.join(path, "rm") if os.path.isdir(os.path.join(path, "rm")) else path
+
+
 def load_responses(
     path: str,
     tokenizer_from: str,
@@ -142,7 +147,7 @@ def load_responses(
     from rlhf_jax import models
     from rlhf_jax.data import formats
 
-    model_dir = pipeline.find_model(tokenizer_from, "reward_model")
+    model_dir = pipeline.find_model(_reward_model_path(tokenizer_from), "reward_model")
     tokenizer = models.load_tokenizer(model_dir)
     rows = []
     for unit, number, row in formats.read_rows(path):
@@ -194,9 +199,7 @@ def score(
 
     from rlhf_jax import models
 
-    if os.path.isdir(os.path.join(reward_model, "rm")):
-        reward_model = os.path.join(reward_model, "rm")
-    rm, _ = _model(reward_model, "reward_model", lm_head=False, score_head=True)
+    rm, _ = _model(_reward_model_path(reward_model), "reward_model", lm_head=False, score_head=True)
     seq = np.concatenate([generation.prompt_tokens, generation.tokens], 1)
     seq_mask = np.concatenate([generation.prompt_mask, generation.mask], 1)
     fn = jax.jit(lambda p, t, m: models.scores(rm.graphdef, p, t, m))

@@ -140,6 +140,10 @@ def test_the_run_directory_is_an_ordinary_one(tiny_run, tmp_path, capsys):
             assert os.path.isfile(tmp_path / f"out{k}" / name / "config.json")
             assert os.path.isfile(tmp_path / f"out{k}" / name / "tokenizer.json")
     assert main(["export", run, str(tmp_path / "out"), "--run", "2"]) == 2  # no run 2
+    # without --run the swept PPO stage has no one policy: refused, not SFT's taken silently
+    capsys.readouterr()
+    assert main(["export", run, str(tmp_path / "out")]) == 2
+    assert "ppo is a sweep" in capsys.readouterr().err
     prompts = os.path.join(run, "inputs", "prompts.jsonl")
     gen = str(tmp_path / "gen.jsonl")
     seed0 = os.path.join(run, "ppo", "runs", "0")  # a stage directory: its final/
