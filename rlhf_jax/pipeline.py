@@ -112,6 +112,10 @@ class RunConfig:
     # layers per iteration of the models' layer scan; = num_layers unrolls it (faster steps on CPU
     # for small models, longer compile). Not saved with checkpoints.
     scan_unroll: int = 1
+    # rematerialisation of the models' layer scan in every trainer's backward pass (SFT, RM, DPO,
+    # GRPO, the PPO update): "none" | "full" | "dots" | "offload" (ModelConfig.remat; the same
+    # gradients, less activation memory, more compute). Not saved with checkpoints.
+    remat: str = "none"
     # JAX's persistent compilation cache: a rerun, a resume or the next stage with the same shapes
     # loads its compiled steps instead of compiling; "" or "off" = no cache. The environment
     # variable RLHF_JAX_COMPILE_CACHE overrides it.
@@ -130,6 +134,10 @@ class RunConfig:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         if self.scan_unroll < 1:
             raise ValueError(f"run.scan_unroll={self.scan_unroll}: must be >= 1")
+        from rlhf_jax.models.transformer import REMAT
+
+        if self.remat not in REMAT:
+            raise ValueError(f"run.remat={self.remat!r}: choose one of {REMAT}")
 
     def stage_dir(self, stage: str) -> str:
         """The directory of one stage (``sft``, ``rm``, ``ppo``, ...) of this run."""
@@ -424,16 +432,28 @@ class Context:
         return path
 
     def load_model(self, path: str, **heads) -> Any:
+        from flax import nnx
+
         from rlhf_jax import models
 
         run = self.cfg.run
-        return models.from_pretrained(
+        model = models.from_pretrained(
             path,
             dtype=run.dtype,
             param_dtype=run.param_dtype,
             scan_unroll=run.scan_unroll,
             **heads,
         )
+        if run.remat == "none":
+            return model
+        # run.remat is a run-time choice like scan_unroll: the module's config lives in the
+        # graphdef, so rebuild that (abstractly, nothing allocated) with the changed config
+        config = model.config.replace(remat=run.remat)
+        switches = {
+            k: heads.get(k, k == "lm_head") for k in ("lm_head", "value_head", "score_head")
+        }
+        abstract = nnx.eval_shape(lambda: models.Transformer(config, rngs=nnx.Rngs(0), **switches))
+        return model.replace(graphdef=nnx.split(abstract, nnx.Param)[0], config=config)
 
     def load_tokenizer(self, path: str, model: Any = None) -> Any:
         from rlhf_jax import models

@@ -101,6 +101,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+REMAT = ("none", "full", "dots", "offload")  # ModelConfig.remat: see remat_policy
 
 
 def _freeze(value: Any) -> Any:
@@ -168,6 +169,12 @@ class ModelConfig:
     # On CPU the XLA dot_product_attention measured 5-10% slower than the einsum formula (a
     # 4-layer model, fwd+bwd, T=128), hence 'auto'.
     attention: str = "auto"
+    # Rematerialisation of the layer scan in the training forward (a run-time choice, not saved;
+    # the same numbers, see remat_policy): 'none' keeps every layer's activations for the
+    # backward pass; 'full' keeps only each layer's input and recomputes the layer; 'dots' keeps
+    # the weight matmuls' outputs and recomputes the rest (attention scores, norms,
+    # activations); 'offload' moves those matmul outputs to host memory (TPU/GPU).
+    remat: str = "none"
 
     def __post_init__(self):
         def put(name, value):
@@ -182,6 +189,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention={self.attention!r}: use one of {ATTENTION_IMPLS}"
             )
+        if self.remat not in REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}: use one of {REMAT}")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             value = jnp.dtype(value).name if not isinstance(value, str) else value
@@ -846,6 +855,31 @@ def block(
     return x + m, new_cache
 
 
+def remat_policy(remat: str):
+    """The ``jax.checkpoint`` policy of :attr:`ModelConfig.remat` (None: save nothing).
+
+    A policy names the intermediates of a layer that the backward pass reads from memory; the
+    others are recomputed from the layer's input (JAX's "gradient checkpointing" guide,
+    ``jax.checkpoint_policies``):
+
+    - ``'full'``: nothing saved (``None``): the backward pass reruns the whole layer forward;
+      per layer only its ``[B, T, D]`` input stays alive.
+    - ``'dots'``: ``dots_with_no_batch_dims_saveable``: the outputs of matmuls without batch
+      dimensions, i.e. the weight projections q/k/v/o and the MLP's, are kept; the attention
+      einsums (batched over heads), the softmax, norms and activations are recomputed.
+    - ``'offload'``: ``offload_dot_with_no_batch_dims('device', 'pinned_host')``: the same
+      matmul outputs, moved to host memory during the forward and back for the backward.
+
+    The scan is wrapped with ``prevent_cse=False``, as JAX recommends inside ``lax.scan``.
+    """
+    policies = jax.checkpoint_policies
+    return {
+        "full": None,
+        "dots": policies.dots_with_no_batch_dims_saveable,
+        "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }[remat]
+
+
 def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """``num_layers`` independently initialised blocks as one Block with ``[L, ...]`` params."""
     blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
@@ -941,6 +975,8 @@ class Transformer(nnx.Module):
             h, kv = layer(h, positions, allowed, inv_freq, None if ck is None else (ck, cv), index)
             return h, (None, None) if kv is None else kv
 
+        if cache is None and cfg.remat != "none":  # training forward (decoding is never remat)
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
         flags = jnp.asarray(sliding) if len(per_kind) > 1 else None
         if cache is None:
             xs = (layer_state, None, None, flags)
