@@ -88,6 +88,7 @@ __all__ = [
 
 CONFIG_FILE = "config.yaml"  # the resolved config, written into run.dir by every stage
 FINAL_DIR = "final"  # <stage dir>/final: the stage's result, a Hugging Face directory
+ADAPTER_DIR = "adapter"  # in final/ of a LoRA stage: PEFT's adapter_config.json + safetensors
 META_FILE = "rlhf_jax_stage.json"  # in final/: the stage, its last step, stop reason and info
 POLICY_STAGES = ("safe_ppo", "ppo", "grpo", "dpo", "sft")  # the stages whose final/ is a policy
 
@@ -332,6 +333,7 @@ class Outputs:
     model: Any = None  # a rlhf_jax.models.Model record
     tokenizer: Any = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapter: Any = None  # a LoRA stage's rlhf_jax.lora.PeftAdapter, written to final/adapter/
 
 
 @dataclasses.dataclass
@@ -637,6 +639,9 @@ def _gathered(params: Any) -> Any:
 def save_final(stage_dir: str, outputs: Outputs, meta: Mapping[str, Any]) -> str:
     """Write ``outputs.model`` (+ tokenizer, + meta) as the Hugging Face directory ``final/``.
 
+    A LoRA stage's ``outputs.adapter`` (merged weights in ``outputs.model``) also goes to
+    ``final/adapter/`` in PEFT's format (:func:`rlhf_jax.lora.save_peft`).
+
     Written into a temporary directory and renamed into place, so ``final/`` is either the
     previous result or the whole new one, never half of it.
     """
@@ -644,11 +649,18 @@ def save_final(stage_dir: str, outputs: Outputs, meta: Mapping[str, Any]) -> str
 
     path = os.path.join(stage_dir, FINAL_DIR)
     model = outputs.model.replace(params=_gathered(outputs.model.params))
+    adapter = outputs.adapter  # LoRA: the PEFT adapters beside the merged weights
+    if adapter is not None:
+        adapter = dataclasses.replace(adapter, adapters=_gathered(adapter.adapters))
     if not _is_writer():
         return path
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     models.save_pretrained(model, tmp)
+    if adapter is not None:
+        from rlhf_jax import lora
+
+        lora.save_peft(adapter, os.path.join(tmp, ADAPTER_DIR))
     if outputs.tokenizer is not None:
         outputs.tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:

@@ -91,26 +91,48 @@ def prepare_sft(ctx: Context) -> Plan:
     eval_batch = _held_out(
         ctx, st.eval_file, "sft.eval_file", tokenizer, st.data, model, st.eval_size
     )
+    lora = st.trainer.lora
+    merged = jax.jit(functools.partial(sft.train_params, st.trainer))  # (base, state params)
     eval_fn = None
     if eval_batch is not None:
         evaluate = sft.make_eval(model.graphdef, completion_only=st.trainer.completion_only)
-        eval_fn = lambda state: evaluate(state.params, eval_batch)  # noqa: E731
+        eval_fn = lambda state: evaluate(merged(model.params, state.params), eval_batch)  # noqa: E731
+    if lora is not None and ctx.cfg.parallel.step != "jit":
+        raise config_lib.ConfigError(
+            f"sft.trainer.lora with parallel.step={ctx.cfg.parallel.step}: LoRA runs the 'jit' "
+            "form only; set parallel.step=jit"
+        )
 
     def make_step(shardings):
+        from rlhf_jax import parallel
+
+        base_shardings = None
+        if lora is not None and ctx.mesh is not None:
+            base_shardings = parallel.state_shardings(
+                model.params, ctx.mesh, ctx.cfg.parallel.preset
+            )
         return sft.make_step(
             model.graphdef,
             st.trainer,
             mesh=ctx.mesh,
             state_shardings=shardings,
             mode=ctx.cfg.parallel.step,
+            base=model.params,
+            base_shardings=base_shardings,
         )
 
     def finish(state, result):
-        return Outputs(model.replace(params=state.params), tokenizer, {})
+        params = merged(model.params, state.params)
+        adapter = None
+        if lora is not None:
+            from rlhf_jax.lora import PeftAdapter
+
+            adapter = PeftAdapter(state.params, lora, model.config, base_model=model_dir)
+        return Outputs(model.replace(params=params), tokenizer, {}, adapter=adapter)
 
     return Plan(
         finish=finish,
-        state=sft.init_state(model.params, st.trainer),
+        state=sft.init_state(model.params, st.trainer, jax.random.PRNGKey(ctx.seed)),
         make_step=make_step,
         batches=batches,
         loop=st.trainer.loop,

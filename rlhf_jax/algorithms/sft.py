@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import models, parallel
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.train import LoopConfig, TrainState, apply_update
@@ -47,6 +48,7 @@ __all__ = [
     "make_eval",
     "make_step",
     "sft_loss",
+    "train_params",
 ]
 
 
@@ -58,6 +60,8 @@ class SFTConfig:
     loop: LoopConfig = LoopConfig(max_steps=1000)  # steps, evaluation, stopping, non-finite policy
     batch_size: int = 32  # sequences per optimizer step (split into optim.grad_accum_steps)
     completion_only: bool = True  # loss on completion tokens only; False: every token (pretrain)
+    # LoRA (rlhf_jax.lora): train low-rank adapters only, the model frozen; None = full training
+    lora: lora_lib.LoRAConfig | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -170,9 +174,25 @@ def sft_loss(
     return nll, (count, {"nll": nll, "correct": correct})
 
 
-def init_state(params: Any, cfg: SFTConfig) -> TrainState:
-    """The SFT state: a copy of ``params`` (never donated) and a fresh optimizer state."""
+def init_state(params: Any, cfg: SFTConfig, key: jax.Array | None = None) -> TrainState:
+    """The SFT state: a copy of ``params`` (never donated) and a fresh optimizer state.
+
+    With ``cfg.lora`` the state holds only the adapters (:func:`rlhf_jax.lora.init_adapters`,
+    ``A`` drawn from ``key``, default ``PRNGKey(0)``) and their optimizer state; ``params`` is the
+    frozen base that :func:`make_step` takes as ``base``.
+    """
+    if cfg.lora is not None:
+        key = jax.random.PRNGKey(0) if key is None else key
+        return TrainState.create(lora_lib.init_adapters(params, cfg.lora, key), cfg.optim)
     return TrainState.create(params, cfg.optim)
+
+
+def train_params(cfg: SFTConfig, base: Any, params: Any) -> Any:
+    """The model's parameters from the state's: ``params`` itself, or with ``cfg.lora`` the base
+    merged with the adapters (:func:`rlhf_jax.lora.merge`)."""
+    if cfg.lora is None:
+        return params
+    return lora_lib.merge(base, params, cfg.lora)
 
 
 def make_step(
@@ -182,6 +202,8 @@ def make_step(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     mode: str = "jit",
+    base: Any = None,
+    base_shardings: Any = None,
 ) -> Callable:
     """The compiled SFT step ``step(state, batch, key) -> (state, metrics)`` (state donated).
 
@@ -190,13 +212,35 @@ def make_step(
     (:func:`rlhf_jax.parallel.jit_step`: the state in and out on ``state_shardings``, the batch
     over ``('data', 'fsdp')``) and ``mode`` picks the gradient's form
     (:func:`rlhf_jax.parallel.accumulate`: ``'jit'`` or the pmap-style ``'shard_map'``).
+
+    With ``cfg.lora``: ``base`` is the frozen model (an argument of the compiled step, never
+    donated, placed on ``base_shardings`` with a mesh), the state's params are the adapters,
+    and the loss is taken on :func:`rlhf_jax.lora.merge` of the two, so only the adapters get
+    gradients and optimizer moments. Only ``mode='jit'``.
     """
     optimizer = make_optimizer(cfg.optim)
-    loss_fn = lambda params, batch: sft_loss(  # noqa: E731
-        graphdef, params, batch, completion_only=cfg.completion_only
-    )
+    if cfg.lora is not None:
+        if base is None:
+            raise ValueError("sft.trainer.lora: make_step needs the frozen base (base=...)")
+        if mode != "jit":
+            raise ValueError(
+                f"sft.trainer.lora with parallel.step={mode!r} is not supported: use 'jit'"
+            )
 
-    def step(state: TrainState, batch, key):
+    def lora_step(state: TrainState, base, batch, key):
+        def loss_fn(adapters, batch):
+            params = lora_lib.merge(base, adapters, cfg.lora)
+            return sft_loss(graphdef, params, batch, completion_only=cfg.completion_only)
+
+        return step(state, batch, key, loss_fn)
+
+    def full_step(state: TrainState, batch, key):
+        def loss_fn(params, batch):
+            return sft_loss(graphdef, params, batch, completion_only=cfg.completion_only)
+
+        return step(state, batch, key, loss_fn)
+
+    def step(state: TrainState, batch, key, loss_fn):
         del key
         grads, count, sums = parallel.accumulate(
             loss_fn, state.params, batch, cfg.optim.grad_accum_steps, mesh=mesh, mode=mode
@@ -212,7 +256,13 @@ def make_step(
         }
         return state, metrics
 
-    return parallel.jit_step(step, mesh, state_shardings)
+    if cfg.lora is None:
+        return parallel.jit_step(full_step, mesh, state_shardings)
+    arg_shardings = None
+    if mesh is not None:
+        arg_shardings = (base_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh))
+    jitted = parallel.jit_step(lora_step, mesh, state_shardings, arg_shardings=arg_shardings)
+    return lambda state, batch, key: jitted(state, base, batch, key)
 
 
 def make_eval(
