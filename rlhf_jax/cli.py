@@ -392,14 +392,18 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
     from rlhf_jax import sweep
     from rlhf_jax.models import hf
 
+    if stage not in ("sft", "rm", "cost", "ppo"):
+        raise UsageError(f"{stage} has no --dry-run")
     section = getattr(cfg, stage)
     model_path = getattr(section, "model", None) or getattr(section, "policy", None)
-    if not model_path:
-        model_path = cfg.sft.model
+    run_sft = os.path.join(cfg.run.stage_dir("sft"), pipeline.FINAL_DIR)
+    if not model_path:  # the stage's default input: this run's SFT result, or sft.model
+        model_path = run_sft if os.path.isfile(os.path.join(run_sft, "config.json")) else None
+        model_path = model_path or cfg.sft.model
     if not model_path:
         raise UsageError(f"{stage} --dry-run needs a model directory (its config.json sizes it)")
-    if stage not in ("sft", "rm", "ppo"):
-        raise UsageError(f"{stage} has no --dry-run")
+    if stage == "cost":  # the cost model's step is the reward model's, with the cost loss
+        stage, cfg = "rm", dataclasses.replace(cfg, rm=cfg.cost)
     config_file = os.path.join(pipeline.find_model(model_path), "config.json")
     with open(config_file, encoding="utf-8") as f:
         model_config = hf.config_from_hf(

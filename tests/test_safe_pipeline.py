@@ -185,3 +185,15 @@ def test_safe_stage_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0 and "kl_share=2" in err and "(0, 1]" in err, err
     assert not os.path.exists(os.path.join(tmp_path, "run"))  # nothing written
+
+
+def test_cost_dry_run_reads_the_runs_sft_model(tiny_run, capsys):
+    _, cfg, _ = tiny_run
+    capsys.readouterr()
+    argv = ["cost", "--dry-run", f"run.dir={cfg.run.dir}", "cost.data.max_prompt_length=4",
+            "cost.data.max_completion_length=10", "cost.trainer.batch_size=16"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "B=32 T=14" in out and "total" in out, out  # 16 pairs: 32 sequences
+    assert main(["safe_ppo", "--dry-run", f"run.dir={cfg.run.dir}"]) == 2
+    assert "safe_ppo has no --dry-run" in capsys.readouterr().err
