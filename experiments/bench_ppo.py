@@ -102,6 +102,52 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def _full_log_softmax_logprobs(module, hidden, tokens, start, temperature):
+    """The previous formulation of ``apply._logprobs_from_hidden``, kept here for ``--ab-logprobs``
+    only: a full ``[B, R, V]`` log-softmax, then the taken token gathered from it."""
+    h = hidden[:, start - 1 : -1]
+    lg = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)
+    logp = jax.nn.log_softmax(lg, axis=-1)
+    targets = tokens[:, start:].astype(jnp.int32)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def ab_logprobs(cfg, static, params, frozen, args: tuple, runs: int) -> None:
+    """Interleaved A/B of the fused iteration: A = full log-softmax (the previous formulation),
+    B = ``logit[token] - logsumexp`` (the library's). Each program is traced under its
+    formulation, then runs i of A and B alternate; prints both medians and B's speed-up."""
+    from rlhf_jax.models import apply
+
+    current = apply._logprobs_from_hidden
+    progs = {}
+    for name, fn in (("A full log-softmax", _full_log_softmax_logprobs), ("B logsumexp", current)):
+        apply._logprobs_from_hidden = fn
+        try:
+            iterate = ppo.make_iteration(cfg, static)
+            state = ppo.init_state(cfg, params)
+            state, metrics = iterate(state, frozen, *args)  # traces and compiles under `fn`
+            jax.block_until_ready(metrics)
+        finally:
+            apply._logprobs_from_hidden = current
+        progs[name] = [iterate, state, metrics]
+    times = {name: [] for name in progs}
+    for _ in range(runs):
+        for name, prog in progs.items():
+            t0 = time.perf_counter()
+            prog[1], prog[2] = prog[0](prog[1], frozen, *args)
+            jax.block_until_ready(prog[2])
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, prog in progs.items():
+        runs_s = " ".join(f"{t:.3f}" for t in times[name])
+        print(
+            f"{name:<20} median {med[name]:.3f} s  runs [{runs_s}]  "
+            f"kl/response={float(prog[2]['kl/response']):.6f}"
+        )
+    a, b = med.values()
+    print(f"logprobs A/B: logsumexp speedup vs full log-softmax: {a / b:.3f}")
+
+
 def profile(iterate, state, args: tuple, top: int = 20) -> None:
     """Print the XLA ops that take the most time in one fused iteration (a profiler trace).
 
@@ -149,6 +195,13 @@ def main(argv=None) -> None:
     parser.add_argument("--no-phases", action="store_true", help="time the fused iteration only")
     parser.add_argument("--profile", action="store_true", help="list the ops that take the time")
     parser.add_argument(
+        "--ab-logprobs",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="only: interleaved A/B of the log-prob formulation in the fused iteration, RUNS each",
+    )
+    parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
     )
     parser.add_argument(
@@ -185,6 +238,9 @@ def main(argv=None) -> None:
     ).astype(jnp.int32)
     prompt_mask = jnp.ones_like(prompts)
     index = jnp.arange(args.batch, dtype=jnp.int32)
+    if args.ab_logprobs:
+        ab_logprobs(cfg, static, params, frozen, (prompts, prompt_mask, index), args.ab_logprobs)
+        return
 
     rows = []
     if not args.no_phases:

@@ -80,11 +80,17 @@ def logits(graphdef, params, tokens: jax.Array, attention_mask: jax.Array) -> ja
 
 
 def _logprobs_from_hidden(module, hidden, tokens, start, temperature):
+    """``[B, T-start]`` log-probs of ``tokens[:, start:]`` from the ``[B, T, D]`` hidden states.
+
+    The LM head runs on the ``T-start`` scored positions only (the prompt's logits are never
+    formed), and the taken token's log-prob is ``z[token] - logsumexp(z)`` with ``z = logits /
+    temperature``: one reduction over the vocabulary, no ``[B, T-start, V]`` log-softmax array.
+    """
     h = hidden[:, start - 1 : -1]  # [B, T-start, D]: position start-1+i predicts start+i
-    lg = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)  # [B, T-start, V]
-    logp = jax.nn.log_softmax(lg, axis=-1)
+    z = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)  # [B, T-start, V]
     targets = tokens[:, start:].astype(jnp.int32)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    taken = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]  # [B, T-start]
+    return taken - jax.nn.logsumexp(z, axis=-1)
 
 
 def _check_start(tokens, start):
