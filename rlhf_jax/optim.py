@@ -9,6 +9,9 @@ SFT, reward modelling and PPO:
 - **Gradient accumulation is exact.** Losses in rlhf-jax return ``(sum, count)``; :func:`accumulate`
   sums both over microbatches and divides once, so a token mean over 4 microbatches equals the token
   mean over the whole minibatch (a mean of per-microbatch means would weight short microbatches up).
+- **Moments in their own dtype** (``moment_dtype``): with bfloat16 parameters, ``'float32'`` keeps
+  Adam's moments (and the whole update: clipping, Adam, decay) in float32, and casts the update
+  back to the parameters' dtype before it is added (:func:`with_moment_dtype`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import optax
 
 _SCHEDULES = ("constant", "linear", "cosine")
 _OPTIMIZERS = ("adamw", "adam", "sgd")
+_MOMENT_DTYPES = (None, "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,10 @@ class OptimConfig:
     weight_decay: float = 0.0  # decoupled weight decay (AdamW), multiplied by the lr
     max_grad_norm: float | None = 1.0  # global-norm gradient clipping; None disables
     grad_accum_steps: int = 1  # microbatches per optimizer step (exact token means)
+    # dtype of the optimizer's moments and update arithmetic: None = the parameters' (today's
+    # behaviour); "float32" with bfloat16 parameters = float32 Adam moments (12 instead of 8
+    # bytes per parameter with the bf16 weights and gradients).
+    moment_dtype: str | None = None
 
     def __post_init__(self):
         if self.name not in _OPTIMIZERS:
@@ -57,6 +65,10 @@ class OptimConfig:
             raise ValueError("optim.max_grad_norm must be > 0, or None to disable clipping")
         if self.grad_accum_steps < 1:
             raise ValueError("optim.grad_accum_steps must be >= 1")
+        if self.moment_dtype not in _MOMENT_DTYPES:
+            raise ValueError(
+                f"optim.moment_dtype={self.moment_dtype!r}: choose one of {_MOMENT_DTYPES}"
+            )
 
 
 def schedule_shape(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
@@ -93,9 +105,36 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             parts.append(optax.add_decayed_weights(cfg.weight_decay))
         parts.append(optax.scale_by_schedule(shape))
         parts.append(optax.scale(-1.0 * learning_rate))
-        return optax.chain(*parts)
+        chain = optax.chain(*parts)
+        return chain if cfg.moment_dtype is None else with_moment_dtype(chain, cfg.moment_dtype)
 
-    return optax.inject_hyperparams(build)(learning_rate=cfg.learning_rate)
+    # the learning rate's dtype is inferred from the parameters' unless given: with
+    # moment_dtype it is that dtype (a bfloat16 1e-5 is 1.0014e-5)
+    inject = optax.inject_hyperparams(build, hyperparam_dtype=cfg.moment_dtype)
+    return inject(learning_rate=cfg.learning_rate)
+
+
+def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``inner`` run in ``dtype``: its state is initialised from the parameters cast to ``dtype``
+    (so Adam's ``mu`` and ``nu`` are ``dtype``), gradients and parameters enter cast to ``dtype``,
+    and each update leaves cast back to its gradient's dtype (the parameters' dtype).
+
+    ``optax.scale_by_adam(mu_dtype=...)`` sets the dtype of the first moment only; ``nu`` follows
+    the parameters, hence this wrapper. The state's tree is ``inner``'s, so the sharding rules
+    (which follow parameter paths) and :func:`set_learning_rate` are unchanged.
+    """
+
+    def cast(tree):
+        return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+    def init(params):
+        return inner.init(cast(params))
+
+    def update(updates, state, params=None):
+        new, state = inner.update(cast(updates), state, None if params is None else cast(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def set_learning_rate(opt_state: Any, learning_rate: jax.Array | float) -> Any:

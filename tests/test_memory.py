@@ -105,3 +105,49 @@ def test_the_dry_run_of_a_sweep_reports_its_program(capsys, tmp_path, monkeypatc
     one, three = reports
     state = 3 * _bytes(memory.abstract_model(MODEL)[1])  # params, mu, nu
     assert three.arguments - one.arguments >= 2 * state and three.total > one.total
+
+
+def test_float32_moments_with_bfloat16_parameters():
+    """``optim.moment_dtype='float32'``: Adam's mu and nu are float32 beside bfloat16 parameters,
+    the update is the float32 AdamW update of the same numbers cast to bfloat16, and PPO's
+    iteration holds 4 more bytes per trainable parameter (two moments, 2 -> 4 bytes each)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.optim import OptimConfig, make_optimizer
+
+    params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(3, 4)}
+    grads = {"w": jnp.linspace(0.5, -0.7, 12, dtype=jnp.bfloat16).reshape(3, 4)}
+    base = OptimConfig(learning_rate=1e-2, weight_decay=0.1)
+    opt = make_optimizer(dataclasses.replace(base, moment_dtype="float32"))
+    state = opt.init(params)
+    mu, nu = state.inner_state[1].mu["w"], state.inner_state[1].nu["w"]
+    assert mu.dtype == nu.dtype == jnp.float32
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
+    ref_opt = make_optimizer(base)  # the float32 reference on the same (float32-cast) inputs
+    ref_state = ref_opt.init(f32(params))
+    for _ in range(2):  # the second step reads the float32 moments of the first
+        upd, state = opt.update(grads, state, params)
+        ref_upd, ref_state = ref_opt.update(f32(grads), ref_state, f32(params))
+        assert upd["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(upd["w"], ref_upd["w"].astype(jnp.bfloat16))
+    assert make_optimizer(base).init(params).inner_state[1].mu["w"].dtype == jnp.bfloat16
+
+    bf16 = MODEL.replace(dtype="bfloat16", param_dtype="bfloat16")
+    dp = parallel.ParallelConfig(mesh=parallel.MeshConfig(data=1))
+    devices = jax.devices()[:1]
+    args = {}
+    for moments in (None, "float32"):
+        cfg = ppo.PPOConfig(response_length=4, num_minibatches=1,
+                            optim=OptimConfig(moment_dtype=moments))  # fmt: skip
+        args[moments] = memory.ppo_dry_run(
+            bf16, dp, cfg, batch_size=4, prompt_len=8, devices=devices
+        ).arguments
+    policy = models.Model(*memory.abstract_model(bf16), config=bf16)
+    rm = models.Model(*memory.abstract_model(bf16, lm_head=False, score_head=True), config=bf16)
+    trained = ppo.make_models(cfg, policy, rm)[1]  # the policy and the critic
+    grown = args["float32"] - args[None]
+    more = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
+    assert abs(grown - more) <= 64, (args, more)  # scalar leaves take 4 bytes in either dtype
