@@ -92,22 +92,19 @@ def _path_str(path: tuple) -> str:
 
 def target_paths(params: Any, cfg: LoRAConfig) -> list[str]:
     """The adapted kernels of ``params`` (an ``nnx.State``): ``layers/.../<name>/kernel`` paths
-    whose ``<name>`` fully matches one of ``cfg.targets``. Raises when a target matches none."""
-    paths, used = [], set()
-    names = set()
+    whose ``<name>`` fully matches one of ``cfg.targets``. A target that matches nothing is
+    skipped (GPT-2 has no ``gate_proj``), as PEFT does; none matching at all raises."""
+    paths, names = [], set()
     for path, _ in nnx.to_flat_state(params):
         if len(path) < 3 or path[0] != "layers" or path[-1] != "kernel":
             continue
         names.add(str(path[-2]))
-        hit = [t for t in cfg.targets if re.fullmatch(t, str(path[-2]))]
-        if hit:
+        if any(re.fullmatch(t, str(path[-2])) for t in cfg.targets):
             paths.append(_path_str(path))
-            used.update(hit)
-    missing = [t for t in cfg.targets if t not in used]
-    if missing:
+    if not paths:
         raise ValueError(
-            f"lora.targets {missing} match no kernel of this model; its layer kernels are "
-            f"{sorted(names)}"
+            f"lora.targets {list(cfg.targets)} match no kernel of this model; its layer kernels "
+            f"are {sorted(names)}"
         )
     return paths
 
@@ -273,6 +270,8 @@ def save_peft(adapter: PeftAdapter, path: str) -> None:
     import safetensors.numpy
 
     tensors, adapter_config = peft_tensors(adapter)
+    # safetensors writes the raw buffer: C order (a concatenation of transposes is Fortran's)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(adapter_config, f, indent=2, sort_keys=True)

@@ -536,7 +536,16 @@ def prepare_ppo(ctx: Context) -> Plan:
         )
 
     def finish(state, result):
-        return Outputs(policy.replace(params=_policy_params(state.params["policy"])), tokenizer)
+        if trainer.lora is None:
+            return Outputs(policy.replace(params=_policy_params(state.params["policy"])), tokenizer)
+        from rlhf_jax.lora import PeftAdapter
+
+        merged = jax.jit(lambda f, p: ppo.model_params(trainer, static, f, p)["policy"])
+        params = _policy_params(merged(frozen, state.params))
+        adapter = PeftAdapter(
+            state.params["policy"]["adapters"], trainer.lora, policy.config, base_model=policy_dir
+        )
+        return Outputs(policy.replace(params=params), tokenizer, adapter=adapter)
 
     return Plan(
         finish=finish,
@@ -664,8 +673,14 @@ def policy_evaluator(ctx: Context, trainer, static, frozen, tokenizer, reward_fn
     ref_metrics, ref_per, _ = summarize(static.reference, frozen.reference)
     reference_figures = {f"reference/{k}": v for k, v in ref_metrics.items()}
 
+    lora = getattr(trainer, "lora", None)
+    if lora is not None:  # the policy is the base merged with the state's adapters
+        from rlhf_jax.algorithms import ppo
+
+        merged = jax.jit(lambda f, p: ppo.model_params(trainer, static, f, p)["policy"])
+
     def eval_fn(state):
-        params = state.params["policy"]
+        params = state.params["policy"] if lora is None else merged(frozen, state.params)
         metrics, per, samples = summarize(static.policy, params)
         win = ev.win_rate_metric
         if win and win in per and win in ref_per:

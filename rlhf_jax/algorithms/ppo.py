@@ -47,6 +47,13 @@ lambda's initial value and its learning rate are :class:`PPOHParams` arrays like
 are its own pytree; both are passed to the iteration as :class:`FrozenParams`, a separate argument
 that is never donated. The trainable policy and critic start as *copies* (the state is donated).
 
+**LoRA** (``PPOConfig.lora``, :mod:`rlhf_jax.lora`). The state holds adapters instead of models:
+the policy is ``merge(reference, adapters)`` (plus its value head with ``critic="shared"``), so
+the reference is the base with the adapters off and PPO holds one copy of it; a separate critic
+is ``merge(reward model, adapters)`` with its score head trained in full. Both merges happen inside
+the compiled iteration (:func:`model_params`), from the frozen argument. The cost critic of
+PPO-Lagrangian stays fully trainable.
+
 **Randomness.** The iteration's key is ``fold_in(PRNGKey(seed), step)``; the rollout folds in each
 prompt's global index and sample index (:func:`rlhf_jax.rollout.sample`), the minibatch
 permutation of epoch ``e`` uses ``fold_in(perm_key, e)``. A run therefore repeats exactly, and is
@@ -76,6 +83,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses, models, parallel, presets, returns, rewards, rollout, scoring
 from rlhf_jax.optim import OptimConfig
 from rlhf_jax.reward_fn import RewardFunction
@@ -99,6 +107,7 @@ __all__ = [
     "FrozenParams",
     "Experience",
     "make_models",
+    "model_params",
     "init_state",
     "stack_states",
     "generate",
@@ -190,6 +199,9 @@ class PPOConfig:
     reward_fn: str | None = None  # "module:function" rule-based reward instead of the reward model
     # PPO-Lagrangian (Safe RLHF): a cost model, a cost critic and a Lagrange multiplier; None = off
     safety: SafetyConfig | None = None
+    # LoRA (rlhf_jax.lora): train adapters on the policy (the reference is its base) and on the
+    # separate critic's reward-model trunk, + the value / score head; None = full training
+    lora: lora_lib.LoRAConfig | None = None
     optim: OptimConfig = OptimConfig(learning_rate=1e-5, eps=1e-5)  # AdamW (LMHP eps 1e-5)
     loop: LoopConfig = LoopConfig(max_steps=100)  # iterations, evaluation, stopping
     # --- PPOHParams defaults (arrays at run time; the learning rate is optim.learning_rate) ---
@@ -340,6 +352,18 @@ class FrozenParams:
     reward: Any = None  # reward-model parameters; None when a reward function scores responses
     cost: Any = None  # cost-model parameters (PPO-Lagrangian); None when safety is off
     sources: tuple = ()  # the parameters of PPOModels.reward_sources (None for a function)
+    # LoRA: the policy's frozen base when it is not the reference (a separate ppo.reference);
+    # None = the reference is the base (one copy)
+    policy_base: Any = None
+
+    def policy_base_params(self) -> Any:
+        """The parameters the LoRA policy merges from: ``policy_base``, else the reference."""
+        return self.reference if self.policy_base is None else self.policy_base
+
+    def critic_base_params(self, static: PPOModels) -> Any:
+        """The reward model the LoRA critic merges from (``static.critic_source``)."""
+        i = static.critic_source
+        return self.reward if i is None else self.sources[i]
 
     def reward_params(self) -> tuple[Any, ...]:
         """The parameters of each reward source, in :meth:`PPOModels.sources` order."""
@@ -359,6 +383,9 @@ class PPOModels:
     # reward sources of rlhf_jax.scoring (reward models, functions, an LM judge; weighted sum),
     # given instead of `reward` / `reward_fn`; their parameters are FrozenParams.sources
     reward_sources: tuple = ()
+    # LoRA with critic="separate": the index in reward_sources of the reward model the critic
+    # merges from (None: FrozenParams.reward)
+    critic_source: int | None = None
 
     def sources(self, conv: presets.Conventions) -> tuple[Any, ...]:
         """The reward sources (:mod:`rlhf_jax.scoring`): ``reward_sources`` if given, else the
@@ -463,11 +490,12 @@ def make_models(
         raise ValueError(f"{len(sources)} reward sources but {len(source_params)} parameter sets")
     if (reward_model is not None) + (reward_fn is not None) + bool(sources) != 1:
         raise ValueError("give exactly one of reward_model, reward_fn and sources")
+    critic_index = None
     if sources and cfg.critic == "separate":  # the critic starts from the first reward model
         first = next(
             (
-                (src, p)
-                for src, p in zip(sources, source_params, strict=True)
+                (src, p, i)
+                for i, (src, p) in enumerate(zip(sources, source_params, strict=True))
                 if isinstance(src, scoring.RewardModelSource)
             ),
             None,
@@ -478,6 +506,7 @@ def make_models(
                 "source is one: use critic='shared' or add a 'model:' source"
             )
         critic_source = (first[0].graphdef, first[1])
+        critic_index = first[2]
     else:
         critic_source = (
             None if reward_model is None else (reward_model.graphdef, reward_model.params)
@@ -508,17 +537,57 @@ def make_models(
         reward_fn=reward_fn,
         cost=None if cost_model is None else cost_model.graphdef,
         reward_sources=tuple(sources),
+        critic_source=critic_index if cfg.lora is not None else None,
     )
     frozen = FrozenParams(
         reference=reference.params,
         reward=None if reward_model is None else reward_model.params,
         cost=None if cost_model is None else cost_model.params,
         sources=tuple(source_params),
+        policy_base=None if cfg.lora is None or reference is sft else sft.params,
     )
+    if cfg.lora is not None:  # adapters (+ heads) instead of copies of the models
+        policy_params = _lora_params(cfg.lora, sft.params, policy_params, "value_head", key, 0)
+        if critic_params is not None:
+            critic_params = _lora_params(
+                cfg.lora, critic_params, critic_params, "score_head", key, 1
+            )
     params = {"policy": policy_params, "critic": critic_params}
     if cost_model is not None:
         params["cost_critic"] = cost_model.params  # copied by init_state, like the critic
     return static, params, frozen
+
+
+def _lora_params(cfg: lora_lib.LoRAConfig, base, full, head: str, key, i: int) -> dict:
+    """``{"adapters", "heads"}``: adapters on ``base``'s kernels (A from ``fold_in(key, i)``)
+    and ``full``'s ``head`` (a value or score head, trained in full; None if it has none)."""
+    from flax import nnx
+
+    heads = nnx.State({head: full[head]}) if head in full else None
+    adapters = lora_lib.init_adapters(base, cfg, jax.random.fold_in(key, i))
+    return {"adapters": adapters, "heads": heads}
+
+
+def model_params(cfg: PPOConfig, static: PPOModels, frozen: FrozenParams, params: Any) -> Any:
+    """The trainable models' full parameters from the state's ``params``.
+
+    Without LoRA, ``params`` itself. With ``cfg.lora``: ``"policy"`` is
+    :func:`rlhf_jax.lora.merge` of :meth:`FrozenParams.policy_base_params` (the reference unless
+    a separate one was given) with the policy adapters and value head, and ``"critic"`` (when
+    separate) the merge of its reward model with the critic adapters and score head. Pure: the
+    iteration calls it inside ``jax.jit``, so the merged kernels exist only there.
+    """
+    if cfg.lora is None:
+        return params
+
+    def merged(base, p):
+        return lora_lib.merge(base, p["adapters"], cfg.lora, heads=p["heads"])
+
+    out = dict(params)
+    out["policy"] = merged(frozen.policy_base_params(), params["policy"])
+    if params.get("critic") is not None:
+        out["critic"] = merged(frozen.critic_base_params(static), params["critic"])
+    return out
 
 
 def check_stop_tokens(cfg: PPOConfig) -> None:
@@ -588,12 +657,14 @@ def generate(
     prompts: jax.Array,
     prompt_mask: jax.Array,
     prompt_index: jax.Array | None = None,
+    frozen: FrozenParams | None = None,
 ) -> rollout.Rollout:
     """Phase 1, rollout: ``n`` responses per prompt from the current policy.
 
     Args:
       prompts: [B, P] int32 left-padded; prompt_mask: [B, P]; prompt_index: [B] global indices
         (default ``arange(B)``), which fix each response's key.
+      frozen: the frozen parameters; needed only with ``cfg.lora`` (the policy's base).
 
     Returns:
       :class:`rlhf_jax.rollout.Rollout` with ``N = B * n`` rows.
@@ -602,7 +673,7 @@ def generate(
     return scoring.generate(
         sampling_spec(cfg),
         static.policy,
-        state.params["policy"],
+        model_params(cfg, static, frozen, state.params)["policy"],
         prompts,
         prompt_mask,
         sample_key,
@@ -642,13 +713,14 @@ def score(
     """
     conv = cfg.conventions
     hp = state.hparams
+    params = model_params(cfg, static, frozen, state.params)
     prompt_len = prompts.shape[1]
     rows = scoring.Responses.of(prompts, prompt_mask, sampled)
     tokens, mask = rows.tokens, rows.mask  # [N, P+R]
     response_mask = sampled.mask
     if cfg.old_logprobs == "recompute" or cfg.critic == "shared" or reads_padding(conv):
         logprobs, old_values = _policy_forward(
-            cfg, static, state.params, tokens, mask, prompt_len, hp.temperature
+            cfg, static, params, tokens, mask, prompt_len, hp.temperature
         )
         if cfg.old_logprobs == "rollout":
             # The sampler's log-probs cover the real tokens only (0 after the stop token); a
@@ -657,9 +729,7 @@ def score(
             logprobs = jnp.where(response_mask > 0, sampled.learner_logprobs, logprobs)
     else:
         logprobs = sampled.learner_logprobs
-        old_values = models.values(
-            static.critic, state.params["critic"], tokens, mask, start=prompt_len
-        )
+        old_values = models.values(static.critic, params["critic"], tokens, mask, start=prompt_len)
     ref_logprobs = scoring.reference_logprobs(
         static.reference, frozen.reference, rows, hp.temperature
     )
@@ -825,8 +895,13 @@ def update(
     static: PPOModels,
     state: PPOState,
     exp: Experience,
+    frozen: FrozenParams | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """Phase 3, learn: E epochs x M minibatches of the PPO loss (``train.epoch_updates``).
+
+    ``frozen`` is needed only with ``cfg.lora``: the loss is then taken on
+    :func:`model_params` (base merged with the adapters), so the gradient reaches the adapters
+    and heads in the state, never the base.
 
     Epoch ``e`` permutes the ``N`` rows with ``fold_in(permutation_key, e)`` and cuts them into
     ``M`` equal minibatches; each minibatch is one optimizer update of
@@ -854,7 +929,8 @@ def update(
         # micro * (policy_sum / P + c_vf * value_sum / V) with count 1: accumulate's mean over
         # the `micro` microbatches is then exactly the minibatch objective.
         mb, counts = mb_and_counts
-        pg_sum, vf_sum, sums = ppo_loss(cfg, static, params, mb, hparams)
+        full = model_params(cfg, static, frozen, params)
+        pg_sum, vf_sum, sums = ppo_loss(cfg, static, full, mb, hparams)
         counts = jnp.maximum(counts[0], 1.0)  # the same [2] for every microbatch
         policy, value = pg_sum / counts[0], vf_sum / counts[1]
         loss = policy + hparams.vf_coef * value
@@ -998,13 +1074,13 @@ def iteration_fn(
 
     def iteration(state, frozen, prompts, prompt_mask, prompt_index=None):
         prompts, prompt_mask, prompt_index = keep((prompts, prompt_mask, prompt_index))
-        sampled = generate(cfg, static, state, prompts, prompt_mask, prompt_index)
+        sampled = generate(cfg, static, state, prompts, prompt_mask, prompt_index, frozen)
         exp = keep(score(cfg, static, state, frozen, prompts, prompt_mask, sampled))
         lagrange, lagrange_metrics = None, {}
         if cfg.safety is not None:  # advantages/* below are then the combined ones
             lagrange, exp, lagrange_metrics = lagrange_step(cfg, state, exp)
         metrics = rollout_metrics(exp, state.kl_coef) | lagrange_metrics
-        new_state, update_metrics = update(cfg, static, state, exp)
+        new_state, update_metrics = update(cfg, static, state, exp, frozen)
         ok = update_metrics["skipped"] == 0
         new_state = new_state.replace(
             step=state.step + 1, kl_coef=kl_control(cfg, state, exp, ok), lagrange=lagrange
