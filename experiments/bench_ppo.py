@@ -19,12 +19,35 @@ issue's configuration and say so in the header line.
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
 
 Last line: ``ppo seconds per iteration: <s> (compile <c> s)``.
+
+**Against TRL, in the same run** (``--against trl``). TRL 1.12.0 is the last release with
+``PPOTrainer``; it needs PyTorch, so it runs in its own virtual environment, which this script
+starts as a separate process (``experiments/trl_ppo_iteration.py``) once per TRL run::
+
+    python -m venv ~/venvs/trl
+    ~/venvs/trl/bin/pip install torch==2.13.0 trl==1.12.0   # CPU torch is enough
+    PYTHONPATH=. python experiments/bench_ppo.py --against trl --trl-python ~/venvs/trl/bin/python
+
+(``--trl-python`` defaults to ``~/venvs/trl/bin/python``. The pins are the versions measured:
+trl 1.12.0 pulls transformers 5, accelerate and datasets.) Both sides run the configuration above
+with random-init models of the same shape (TRL: policy and reference ``GPT2LMHeadModel``, value and
+reward ``GPT2ForSequenceClassification``); ``trl_ppo_iteration.py``'s docstring lists TRL's
+settings and the work TRL does that this iteration does not. The runs interleave, rlhf-jax first:
+run i of rlhf-jax (``--repeats`` timed iterations after its compile), then run i of TRL (a fresh
+process: ``--trl-warmup`` dropped iterations, then ``--repeats`` timed), for ``--runs`` rounds.
+Each side's figure is the median of all its steady-state iteration times (compile and warm-up
+excluded); the lines give each run's median too. Last line: ``ppo speedup vs trl: <x>`` (TRL's
+median over rlhf-jax's).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
 import statistics
+import subprocess
 import time
 
 import jax
@@ -148,6 +171,63 @@ def ab_logprobs(cfg, static, params, frozen, args: tuple, runs: int) -> None:
     print(f"logprobs A/B: logsumexp speedup vs full log-softmax: {a / b:.3f}")
 
 
+def trl_run(args, model_cfg: models.ModelConfig, cfg: ppo.PPOConfig, seed: int) -> dict:
+    """One TRL run in its own process: ``{"seconds": [steady-state seconds of args.repeats
+    iterations], "torch", "trl", "threads"}`` (the helper's JSON line)."""
+    helper = pathlib.Path(__file__).with_name("trl_ppo_iteration.py")
+    python = os.path.expanduser(args.trl_python)
+    cmd = [python, str(helper)]
+    cmd += ["--layers", str(model_cfg.num_layers), "--heads", str(model_cfg.num_heads)]
+    cmd += ["--width", str(model_cfg.hidden_size), "--vocab", str(model_cfg.vocab_size)]
+    cmd += ["--positions", str(model_cfg.max_position_embeddings), "--batch", str(args.batch)]
+    cmd += ["--prompt-length", str(args.prompt_length)]
+    cmd += ["--response-length", str(cfg.response_length), "--epochs", str(cfg.num_epochs)]
+    cmd += ["--minibatches", str(cfg.num_minibatches), "--warmup", str(args.trl_warmup)]
+    cmd += ["--iterations", str(args.repeats), "--seed", str(seed)]
+    if args.trl_threads:
+        cmd += ["--threads", str(args.trl_threads)]
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1")
+    env.pop("PYTHONPATH", None)  # TRL's environment must not see this checkout
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"TRL run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def against_trl(args, cfg, model_cfg, static, params, frozen, batch: tuple) -> None:
+    """Interleaved rlhf-jax / TRL runs; both medians and the ratio (see the module docstring)."""
+    iterate = ppo.make_iteration(cfg, static)
+    state = ppo.init_state(cfg, params)
+    t0 = time.perf_counter()
+    state, metrics = iterate(state, frozen, *batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    ours: list[list[float]] = []
+    theirs: list[list[float]] = []
+    for run in range(args.runs):
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            state, metrics = iterate(state, frozen, *batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        ours.append(times)
+        print(f"run {run}: rlhf-jax {' '.join(f'{t:.3f}' for t in times)}", flush=True)
+        trl = trl_run(args, model_cfg, cfg, seed=run)
+        theirs.append(trl["seconds"])
+        print(f"run {run}: trl      {' '.join(f'{t:.3f}' for t in theirs[-1])}", flush=True)
+    print(
+        f"trl {trl['trl']}, torch {trl['torch']}, {trl['threads']} threads; "
+        f"jax {jax.__version__}, rlhf-jax first call {compile_s:.1f} s"
+    )
+    med = {}
+    for name, runs in (("rlhf-jax", ours), ("trl", theirs)):
+        med[name] = statistics.median([t for r in runs for t in r])
+        per_run = " ".join(f"{statistics.median(r):.3f}" for r in runs)
+        print(f"{name:<8} median {med[name]:.3f} s per iteration (run medians {per_run})")
+    print(f"ppo speedup vs trl: {med['trl'] / med['rlhf-jax']:.2f}")
+
+
 def profile(iterate, state, args: tuple, top: int = 20) -> None:
     """Print the XLA ops that take the most time in one fused iteration (a profiler trace).
 
@@ -195,6 +275,17 @@ def main(argv=None) -> None:
     parser.add_argument("--no-phases", action="store_true", help="time the fused iteration only")
     parser.add_argument("--profile", action="store_true", help="list the ops that take the time")
     parser.add_argument(
+        "--against", choices=("trl",), default=None, help="time TRL's PPOTrainer in the same run"
+    )
+    parser.add_argument(
+        "--trl-python",
+        default="~/venvs/trl/bin/python",
+        help="python of the environment with torch==2.13.0 and trl==1.12.0 (--against trl)",
+    )
+    parser.add_argument("--runs", type=int, default=2, help="interleaved runs per side (--against)")
+    parser.add_argument("--trl-warmup", type=int, default=1, help="TRL iterations dropped per run")
+    parser.add_argument("--trl-threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
         "--ab-logprobs",
         type=int,
         default=0,
@@ -240,6 +331,14 @@ def main(argv=None) -> None:
     index = jnp.arange(args.batch, dtype=jnp.int32)
     if args.ab_logprobs:
         ab_logprobs(cfg, static, params, frozen, (prompts, prompt_mask, index), args.ab_logprobs)
+        return
+    if args.against == "trl":
+        if args.dtype != "float32" or args.critic != "separate":
+            raise SystemExit(
+                "--against trl runs the issue's configuration: float32, separate critic"
+            )
+        args.repeats = repeats
+        against_trl(args, cfg, model_cfg, static, params, frozen, (prompts, prompt_mask, index))
         return
 
     rows = []
