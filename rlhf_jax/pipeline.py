@@ -191,6 +191,9 @@ class LabelStage:
     # "ranking": {prompt, completions} | "pairs": {prompt, chosen, rejected} | "safety": every
     # pair of the K responses as a PKU-SafeRLHF row (better and safer ids, safe flags)
     output: str = "ranking"
+    # output=pairs: None = one pair per prompt, its best and worst response; g >= 1 = every pair
+    # of the ranking whose ranks differ by at least g (1: all C(K, 2) pairs)
+    pair_gap: int | None = None
     # output=safety: "module:function" (prompts, groups, *, seed) -> per prompt
     # {"safe": [K bools], "safer": [K indices, safest first]}
     safety_labeller: str = ""
@@ -206,6 +209,11 @@ class LabelStage:
             raise ValueError(f"label.data.kind={self.data.kind!r}: labelling reads 'prompt' rows")
         if self.output not in ("ranking", "pairs", "safety"):
             raise ValueError(f"label.output={self.output!r}: choose 'ranking', 'pairs' or 'safety'")
+        if self.pair_gap is not None and not 1 <= self.pair_gap < self.num_completions:
+            raise ValueError(
+                f"label.pair_gap={self.pair_gap}: must be in [1, num_completions - 1 = "
+                f"{self.num_completions - 1}], or null for the best and the worst response"
+            )
         if self.output == "safety" and not self.safety_labeller:
             raise ValueError(
                 "label.output='safety' needs label.safety_labeller, a 'module:function' that "

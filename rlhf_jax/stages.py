@@ -175,6 +175,11 @@ def _check_order(order: Any, k: int, spec: str, i: int) -> list[int]:
     return out
 
 
+def _gapped_pairs(k: int, gap: int) -> list[tuple[int, int]]:
+    """The rank pairs ``(a, b)``, ``a`` better, of a K-ranking whose ranks differ by >= gap."""
+    return [(a, b) for a in range(k) for b in range(a + gap, k)]
+
+
 def _safety_rows(prompt: str, group, order, labels, spec: str, i: int) -> list[dict]:
     """Every pair of a group as PKU-SafeRLHF rows: the helpfulness ranking ``order`` gives
     ``better_response_id``; the safety labeller's ``labels`` (``{"safe": [K bools], "safer":
@@ -282,16 +287,21 @@ def prepare_label(ctx: Context) -> Plan:
                 if safety is not None:
                     records.extend(_safety_rows(p, g, o, safety[n], st.safety_labeller, n))
                 elif st.output == "pairs":
-                    row = {"prompt": p, "chosen": ranked[0], "rejected": ranked[-1]}
-                    if prefs is not None and st.margin == "probability":
-                        row["margin"] = float(prefs[n, o[0], o[-1]])
-                    records.append(row)
+                    gap = st.pair_gap
+                    ranks = [(0, k - 1)] if gap is None else _gapped_pairs(k, gap)
+                    for a, b in ranks:  # equal texts: the loader drops them as degenerate
+                        row = {"prompt": p, "chosen": ranked[a], "rejected": ranked[b]}
+                        if prefs is not None and st.margin == "probability":
+                            row["margin"] = float(prefs[n, o[a], o[b]])
+                        records.append(row)
                 else:
                     records.append({"prompt": p, "completions": ranked})
             if jax.process_index() == 0:
                 toy.write_jsonl(os.path.join(ctx.dir, f"{name}.jsonl"), records)
             info[f"{name}_rows"] = len(records)
-            what = "safety pairs" if safety is not None else f"rankings of {k}"
+            what = f"rankings of {k}"
+            if safety is not None or st.output == "pairs":
+                what = "safety pairs" if safety is not None else "preference pairs"
             ctx.say(f"[label] {len(records)} {what} -> {ctx.dir}/{name}.jsonl")
         return Outputs(info=info)
 
