@@ -151,6 +151,7 @@ class Args:
     remat: str = "none"  # layer rematerialisation (ModelConfig.remat): none|full|dots|offload
     devices: int = 8  # fake CPU devices (read before JAX starts; the PPO table needs 256)
     ppo_table: bool = False  # compile the rows of PPO_TABLE (per-device batch, bf16, f32 moments)
+    rows: tuple[int, ...] = ()  # with --ppo-table: only these rows of PPO_TABLE (0-based)
     real_devices: bool = False  # use the real devices instead of 8 fake CPU devices
     ppo: bool = False  # PPO's whole iteration (policy, critic, reference, reward model, rollout)
     samples: int = 1  # PPO: responses per prompt
@@ -205,7 +206,8 @@ def main(args: Args) -> str:
         args = dataclasses.replace(args, ppo=True, dtype="bfloat16", moment_dtype="float32")
         rows = [
             (m, mesh, preset, remat, 8 * (lambda c: c.data * c.fsdp)(parse_mesh(mesh)))
-            for m, mesh, preset, remat in PPO_TABLE
+            for i, (m, mesh, preset, remat) in enumerate(PPO_TABLE)
+            if not args.rows or i in args.rows
         ]
     else:
         presets = args.presets * len(args.meshes) if len(args.presets) == 1 else args.presets
