@@ -331,6 +331,45 @@ def test_stage_resumes_exactly_and_matches_on_8_devices(files, tmp_path):
         np.testing.assert_allclose([want[s] for s in got], list(got.values()), 1e-4, 1e-5)
 
 
+def test_online_stage_resumes_exactly_and_matches_on_8_devices(files, tmp_path):
+    """Online DPO (two samples per prompt, labelled by the gold function): 4 iterations on one
+    device = 2 on one device, then resumed on 8 devices for 2 more."""
+    from rlhf_jax import pipeline
+    from rlhf_jax.data import toy
+    from rlhf_jax.logging import read_metrics
+
+    prompts = toy.write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": p} for p in toy.all_prompts()]
+    )
+    online = (
+        f"dpo.train_file={prompts}",
+        "dpo.eval_file=null",
+        "dpo.data.kind=prompt",
+        "dpo.data.max_completion_length=0",
+        "dpo.trainer.online=true",
+        "dpo.trainer.response_length=6",
+        "dpo.rewards=['fn:rlhf_jax.data.toy:gold_reward']",
+        "dpo.decode_special_tokens=true",
+    )
+    one = ("parallel.mesh.data=1", *online)
+    full = pipeline.run_stage(_config(files, tmp_path / "a", *one), "dpo", verbose=False)
+    part = tmp_path / "b"
+    pipeline.run_stage(
+        _config(files, part, *one, "dpo.trainer.loop.max_steps=2"), "dpo", verbose=False
+    )
+    resumed = pipeline.run_stage(
+        _config(files, part, "parallel.mesh.data=8", *online), "dpo", verbose=False
+    )
+    assert resumed.result.start_step == 2
+    tree_close(_params(resumed), _params(full), 2e-5)
+    a, c = read_metrics(full.dir), read_metrics(resumed.dir)
+    for k in ("loss", "rewards/margins", "score/mean"):
+        want = {r["step"]: r[k] for r in a if k in r}
+        got = {r["step"]: r[k] for r in c if k in r and r["step"] in want}
+        assert sorted(got) == [1, 2, 3, 4], (k, sorted(got))
+        np.testing.assert_allclose([want[s] for s in got], list(got.values()), 1e-4, 1e-5)
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
