@@ -38,6 +38,11 @@ process: ``--trl-warmup`` dropped iterations, then ``--repeats`` timed), for ``-
 Each side's figure is the median of all its steady-state iteration times (compile and warm-up
 excluded); the lines give each run's median too. Last line: ``ppo speedup vs trl: <x>`` (TRL's
 median over rlhf-jax's).
+
+On a machine other jobs share, pass ``--trl-threads 1``: with as many torch threads as cores,
+torch's OpenMP workers wait for each other on oversubscribed cores, and TRL's iteration was 3-5x
+slower with 2 threads than with 1 on the 2-core development machine under load (29-51 s against
+8-9 s), which would inflate the ratio.
 """
 
 from __future__ import annotations
