@@ -412,7 +412,7 @@ def dry_run(stage: str, cfg: pipeline.ExperimentConfig) -> str:
             param_dtype=cfg.run.param_dtype,
             scan_unroll=cfg.run.scan_unroll,
             source=config_file,
-        )
+        ).replace(remat=cfg.run.remat)  # run.remat: what every trainer's loaded model gets
     model_name = os.path.basename(os.path.normpath(model_path))
     runs = sweep.expand(cfg, stage)  # [] unless the config sweeps this stage
     if not runs:

@@ -151,3 +151,21 @@ def test_float32_moments_with_bfloat16_parameters():
     grown = args["float32"] - args[None]
     more = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
     assert abs(grown - more) <= 64, (args, more)  # scalar leaves take 4 bytes in either dtype
+
+
+def test_the_cli_dry_run_applies_run_remat(tmp_path, monkeypatch):
+    """``run.remat`` reaches the model the CLI's dry run compiles (as it does every trainer's)."""
+    import json
+
+    from rlhf_jax.cli import main
+    from rlhf_jax.models import hf
+
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(MODEL)))  # no weights
+    seen = []
+    measure = memory.dry_run
+    monkeypatch.setattr(memory, "dry_run", lambda cfg, *a, **k: seen.append(cfg.remat)
+                        or measure(cfg, *a, **k))  # fmt: skip
+    argv = ["sft", f"sft.model={tmp_path}", "sft.trainer.batch_size=8",
+            "sft.data.max_prompt_length=8", "sft.data.max_completion_length=8", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0 and main([*argv[:-1], "run.remat=full", "--dry-run"]) == 0
+    assert seen == ["none", "full"]
