@@ -35,7 +35,9 @@ def test_training_help_lists_every_config_key(capsys, sub):
 def test_unknown_command_is_refused_even_with_help(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"unknown command {argv[0]!r}; the commands are: sft, label, rm, cost, ppo, safe_ppo" in err
+    assert (
+        f"unknown command {argv[0]!r}; the commands are: sft, label, rm, cost, ppo, safe_ppo" in err
+    )
 
 
 def test_quickstart_print_config_is_the_shipped_toy_config(capsys):
