@@ -53,8 +53,8 @@ def reference_logprobs(model, tokens, mask, start, temperature):
     return jnp.take_along_axis(logp, jnp.asarray(tokens)[:, start:, None], axis=-1)[..., 0]
 
 
-@pytest.mark.parametrize("start", [1, 3, 7])
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+@pytest.mark.parametrize("start", [1, 7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_match_full_head(model, start, temperature):
     ref = np.asarray(reference_logprobs(model, TOKENS, MASK, start, temperature))
     got = np.asarray(

@@ -83,7 +83,13 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_experiment_writes_safety_rows_both_models_and_the_report(tiny_run):
+def test_experiment_end_to_end_then_safe_ppo_resumes_on_eight_devices(tiny_run, tmp_path):
+    """One test, so that the shrunk experiment runs once (xdist spreads a module's tests)."""
+    _writes_safety_rows_both_models_and_the_report(tiny_run)
+    _resumes_exactly_on_eight_devices(tiny_run, tmp_path)
+
+
+def _writes_safety_rows_both_models_and_the_report(tiny_run):
     exp, cfg, report = tiny_run
     run = cfg.run.dir
     with open(os.path.join(run, "label", "train.jsonl")) as f:
@@ -137,39 +143,32 @@ def _same(got, want):
             np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.slow
-def test_safe_ppo_on_eight_devices_equals_one(tiny_run, tmp_path):
-    exp, cfg, _ = tiny_run
-    run = str(tmp_path / "run")
-    _copy(cfg.run.dir, run, ["inputs", "sft", "rm", "cost"])
-    sharded = dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, dir=run),
-        parallel=dataclasses.replace(
-            cfg.parallel,
-            mesh=dataclasses.replace(cfg.parallel.mesh, data=2, fsdp=4),
-            preset="fsdp",
-        ),
-    )
-    sharded = exp.prepare(sharded)
-    result = pipeline.run_stage(sharded, "safe_ppo", verbose=False)
-    assert not result.preempted
-    assert len(jax.devices()) == 8
-    _same(_safe_metrics(run), _safe_metrics(cfg.run.dir))
-
-
-@pytest.mark.slow
-def test_safe_ppo_resumes_exactly(tiny_run, tmp_path):
+def _resumes_exactly_on_eight_devices(tiny_run, tmp_path):
+    """2 iterations on one device, then resumed on 8 devices (data 2 x fsdp 4) for the third:
+    the uninterrupted one-device run's metrics, the multiplier's state restored."""
     exp, cfg, _ = tiny_run
     run = str(tmp_path / "run")
     _copy(cfg.run.dir, run, ["inputs", "sft", "rm", "cost"])
     cut = exp.prepare(_tiny(exp, run, steps=2))
-    pipeline.run_stage(cut, "safe_ppo", verbose=False)  # stops after 2 of 3 iterations
+    cut = dataclasses.replace(
+        cut, parallel=dataclasses.replace(cut.parallel, mesh=dataclasses.replace(
+            cut.parallel.mesh, data=1)))  # fmt: skip
+    pipeline.run_stage(cut, "safe_ppo", devices=jax.devices()[:1], verbose=False)
     whole = exp.prepare(_tiny(exp, run, steps=3))
-    state = pipeline.run_stage(whole, "safe_ppo", verbose=False).result.state
-    # iterations 1-2 of the cut run and 3 after the restore: the uninterrupted run's metrics
+    sharded = dataclasses.replace(
+        whole,
+        parallel=dataclasses.replace(
+            whole.parallel,
+            mesh=dataclasses.replace(whole.parallel.mesh, data=2, fsdp=4),
+            preset="fsdp",
+        ),
+    )
+    result = pipeline.run_stage(sharded, "safe_ppo", verbose=False)
+    assert result.result.start_step == 2 and len(jax.devices()) == 8
+    # iterations 1-2 of the cut run and 3 after the restore on 8 devices: the uninterrupted
+    # one-device run's metrics
     _same(_safe_metrics(run), _safe_metrics(cfg.run.dir))
-    # the multiplier and its window came back from the checkpoint with the policy
+    state = result.result.state
     assert state.lagrange is not None and int(state.lagrange.filled) > 0
 
 
@@ -187,13 +186,16 @@ def test_safe_stage_errors_are_one_line(tmp_path, capsys):
     assert not os.path.exists(os.path.join(tmp_path, "run"))  # nothing written
 
 
-def test_cost_dry_run_reads_the_runs_sft_model(tiny_run, capsys):
-    _, cfg, _ = tiny_run
+def test_cost_dry_run_reads_the_runs_sft_model(tmp_path, capsys):
+    from rlhf_jax import quickstart
+
+    run = tmp_path / "run"  # a run whose sft/final is a fresh toy model (only its shape is read)
+    quickstart.write_base(str(run / "sft" / "final"), ToyTask(hidden_size=16, num_layers=1))
     capsys.readouterr()
-    argv = ["cost", "--dry-run", f"run.dir={cfg.run.dir}", "cost.data.max_prompt_length=4",
+    argv = ["cost", "--dry-run", f"run.dir={run}", "cost.data.max_prompt_length=4",
             "cost.data.max_completion_length=10", "cost.trainer.batch_size=16"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "B=32 T=14" in out and "total" in out, out  # 16 pairs: 32 sequences
-    assert main(["safe_ppo", "--dry-run", f"run.dir={cfg.run.dir}"]) == 2
+    assert main(["safe_ppo", "--dry-run", f"run.dir={run}"]) == 2
     assert "safe_ppo has no --dry-run" in capsys.readouterr().err
