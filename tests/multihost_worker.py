@@ -182,7 +182,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.local_devices} "
+        + os.environ.get("RLHF_JAX_TEST_XLA_FLAGS", "")
+    )
     import jax
     import numpy as np
 

@@ -216,7 +216,7 @@ def test_sft_rm_ppo_export_end_to_end_in_a_subprocess(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = os.environ["RLHF_JAX_TEST_XLA_FLAGS"]  # one device
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
         env=env,

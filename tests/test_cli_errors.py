@@ -131,7 +131,7 @@ def test_sigterm_during_start_up_exits_3_and_says_nothing_to_resume(files):
     run = files / "run_sigterm"
     argv = _ppo(files, run, f"ppo.trainer.reward_fn={files}/killer.py:f")
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = os.environ["RLHF_JAX_TEST_XLA_FLAGS"]  # one device
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_jax.cli", *argv],
         env=env,

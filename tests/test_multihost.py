@@ -22,6 +22,7 @@ from rlhf_jax import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # generous: two processes import JAX and compile on 2 shared cores
+TEST_FLAGS = os.environ.get("RLHF_JAX_TEST_XLA_FLAGS", "")  # tests/conftest.py
 
 
 def _free_port() -> int:
@@ -33,7 +34,7 @@ def _free_port() -> int:
 def _run_two_processes(out: str) -> None:
     port = _free_port()
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env.pop("XLA_FLAGS", None)  # multihost_worker.py sets the device count
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     script = os.path.join(REPO, "tests", "multihost_worker.py")
     procs = [
@@ -107,7 +108,7 @@ def test_a_stage_through_the_command_as_two_processes_equals_one(tmp_path):
                 "parallel.mesh.data=2", "parallel.mesh.fsdp=4"]  # fmt: skip
 
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + TEST_FLAGS
     one = subprocess.run(command(tmp_path / "one"), env=env, capture_output=True, text=True,
                          timeout=TIMEOUT_S, cwd=REPO)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -116,7 +117,7 @@ def test_a_stage_through_the_command_as_two_processes_equals_one(tmp_path):
     procs = []
     for i in range(2):
         penv = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
-        penv.update(JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        penv.update(JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4 " + TEST_FLAGS)
         procs.append(
             subprocess.Popen(
                 command(tmp_path / "two"),
