@@ -117,7 +117,10 @@ def test_a_stage_through_the_command_as_two_processes_equals_one(tmp_path):
     procs = []
     for i in range(2):
         penv = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
-        penv.update(JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4 " + TEST_FLAGS)
+        penv.update(
+            JAX_PROCESS_ID=str(i),
+            XLA_FLAGS="--xla_force_host_platform_device_count=4 " + TEST_FLAGS,
+        )
         procs.append(
             subprocess.Popen(
                 command(tmp_path / "two"),
