@@ -725,7 +725,8 @@ def load_judge(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class JudgeSource:
-    """A pointwise judge's expected score of each sampled response, inside the compiled step.
+    """An LM judge inside the compiled step: a pointwise judge's expected score of each sampled
+    response, or (online DPO) a pairwise judge's preference between a prompt's two samples.
 
     The :mod:`rlhf_jax.scoring` source protocol: ``__call__(params, rows) -> [N]`` with the
     judge's parameters as ``params`` (frozen, placed by the sharding rules like a reward model's)
@@ -738,7 +739,13 @@ class JudgeSource:
     weight: float = 1.0  # w_k of the weighted sum
     name: str = "judge"  # metric name: score/<name>
 
+    @property
+    def pairwise(self) -> bool:
+        return self.template.mode == "pairwise"
+
     def __call__(self, params: Any, rows: Any) -> jax.Array:
+        if self.pairwise:
+            raise ValueError("a pairwise judge has no score of one response: use preferences()")
         return judge_scores(
             self.graphdef,
             params,
@@ -749,11 +756,30 @@ class JudgeSource:
             rows.response_mask,
         )
 
+    def preferences(self, params: Any, rows: Any) -> jax.Array:
+        """``[N / 2]`` position-debiased ``P(row 2i > row 2i+1)`` (:func:`judge_preferences`) of
+        ``rows`` holding two responses to each prompt, one after the other."""
+        if not self.pairwise:
+            raise ValueError("a pointwise judge compares no pairs: call it for scores")
+        a, b = slice(0, None, 2), slice(1, None, 2)
+        return judge_preferences(
+            self.graphdef,
+            params,
+            self.template,
+            rows.prompt_tokens[a],
+            rows.prompt_mask[a],
+            rows.response_tokens[a],
+            rows.response_mask[a],
+            rows.response_tokens[b],
+            rows.response_mask[b],
+        )
 
-def source_config(target: str, key: str) -> JudgeConfig:
+
+def source_config(target: str, key: str, modes: Sequence[str] = ("pointwise",)) -> JudgeConfig:
     """The judge of a reward-source spec ``judge:<target>``: a YAML file holding a
-    :class:`JudgeConfig` (``mode: pointwise``, ``model``, ``template``, ...), or a model directory
-    (the default pointwise template)."""
+    :class:`JudgeConfig` (``mode``, ``model``, ``template``, ...), or a model directory (the
+    default pointwise template). ``modes``: the judge modes the caller can use (a reward reads a
+    pointwise score; online DPO's labels can also come from a pairwise judge)."""
     if target.endswith((".yaml", ".yml")):
         from rlhf_jax import config as config_lib
 
@@ -761,18 +787,26 @@ def source_config(target: str, key: str) -> JudgeConfig:
         cfg = config_lib.from_dict(JudgeConfig, data, sources=sources)
     else:
         cfg = JudgeConfig(model=target or None, mode="pointwise")
-    if cfg.mode != "pointwise":
+    if cfg.mode not in modes:
         raise ConfigError(
             f"{key}: judge:{target} is a {cfg.mode} judge; a reward source reads a score: set "
-            "mode: pointwise (and a template with a {response} slot)"
+            "mode: pointwise (and a template with a {response} slot); only online DPO's labels "
+            "can come from a pairwise judge"
         )
     return cfg
 
 
-def load_source(ctx: Any, target: str, weight: float, tokenizer: Any, key: str):
+def load_source(
+    ctx: Any,
+    target: str,
+    weight: float,
+    tokenizer: Any,
+    key: str,
+    modes: Sequence[str] = ("pointwise",),
+):
     """``(JudgeSource, params)`` for ``judge:<target>[@w]`` (:func:`source_config`), checked
     against the policy's ``tokenizer`` before anything compiles."""
-    cfg = source_config(target, key)
+    cfg = source_config(target, key, modes)
     jd = load_judge(cfg, source_tokenizer=tokenizer, key=key, load_model=ctx.load_model)
     return JudgeSource(jd.model.graphdef, jd.template, weight=weight), jd.model.params
 

@@ -246,11 +246,13 @@ def load_sources(
     prompts: Any,
     *,
     special_tokens: bool = False,
+    pairwise_judge: bool = False,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``(sources, params)`` from reward-source specs (:func:`parse_source`); ``()`` means this
     run's ``rm/final``. Reward models must share the policy's tokenizer; each function is called
     once on a few prompts (empty responses) before anything compiles, and sees the responses
-    decoded with their special tokens (the stop token) when ``special_tokens``."""
+    decoded with their special tokens (the stop token) when ``special_tokens``. With
+    ``pairwise_judge`` (online DPO's labels) the one source may be a pairwise judge."""
     from rlhf_jax.reward_fn import RewardFunction
     from rlhf_jax.stages import same_tokenizer
 
@@ -268,7 +270,15 @@ def load_sources(
         elif kind == "judge":
             from rlhf_jax import judge
 
-            source, p = judge.load_source(ctx, target, weight, tokenizer, f"{key}[{i}]")
+            modes = ("pointwise", "pairwise") if pairwise_judge else ("pointwise",)
+            source, p = judge.load_source(ctx, target, weight, tokenizer, f"{key}[{i}]", modes)
+            if getattr(source, "pairwise", False) and len(parsed) > 1:
+                from rlhf_jax.config import ConfigError
+
+                raise ConfigError(
+                    f"{key}[{i}]: a pairwise judge labels the pairs alone; it has no score to "
+                    "add to other sources: give it as the only source, or use a pointwise judge"
+                )
         # ---- end of the judge source ----
         else:
             fn = RewardFunction.load(target, tokenizer, skip_special_tokens=not special_tokens)

@@ -444,3 +444,64 @@ def test_read_pairs(tmp_path):
     with pytest.raises(DataError, match=r"b.jsonl, line 1, field 'rejected'") as err:
         J.read_pairs(bad)
     assert "\n" not in str(err.value)
+
+
+def test_pairwise_judge_labels_online_dpo_pairs(tmp_path, tokenizer):
+    """Online DPO with a pairwise judge as its only source (online AI feedback): inside the
+    jitted iteration the judge picks chosen over rejected, so the judge called outside on the
+    returned pairs prefers every chosen response (P >= 1/2). A pairwise judge cannot be a reward
+    (no score) nor be summed with other sources."""
+    import functools
+    import types
+
+    import yaml
+
+    from rlhf_jax import scoring
+    from rlhf_jax.algorithms import dpo
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.quickstart import policy_config
+
+    m = _sharp(models.init_model(_config(tokenizer), jax.random.PRNGKey(5)))
+    judge_dir = str(tmp_path / "judge")
+    models.save_pretrained(m, judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    spec = tmp_path / "judge.yaml"
+    spec.write_text(
+        yaml.safe_dump({"model": judge_dir, "mode": "pairwise", "template": J.TOY_PAIRWISE})
+    )
+    policy_tok = toy.toy_tokenizer()
+    ctx = types.SimpleNamespace(load_model=models.from_pretrained)
+    load = functools.partial(scoring.load_sources, ctx, key="dpo.rewards", tokenizer=policy_tok)
+    sources, params = load(specs=(f"judge:{spec}",), prompts=None, pairwise_judge=True)
+    with pytest.raises(ConfigError, match="labels the pairs alone"):
+        load(specs=(f"judge:{spec}", "fn:x:y"), prompts=None, pairwise_judge=True)
+    with pytest.raises(ConfigError, match="mode: pointwise"):
+        load(specs=(f"judge:{spec}",), prompts=None)  # a reward (PPO, GRPO) reads a score
+
+    task = toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2)
+    policy = models.init_model(policy_config(task, policy_tok), jax.random.PRNGKey(6))
+    cfg = dpo.DPOConfig(online=True, batch_size=12, response_length=5)
+    static = dpo.DPOModels(policy=policy.graphdef, reference=None, sources=sources)
+    frozen = dpo.DPOFrozen(reference=None, rewards=params)
+    pt, pm = toy.encode_prompts(policy_tok, PROMPTS * 4)
+    pairs, metrics = jax.jit(functools.partial(dpo.online_pairs, cfg, static))(
+        dpo.init_state(cfg, policy.params), frozen, pt, pm
+    )
+    judge = sources[0]
+    p = np.asarray(
+        J.judge_preferences(
+            judge.graphdef,
+            params[0],
+            judge.template,
+            pt,
+            pm,
+            pairs["chosen_tokens"],
+            pairs["chosen_mask"],
+            pairs["rejected_tokens"],
+            pairs["rejected_mask"],
+        )
+    )
+    # every chosen is the one the judge prefers (a random choice would pass 12 pairs 1 in 4096)
+    assert np.all(p >= 0.5 - 1e-6), p
+    assert np.sum(p > 0.5 + 1e-6) >= 10, p  # no ties: the judge tells the samples apart
+    np.testing.assert_allclose(metrics["score/chosen"], p.mean(), rtol=1e-5)

@@ -17,8 +17,12 @@ prompts; the iteration samples two responses per prompt from the *current* polic
 (:func:`rlhf_jax.scoring.generate`), scores both with the reward sources (a reward model, a
 ``module:function``, or a weighted sum; :func:`rlhf_jax.scoring.score`), takes the higher-scored
 one as chosen (ties: the first sample, as TRL's ``>=``), and takes one DPO step on those ``B``
-pairs, all in one compiled function. The log-probs of the DPO loss are at temperature 1 (the
-policy itself), whatever the sampling temperature.
+pairs, all in one compiled function. A *pairwise* LM judge as the only source
+(``rewards: ["judge:<judge YAML, mode: pairwise>"]``, :mod:`rlhf_jax.judge`) labels each pair
+itself instead: chosen is the sample the judge prefers, ``P(first > second) >= 1/2`` averaged
+over both orders (online AI feedback, Guo et al. 2024), compiled into the same function. The
+log-probs of the DPO loss are at temperature 1 (the policy itself), whatever the sampling
+temperature.
 
 **Losses** (``docs/formulas.md`` §6): ``'sigmoid'`` (DPO, TRL default), ``'ipo'``, ``'hinge'``,
 ``'robust'``, ``'cdpo'`` are :func:`rlhf_jax.losses.dpo_loss`; ``'simpo'`` is the
@@ -368,6 +372,12 @@ def dpo_objective(
 # ------------------------------------------------------------------------------------------
 
 
+def pairwise_judge(static: DPOModels) -> Any:
+    """The pairwise judge that labels online DPO's pairs on its own, or None (scored sources)."""
+    sources = static.sources
+    return sources[0] if len(sources) == 1 and getattr(sources[0], "pairwise", False) else None
+
+
 def online_pairs(
     cfg: DPOConfig,
     static: DPOModels,
@@ -381,7 +391,9 @@ def online_pairs(
 
     Sample ``2B`` responses (:func:`rlhf_jax.scoring.generate`, keys from the state's seed and
     step), score them (:func:`rlhf_jax.scoring.score`), and per prompt make the higher-scored one
-    ``chosen`` (ties: the first, TRL ``OnlineDPOTrainer``'s ``>=``).
+    ``chosen`` (ties: the first, TRL ``OnlineDPOTrainer``'s ``>=``). With a pairwise judge
+    (:func:`pairwise_judge`) the pair's "scores" are ``(p, 1 - p)``, ``p`` the judge's
+    position-debiased ``P(first > second)``.
     """
     sample_key, _ = scoring.iteration_keys(state.key, state.step)
     sampled = scoring.generate(
@@ -395,8 +407,13 @@ def online_pairs(
         prompt_index,
     )
     rows = scoring.Responses.of(prompts, prompt_mask, sampled)
-    scores, each = scoring.score(static.sources, frozen.rewards, rows)
-    s = scores.reshape(-1, 2)  # [B, 2]
+    judge = pairwise_judge(static)
+    if judge is not None:  # P(first > second), debiased over both orders: [B, 2] = (p, 1 - p)
+        p = lax.stop_gradient(judge.preferences(frozen.rewards[0], rows).astype(jnp.float32))
+        s, each = jnp.stack([p, 1.0 - p], 1), {}
+    else:
+        scores, each = scoring.score(static.sources, frozen.rewards, rows)
+        s = scores.reshape(-1, 2)  # [B, 2]
     first = s[:, 0] >= s[:, 1]  # [B]
     tok = sampled.tokens.reshape(-1, 2, sampled.tokens.shape[1])
     msk = sampled.mask.reshape(-1, 2, sampled.mask.shape[1])
@@ -415,7 +432,7 @@ def online_pairs(
     }
     rmask = sampled.mask.astype(jnp.float32)
     metrics = {
-        "score/mean": jnp.mean(scores),
+        "score/mean": jnp.mean(s),
         "score/chosen": jnp.mean(jnp.max(s, 1)),
         "score/rejected": jnp.mean(jnp.min(s, 1)),
         "score/ties": jnp.mean((s[:, 0] == s[:, 1]).astype(jnp.float32)),
@@ -581,8 +598,9 @@ class DPOStage:
     data: DataConfig = DataConfig(
         kind="preference", max_prompt_length=128, max_completion_length=128
     )  # offline: "preference" rows, lengths P and R; online: "prompt" rows, length P
-    # online: reward sources, each "model:<HF dir>" or "fn:<module:function>", optionally
-    # "@<weight>" at the end; () = this run's rm/final
+    # online: reward sources, each "model:<HF dir>", "fn:<module:function>" or "judge:<judge
+    # YAML or HF dir>" (a pointwise judge's score), optionally "@<weight>" at the end; () = this
+    # run's rm/final. A pairwise judge ("judge:<YAML with mode: pairwise>") alone labels the pairs
     rewards: tuple[str, ...] = ()
     # reward functions see the stop token and other special tokens in the decoded responses
     # (the toy task's gold_reward needs them: its stop token "." is special)
@@ -678,6 +696,7 @@ def prepare(ctx: Any) -> Any:
             tokenizer,
             train,
             special_tokens=st.decode_special_tokens,
+            pairwise_judge=True,
         )
         rename = {"index": "prompt_index"}
     else:
@@ -689,6 +708,8 @@ def prepare(ctx: Any) -> Any:
     static = DPOModels(policy=policy.graphdef, reference=ref_graphdef, sources=sources)
     frozen = DPOFrozen(reference=ref_params, rewards=source_params)
     eval_static, eval_frozen = static, DPOFrozen(reference=ref_params)
+    # the evaluation's reward is the sources' score; a pairwise judge has none (reward 0)
+    eval_sources, eval_params = ((), ()) if pairwise_judge(static) else (sources, source_params)
     data = train
     if not cfg.online and cfg.uses_reference and cfg.reference == "precomputed":
         ctx.say(f"[dpo] reference log-probs of {len(train)} pairs, computed once")
@@ -715,8 +736,8 @@ def prepare(ctx: Any) -> Any:
                 st.data.max_prompt_length,
                 policy,
                 reference,
-                sources,
-                source_params,
+                eval_sources,
+                eval_params,
                 tokenizer,
                 temperature=cfg.temperature,
                 response_length=st.eval_response_length,
