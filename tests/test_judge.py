@@ -374,6 +374,20 @@ def test_stage_bad_inputs(tmp_path, tokenizer):
     assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
+def _saved_judge(tmp_path, tokenizer, seed, mode, template):
+    """A sharp random judge saved with its tokenizer in ``tmp_path/judge``, and the judge YAML of
+    a ``judge:<yaml>`` source: ``(model, yaml path)``."""
+    import yaml
+
+    m = _sharp(models.init_model(_config(tokenizer), jax.random.PRNGKey(seed)))
+    judge_dir = str(tmp_path / "judge")
+    models.save_pretrained(m, judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    spec = tmp_path / "judge.yaml"
+    spec.write_text(yaml.safe_dump({"model": judge_dir, "mode": mode, "template": template}))
+    return m, spec
+
+
 def test_judge_source_in_compiled_scoring_equals_host(tmp_path, tokenizer):
     """The judge as a reward source (rlhf_jax.scoring, 'judge:<yaml>'): the policy's token ids
     (toy tokenizer, <bos> first) scored inside a jitted scoring.score equal the host judge on the
@@ -384,14 +398,8 @@ def test_judge_source_in_compiled_scoring_equals_host(tmp_path, tokenizer):
 
     from rlhf_jax import scoring
 
-    m = _sharp(models.init_model(_config(tokenizer), jax.random.PRNGKey(4)))
+    m, spec = _saved_judge(tmp_path, tokenizer, 4, "pointwise", J.TOY_POINTWISE)
     judge_dir = str(tmp_path / "judge")
-    models.save_pretrained(m, judge_dir)
-    tokenizer.save_pretrained(judge_dir)
-    spec = tmp_path / "judge.yaml"
-    spec.write_text(
-        yaml.safe_dump({"model": judge_dir, "mode": "pointwise", "template": J.TOY_POINTWISE})
-    )
     policy_tok = toy.toy_tokenizer()
     ctx = types.SimpleNamespace(load_model=models.from_pretrained)
     _, target, weight = scoring.parse_source(f"judge:{spec}@2", "grpo.rewards")
@@ -454,21 +462,12 @@ def test_pairwise_judge_labels_online_dpo_pairs(tmp_path, tokenizer):
     import functools
     import types
 
-    import yaml
-
     from rlhf_jax import scoring
     from rlhf_jax.algorithms import dpo
     from rlhf_jax.config import ConfigError
     from rlhf_jax.quickstart import policy_config
 
-    m = _sharp(models.init_model(_config(tokenizer), jax.random.PRNGKey(5)))
-    judge_dir = str(tmp_path / "judge")
-    models.save_pretrained(m, judge_dir)
-    tokenizer.save_pretrained(judge_dir)
-    spec = tmp_path / "judge.yaml"
-    spec.write_text(
-        yaml.safe_dump({"model": judge_dir, "mode": "pairwise", "template": J.TOY_PAIRWISE})
-    )
+    _, spec = _saved_judge(tmp_path, tokenizer, 5, "pairwise", J.TOY_PAIRWISE)
     policy_tok = toy.toy_tokenizer()
     ctx = types.SimpleNamespace(load_model=models.from_pretrained)
     load = functools.partial(scoring.load_sources, ctx, key="dpo.rewards", tokenizer=policy_tok)
