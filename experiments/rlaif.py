@@ -8,11 +8,16 @@
         run.seed=1 run.dir=runs/rlaif-1                           # another seed
 
 1. **A toy judge.** A tiny GPT-2 with the toy words plus the judge's words
-   (:func:`rlhf_jax.judge.build_toy_tokenizer`) learns, through the ``sft`` stage, to answer the
-   template :data:`rlhf_jax.judge.TOY_PAIRWISE` ("Prompt : ... Response A : ... Response B : ...
-   Better :" -> "A" | "B") from ``--judge-pairs`` gold comparisons of SFT-corpus responses, each
-   shown in both orders (:func:`rlhf_jax.judge.toy_demonstrations`). The gold preference labels
-   those demonstrations and evaluates; the policy's pipeline never sees it.
+   (:func:`rlhf_jax.judge.build_toy_tokenizer`) learns, through the ``sft`` stage, from
+   ``--judge-pairs`` gold comparisons of SFT-corpus responses. ``--judge-mode pointwise`` (the
+   default): to answer :data:`rlhf_jax.judge.TOY_POINTWISE` ("Prompt : ... Response : ... Score :"
+   -> "1".."10", the decile of the response's gold score, :func:`rlhf_jax.judge.toy_ratings`) for
+   both responses of each comparison, plus a malformed copy of each well-formed one with
+   probability ``--judge-malformed`` (:func:`rlhf_jax.judge.toy_rated_responses`; the corpus alone
+   is 95.5% well-formed). ``--judge-mode pairwise``: to answer
+   :data:`rlhf_jax.judge.TOY_PAIRWISE` ("... Response A : ... Response B : ... Better :" -> "A" |
+   "B") for each comparison shown in both orders (:func:`rlhf_jax.judge.toy_demonstrations`). The
+   gold preference labels those demonstrations and evaluates; the policy's pipeline never sees it.
 2. **Its agreement with gold** on held-out pairs: the ``judge`` stage (``rlhf-jax judge``), next to
    the expected agreement of the simulated human labeller (Bradley-Terry noise at temperature
    :data:`rlhf_jax.data.toy.LABEL_TEMPERATURE`) on the same pairs.
@@ -72,6 +77,13 @@ def _parse(argv):
     p.add_argument("--judge-init", default=None, help="start the judge from this HF directory")
     p.add_argument("--judge", default=None, help="use this trained judge (no judge training)")
     p.add_argument("--judge-pairs", type=int, default=4096, help="gold comparisons (ratings)")
+    p.add_argument(
+        "--judge-malformed",
+        type=float,
+        default=0.5,
+        help="pointwise: also rate a malformed copy (rlhf_jax.data.toy.corrupt_response) of "
+        "each well-formed training response with this probability (0: the corpus's own only)",
+    )
     p.add_argument(
         "--direct",
         action="store_true",
@@ -135,12 +147,12 @@ def train_judge(cfg: pipeline.ExperimentConfig, args) -> str:
     else:  # both responses of each comparison, rated by their gold score's decile
         edges = J.toy_score_edges(seed=seed + 60_000)
 
-        def rate(records):
-            prompts = [r["prompt"] for r in records for _ in range(2)]
-            responses = [x for r in records for x in (r["chosen"], r["rejected"])]
+        def rate(records, malformed, seed):
+            prompts, responses = J.toy_rated_responses(records, malformed=malformed, seed=seed)
             return J.toy_ratings(prompts, responses, edges)
 
-        train_rows, eval_rows = rate(gold), rate(held)
+        train_rows = rate(gold, args.judge_malformed, seed + 70_000)
+        eval_rows = rate(held, 0.0, 0)
     train = toy.write_jsonl(os.path.join(inputs, "train.jsonl"), train_rows)
     evalf = toy.write_jsonl(os.path.join(inputs, "eval.jsonl"), eval_rows)
     steps = args.judge_steps

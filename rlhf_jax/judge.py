@@ -1030,3 +1030,29 @@ def toy_ratings(
         {"prompt": TOY_POINTWISE.format(prompt=p, response=r), "completion": str(int(s))}
         for p, r, s in zip(prompts, responses, score, strict=True)
     ]
+
+
+def toy_rated_responses(
+    records: Sequence[Mapping[str, str]], *, malformed: float = 0.0, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """The ``(prompts, responses)`` a pointwise toy judge learns to rate (:func:`toy_ratings`):
+    both responses of each comparison ``{prompt, chosen, rejected}``, then, with probability
+    ``malformed`` each, a malformed copy of each well-formed one
+    (:func:`rlhf_jax.data.toy.corrupt_response`), after all of them.
+
+    The SFT corpus is 95.5% well-formed (a wrong article: 0.9% of 20,000 draws), so a judge that
+    rates only its responses sees few malformed ones; the copies show it many more.
+    """
+    from rlhf_jax.data import toy
+
+    if not 0.0 <= malformed <= 1.0:
+        raise ValueError(f"malformed must be in [0, 1], got {malformed}")
+    prompts = [r["prompt"] for r in records for _ in range(2)]
+    responses = [x for r in records for x in (r["chosen"], r["rejected"])]
+    rng = np.random.default_rng(seed)
+    extra = [
+        (p, toy.corrupt_response(rng, x))
+        for p, x in zip(prompts, responses, strict=True)
+        if toy.is_well_formed(x) and rng.random() < malformed
+    ]
+    return prompts + [p for p, _ in extra], responses + [x for _, x in extra]

@@ -504,3 +504,40 @@ def test_pairwise_judge_labels_online_dpo_pairs(tmp_path, tokenizer):
     assert np.all(p >= 0.5 - 1e-6), p
     assert np.sum(p > 0.5 + 1e-6) >= 10, p  # no ties: the judge tells the samples apart
     np.testing.assert_allclose(metrics["score/chosen"], p.mean(), rtol=1e-5)
+
+
+def test_corrupt_response_is_malformed():
+    rng = np.random.default_rng(0)
+    records = toy.sft_records(400, seed=3)
+    well = [r["completion"] for r in records if toy.is_well_formed(r["completion"])]
+    bad = [toy.corrupt_response(rng, x) for x in well]
+    assert not any(toy.is_well_formed(x) for x in bad)
+    # every corruption kind of the corpus shows up, a wrong article among them
+    assert any(x.split()[0] in ("a", "an") and x.split()[1:] == y.split()[1:]
+               for x, y in zip(bad, well, strict=True))  # fmt: skip
+    assert any(not x.endswith(".") for x in bad) and any(" and ." in x for x in bad)
+    assert toy.corrupt_response(rng, "furry .") != "furry ."  # reversal keeps it: redrawn
+    assert not toy.is_well_formed(toy.corrupt_response(rng, "furry ."))
+    assert toy.corrupt_response(rng, "a a dog .") == "a a dog ."  # malformed: as it is
+    again = np.random.default_rng(0)
+    assert [toy.corrupt_response(again, x) for x in well] == bad  # the rng decides
+
+
+def test_toy_rated_responses_adds_malformed_copies():
+    records = toy.preference_records(300, seed=4, temperature=0.0)
+    prompts, responses = J.toy_rated_responses(records)
+    assert prompts == [r["prompt"] for r in records for _ in range(2)]
+    assert responses == [x for r in records for x in (r["chosen"], r["rejected"])]
+    n, well = len(prompts), sum(toy.is_well_formed(x) for x in responses)
+    p_all, r_all = J.toy_rated_responses(records, malformed=1.0, seed=1)
+    assert (p_all[:n], r_all[:n]) == (prompts, responses)
+    assert len(r_all) == n + well and not any(toy.is_well_formed(x) for x in r_all[n:])
+    # each copy answers the prompt of its source: the sources are the well-formed rows in order
+    src = [i for i in range(n) if toy.is_well_formed(responses[i])]
+    assert p_all[n:] == [prompts[i] for i in src]
+    p_half, r_half = J.toy_rated_responses(records, malformed=0.5, seed=1)
+    assert 0.35 * well < len(r_half) - n < 0.65 * well
+    ratings = J.toy_ratings(p_all, r_all, J.toy_score_edges(2000, seed=0))
+    assert {r["completion"] for r in ratings[n:]} == {"1"}  # malformed: the lowest decile
+    with pytest.raises(ValueError, match="malformed"):
+        J.toy_rated_responses(records, malformed=1.5)

@@ -110,6 +110,7 @@ __all__ = [
     "Parse",
     "all_prompts",
     "build_tokenizer",
+    "corrupt_response",
     "decode_responses",
     "encode_prompts",
     "encode_responses",
@@ -524,6 +525,22 @@ def _corrupt(rng: np.random.Generator, words: list[str]) -> list[str]:
     if kind == 3:  # a dangling "and"
         return [*body, _AND, STOP_TOKEN]
     return [*body[::-1], STOP_TOKEN]  # word salad
+
+
+def corrupt_response(rng: np.random.Generator, response: str, *, tries: int = 20) -> str:
+    """A malformed variant of a well-formed ``response``, drawn from the SFT corpus's corruptions
+    (no full stop, wrong article, a repeated word, a dangling "and", word salad;
+    :func:`sample_response` corrupts 5% of its draws the same way) and redrawn until it is
+    malformed; after ``tries`` draws that all stay well-formed (a one-word response reversed),
+    the response without its full stop. A malformed ``response`` comes back as it is."""
+    if not is_well_formed(response):
+        return response
+    words = response.split()
+    for _ in range(tries):
+        out = " ".join(_corrupt(rng, words))
+        if not is_well_formed(out):
+            return out
+    return " ".join(words[:-1])
 
 
 def sample_response(rng: np.random.Generator, prompt: str) -> str:
