@@ -13,7 +13,14 @@ between two values (so the runs really differ).
 
 Both make ``--iterations`` iterations of each run after one warm-up (compile) iteration, and the
 script checks that they give the same numbers (every run's metrics at every iteration, to 1e-4).
-Small models on a CPU are overhead-bound, so batching runs should pay.
+
+A third figure bounds what batching can give: **one run of 8x the prompts** (the step compiled for
+``runs x B`` prompts, one set of weights), the same rows, tokens and updates as the 8 runs, in
+matmuls 8 times larger. Batched runs cannot beat it (each run keeps its own weights, so its
+matmuls stay the size of one run's), so ``one after another / one run of 8x the prompts`` is the
+most that a sweep program can gain on this machine. When a single run is compute-bound, that
+bound is near 1 and no program shape reaches a large speedup; when per-call overhead dominates
+(small models on an accelerator) it is large.
 
     PYTHONPATH=. python experiments/bench_sweep.py            # 5 iterations
     PYTHONPATH=. python experiments/bench_sweep.py --quick    # 2 iterations
@@ -113,6 +120,21 @@ def main(argv=None) -> None:
         together.append(jax.device_get(metrics))
     vmapped = time.perf_counter() - t0
 
+    # the bound: one run answering all runs' prompts at once (compiled first)
+    wide_batch = {
+        "prompt_tokens": jnp.concatenate([batch["prompt_tokens"]] * args.runs),
+        "prompt_mask": jnp.concatenate([batch["prompt_mask"]] * args.runs),
+        "prompt_index": jnp.arange(b * args.runs, dtype=jnp.int32),
+    }
+    wide = ppo.init_state(cfg, params, hps[0])
+    wide, _ = step(wide, wide_batch, key)
+    jax.block_until_ready(wide)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        wide, metrics = step(wide, wide_batch, key)
+    jax.block_until_ready(metrics)
+    widened = time.perf_counter() - t0
+
     worst = 0.0
     for k in range(args.runs):
         for it in range(iterations):
@@ -137,6 +159,11 @@ def main(argv=None) -> None:
         f"one after another: {sequential:.3f} s ({sequential / per * 1e3:.1f} ms per run-iteration)"
     )
     print(f"one program:       {vmapped:.3f} s ({vmapped / per * 1e3:.1f} ms per run-iteration)")
+    print(
+        f"one run of {args.runs}x the prompts: {widened:.3f} s "
+        f"({widened / per * 1e3:.1f} ms per run-iteration's worth): the most batching "
+        f"{args.runs} runs can gain here is {sequential / widened:.2f}x"
+    )
     if not same:
         raise SystemExit("the vmapped runs differ from the runs made one by one")
     print(f"sweep speedup for {args.runs} runs: {sequential / vmapped:.2f}")

@@ -36,6 +36,7 @@ from rlhf_jax import pipeline, quickstart
 from rlhf_jax.algorithms.ppo import SafetyConfig
 from rlhf_jax.algorithms.reward_model import RewardModelConfig
 from rlhf_jax.data.formats import DataConfig
+from rlhf_jax.data.toy import ToyTask
 from rlhf_jax.errors import UserError
 from rlhf_jax.optim import OptimConfig
 from rlhf_jax.sweep import SweepConfig
@@ -69,6 +70,7 @@ def safe_config() -> pipeline.ExperimentConfig:
         base,
         run=dataclasses.replace(base.run, dir="runs/safe-rlhf"),
         sweep=SweepConfig(),  # one PPO run each (the quickstart's default sweeps PPO's seed)
+        toy=ToyTask(),  # 3072 labelled prompts, the size the harm world's figures were measured at
         label=dataclasses.replace(
             base.label,
             labeller="rlhf_jax.data.toy:harm_labeller",

@@ -74,6 +74,7 @@ __all__ = [
 
 STAGES = ("sft", "label", "rm", "ppo")  # what the quickstart runs, in order
 SEEDS = (0, 1, 2, 3, 4)  # the PPO seeds the quickstart runs in one program (sweep.seeds)
+RM_PROMPTS = 8192  # prompts whose K=4 SFT samples the simulated labeller ranks for the reward model
 _EOS_ID = toy.SPECIAL_TOKENS.index(toy.EOS)  # the reserved <eos> also stops a response
 
 # The goal on the toy task (issue 16), checked on the mean over the seeds: (figure, what is met).
@@ -133,10 +134,10 @@ def default_config() -> pipeline.ExperimentConfig:
                     learning_rate=1e-3,
                     schedule="cosine",
                     warmup_steps=20,
-                    decay_steps=280,
+                    decay_steps=580,
                     end_lr_ratio=0.1,
                 ),
-                loop=LoopConfig(max_steps=300, eval_every=100),
+                loop=LoopConfig(max_steps=600, eval_every=100),
                 batch_size=32,
             ),
             save_every=100,
@@ -165,6 +166,10 @@ def default_config() -> pipeline.ExperimentConfig:
             save_every=20,
         ),
         sweep=sweep.SweepConfig(stage="ppo", seeds=SEEDS),
+        # 8192 ranked prompts (not ToyTask's 3072): with 3072 the reward model still paid for the
+        # rare malformed samples it had seen too few of ("a useful vehicle" for "an useful
+        # vehicle"), and two of five PPO seeds stayed under 98% well-formed.
+        toy=toy.ToyTask(rm_prompts=RM_PROMPTS),
     )
 
 
