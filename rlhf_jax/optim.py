@@ -155,6 +155,7 @@ def accumulate(
     params: Any,
     batch: Any,
     num_micro: int,
+    varying: tuple[str, ...] = (),
 ) -> tuple[Any, jax.Array, Any]:
     """Exact gradient of ``sum / count`` over ``num_micro`` microbatches.
 
@@ -164,6 +165,9 @@ def accumulate(
       params: the parameters.
       batch: a pytree whose leaves share a leading axis divisible by ``num_micro``.
       num_micro: static number of microbatches.
+      varying: inside ``jax.shard_map``, the manual mesh axes the microbatch results vary over
+        (each device's own rows): the running sums start as zeros cast to vary over them, as
+        ``lax.scan`` needs its carry typed like the body's results.
 
     Returns:
       ``(grads, count, metric_sums)`` where ``grads`` is the gradient of ``total_sum / total_count``
@@ -189,6 +193,8 @@ def accumulate(
 
         g0, (c0, m0) = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, c0, m0))
+        if varying:
+            zeros = jax.lax.pcast(zeros, varying, to="varying")
         (grads, count, metrics), _ = jax.lax.scan(body, zeros, micro)
     denom = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)

@@ -429,7 +429,12 @@ def _policy_params(params):
     return params
 
 
-def _check_minibatches(st, name: str = "ppo") -> None:
+def check_minibatches(ctx: Context, st, name: str) -> None:
+    """The rollout batch of an on-policy stage (PPO, GRPO) splits into its minibatches, and each
+    minibatch into its microbatches: ``optim.grad_accum_steps`` of them, on each device of
+    ``('data', 'fsdp')`` with ``parallel.step=shard_map`` (each device takes its own rows)."""
+    from rlhf_jax import parallel
+
     t = st.trainer
     rows = st.batch_size * t.num_samples
     if rows % t.num_minibatches:
@@ -441,9 +446,18 @@ def _check_minibatches(st, name: str = "ppo") -> None:
     per = rows // t.num_minibatches
     if per % t.optim.grad_accum_steps:
         raise config_lib.ConfigError(
-            f"a PPO minibatch of {per} rows does not split into "
+            f"a {name} minibatch of {per} rows does not split into "
             f"{name}.trainer.optim.grad_accum_steps={t.optim.grad_accum_steps} microbatches"
         )
+    if ctx.mesh is not None and ctx.cfg.parallel.step == "shard_map":
+        devices = parallel.axis_size(ctx.mesh, parallel.BATCH_AXES)
+        if per % (devices * t.optim.grad_accum_steps):
+            raise config_lib.ConfigError(
+                f"a {name} minibatch of {per} rows does not split over the {devices} devices of "
+                f"parallel.mesh data x fsdp (parallel.step=shard_map) into "
+                f"{name}.trainer.optim.grad_accum_steps={t.optim.grad_accum_steps} microbatches "
+                f"each: change {name}.batch_size, {name}.trainer.num_minibatches or the mesh"
+            )
 
 
 def prepare_ppo(ctx: Context) -> Plan:
@@ -458,7 +472,7 @@ def prepare_ppo(ctx: Context) -> Plan:
             "safe_ppo.trainer.safety is null: the safe_ppo stage is PPO-Lagrangian; run "
             "`rlhf-jax ppo` for PPO without a cost constraint"
         )
-    _check_minibatches(st, name)
+    check_minibatches(ctx, st, name)
     policy_dir = ctx.model_dir(st.policy, f"{name}.policy", "sft")
     policy = ctx.load_model(policy_dir)
     tokenizer = ctx.load_tokenizer(policy_dir, policy)
@@ -543,6 +557,7 @@ def prepare_ppo(ctx: Context) -> Plan:
             mesh=ctx.mesh,
             state_shardings=shardings,
             frozen_shardings=frozen_shardings,
+            mode=ctx.cfg.parallel.step,
         )
 
     def finish(state, result):

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhf_jax import parallel
 from rlhf_jax.errors import UserError
 from rlhf_jax.optim import (
     OptimConfig,
-    accumulate,
     current_learning_rate,
     make_optimizer,
     set_learning_rate,
@@ -270,6 +270,8 @@ def epoch_updates(
     num_minibatches: int,
     perm_key: jax.Array,
     ok: jax.Array,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The on-policy learn phase (PPO, GRPO): E epochs x M minibatches, one guarded optimizer
     update per minibatch, ``lax.scan`` over both.
@@ -277,18 +279,32 @@ def epoch_updates(
     Epoch ``e`` permutes the ``N`` rows of ``exp`` (a pytree of ``[N, ...]`` arrays) with
     ``fold_in(perm_key, e)`` (no permutation when ``M = 1``: the summed loss does not depend on
     the order) and cuts them into ``M`` equal minibatches. Each minibatch's gradient is
-    accumulated exactly over ``optim_cfg.grad_accum_steps`` microbatches
-    (:func:`rlhf_jax.optim.accumulate`), every loss divided by its *whole-minibatch* denominators
-    ``counts(minibatch)`` (a scalar or ``[C]``, broadcast over the rows and handed to the objective
-    with each microbatch: the objective reads it from any row).
+    accumulated exactly over ``optim_cfg.grad_accum_steps`` microbatches by
+    :func:`rlhf_jax.parallel.accumulate` on ``mesh`` in its ``mode`` (``'jit'``, or
+    ``'shard_map'``: each device its own rows, in ``grad_accum_steps`` microbatches, then one
+    ``pmean``), every loss divided by its *whole-minibatch* denominators
+    ``counts(minibatch, pieces)`` (a scalar or ``[C]``, broadcast over the rows and handed to the
+    objective with each microbatch: the objective reads it from any row). ``pieces`` is the
+    number of equal, contiguous row blocks the loss is computed on (``grad_accum_steps``, times
+    the devices of ``('data', 'fsdp')`` in the ``shard_map`` form), for aggregations whose count
+    is per call (``bnpo``).
+
+    The objective returns its microbatch's share of the minibatch loss; the loss handed to
+    ``accumulate`` is that share times the minibatch's rows, with the microbatch's rows as its
+    count, so the one division by the summed count (per device and after the ``pmean`` alike)
+    gives the minibatch loss's gradient exactly, however the rows are split.
 
     Args:
-      objective: ``objective(params, (microbatch, counts)) -> (micro * loss, (1.0, (token_sums,
-        update_values)))``: ``token_sums`` maps a metric name to ``(sum, count)`` (reported as
-        the sum over all updates divided by the count over all updates), ``update_values`` maps a
-        name to its share of this update's value (summed over microbatches, reported as the mean
-        over updates) and must hold ``"loss"``, the update's loss.
+      objective: ``objective(params, (microbatch, counts)) -> (share, (token_sums,
+        update_values))``: ``share`` is the microbatch's part of the minibatch loss (its loss
+        sums divided by the whole-minibatch ``counts``), ``token_sums`` maps a metric name to
+        ``(sum, count)`` (reported as the sum over all updates divided by the count over all
+        updates), ``update_values`` maps a name to its share of this update's value (summed over
+        microbatches, reported as the mean over updates) and must hold ``"loss"``, the update's
+        loss.
       ok: scalar bool, the experience is finite; when false every update is dropped.
+      mesh, mode: where and in which form the gradient is taken
+        (:func:`rlhf_jax.parallel.accumulate`; ``mesh=None`` is the one-device form).
 
     Returns:
       the new train state and the metrics: every name of both kinds, ``grad_norm`` (mean over
@@ -304,11 +320,26 @@ def epoch_updates(
     mb_size = n_rows // m
     optimizer = make_optimizer(optim_cfg)
     one = jnp.float32(1.0)
+    if mode != "shard_map":  # XLA places the minibatch after the permutation's gather
+        mesh = None
+    pieces = micro * (1 if mesh is None else parallel.axis_size(mesh, parallel.BATCH_AXES))
+    if mb_size % pieces:
+        raise ValueError(
+            f"a minibatch of {mb_size} rows does not split into {pieces // micro} devices x "
+            f"optim.grad_accum_steps={micro} equal microbatches"
+        )
+
+    def loss_fn(params, batch):
+        share, aux = objective(params, batch)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        return share * mb_size, (jnp.float32(rows), aux)
 
     def one_update(train, minibatch):
-        c = counts(minibatch)
+        c = counts(minibatch, pieces)
         c = jnp.broadcast_to(c, (mb_size, *c.shape))  # split with the rows by accumulate
-        grads, _, (sums, values) = accumulate(objective, train.params, (minibatch, c), micro)
+        grads, _, (sums, values) = parallel.accumulate(
+            loss_fn, train.params, (minibatch, c), micro, mesh=mesh, mode=mode
+        )
         loss = jnp.where(ok, values["loss"], jnp.nan)  # a non-finite batch drops every update
         train, upd = apply_update(optimizer, train, grads, loss, optim_cfg)
         per_update = {name: (v, one) for name, v in values.items()}

@@ -92,6 +92,13 @@ def _ppo(files, run, *extra):
             2,
             "ppo.batch_size=4 does not split over the mesh's data x fsdp = 8 devices",
         ),
+        (
+            ["parallel.mesh.data=8", "parallel.step=shard_map", "ppo.batch_size=8"]
+            + ["ppo.trainer.num_minibatches=2"],
+            2,
+            "a ppo minibatch of 4 rows does not split over the 8 devices of parallel.mesh data x "
+            "fsdp (parallel.step=shard_map)",
+        ),
         (["ppo.trainer.reward_fn=no_such_module:f"], 1, "no_such_module"),
         (["ppo.trainer.reward_fn=FILES/rewards.py:missing"], 1, "missing"),
         (["ppo.trainer.reward_fn=FILES/rewards.py:wrong_count"], 1, "failed its check"),

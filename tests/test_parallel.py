@@ -460,14 +460,14 @@ def test_parallel_imports_no_trainer_and_no_memory():
 # --------------------------------------------------------------------------------------------
 
 
-def _ppo_run(mesh, preset, iterations=2):
+def _ppo_run(mesh, preset, iterations=2, mode="jit", **overrides):
     from rlhf_jax import models
     from rlhf_jax.algorithms import ppo
     from rlhf_jax.optim import OptimConfig
 
     lm = mw.model()
     rm = models.init_model(lm.config, jax.random.key(1), lm_head=False, score_head=True)
-    cfg = ppo.PPOConfig(
+    settings = dict(
         response_length=3,
         num_epochs=1,
         num_minibatches=2,
@@ -475,6 +475,7 @@ def _ppo_run(mesh, preset, iterations=2):
         optim=OptimConfig(name="sgd", learning_rate=0.1, max_grad_norm=None),
         kl_coef=0.1,
     )
+    cfg = ppo.PPOConfig(**(settings | overrides))
     static, params, frozen = ppo.make_models(cfg, lm, rm)
     state = ppo.init_state(cfg, params)
     shardings = parallel.state_shardings(state, mesh, preset)
@@ -487,7 +488,12 @@ def _ppo_run(mesh, preset, iterations=2):
         {"tokens": np.where(mask == 1, batch["tokens"][:8, :4], 0), "mask": mask}, mesh
     )
     iterate = ppo.make_iteration(
-        cfg, static, mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings
+        cfg,
+        static,
+        mesh=mesh,
+        state_shardings=shardings,
+        frozen_shardings=frozen_shardings,
+        mode=mode,
     )
     history = []
     for _ in range(iterations):
@@ -498,18 +504,42 @@ def _ppo_run(mesh, preset, iterations=2):
     return history, jax.device_get(state.params)
 
 
+def _assert_same_ppo_runs(got, want):
+    (history, params), (history_want, params_want) = got, want
+    for m, m_want in zip(history, history_want, strict=True):
+        for key in m_want:
+            np.testing.assert_allclose(m[key], m_want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert float(history_want[0]["score/mean"]) != 0.0  # the reward model really scored
+
+    def flat(tree):
+        pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {parallel.path_str(p): np.asarray(x) for p, x in pairs}
+
+    mw.assert_results_close(flat(params), flat(params_want))
+
+
 def test_ppo_iterations_on_8_devices_equal_1_device():
-    one, params_one = _ppo_run(parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp")
-    eight, params_eight = _ppo_run(parallel.make_mesh(MESHES["fsdp"]), "fsdp")
-    for m1, m8 in zip(one, eight, strict=True):
-        for key in m1:
-            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert float(one[0]["score/mean"]) != 0.0  # the reward model really scored
-    flat_one = jax.tree_util.tree_flatten_with_path(params_one)[0]
-    mw.assert_results_close(
-        {
-            parallel.path_str(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(params_eight)[0]
-        },
-        {parallel.path_str(p): np.asarray(x) for p, x in flat_one},
-    )
+    one = _ppo_run(parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp")
+    _assert_same_ppo_runs(_ppo_run(parallel.make_mesh(MESHES["fsdp"]), "fsdp"), one)
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_ppo_shard_map_update_equals_jit_and_one_device(adapters):
+    """``parallel.step=shard_map`` for PPO's update on (data=2, fsdp=4), dp rules: each device
+    takes the gradient sum of its 2 rows of each 16-row minibatch (2 microbatches of 1 row), one
+    pmean, one division by the minibatch's row count. With SGD (a gradient off by any factor,
+    e.g. the device count, moves the parameters differently) the metrics and parameters after
+    two iterations equal the ``jit`` form on the same mesh and on one device; with LoRA too (the
+    adapters and heads are the state, the frozen base enters the per-device loss replicated)."""
+    from rlhf_jax import lora
+    from rlhf_jax.optim import OptimConfig
+
+    sgd = OptimConfig(name="sgd", learning_rate=0.1, max_grad_norm=None, grad_accum_steps=2)
+    kw = dict(num_samples=4, optim=sgd)  # 8 prompts x 4 = 32 rows, 2 minibatches of 16
+    if adapters:
+        kw["lora"] = lora.LoRAConfig(rank=2, alpha=4.0)
+    one = _ppo_run(parallel.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp", **kw)
+    mesh = parallel.make_mesh(MESHES["fsdp"])
+    per_device = _ppo_run(mesh, "dp", mode="shard_map", **kw)
+    _assert_same_ppo_runs(per_device, one)
+    _assert_same_ppo_runs(per_device, _ppo_run(mesh, "dp", mode="jit", **kw))

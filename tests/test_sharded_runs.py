@@ -179,3 +179,16 @@ def test_ppo_fsdp_equals_one_device(files, one_device, tmp_path, compiled):
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
     _assert_placed(state.params["policy"], mesh, "fsdp")
     assert len(compiled) == 1 and compiled[0]._cache_size() == 1
+
+
+def test_shard_map_ppo_equals_one_device(files, one_device, tmp_path, compiled):
+    """``parallel.step=shard_map`` for the PPO stage on data=8 with the dp rules: the update's
+    gradient is each device's sum over its row, one pmean, one division by the minibatch's
+    counts; the metrics (loss, grad_norm, ...) are the one-device (jit form) run's."""
+    run = str(tmp_path / "run")
+    _copy_stages(one_device, run, ["sft", "rm"])
+    cfg = _config(files, run, *SHARD_MAP)
+    state = pipeline.run_stage(cfg, "ppo", verbose=False).result.state
+    _assert_same_metrics(run, one_device, "ppo", steps=2)
+    _assert_placed(state.params["policy"], parallel.make_mesh(cfg.parallel.mesh), "dp")
+    assert len(compiled) == 1 and compiled[0]._cache_size() == 1

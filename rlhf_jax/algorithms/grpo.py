@@ -383,22 +383,26 @@ def update(
     state: GRPOState,
     exp: GRPOExperience,
     perm_key: jax.Array,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
 ) -> tuple[GRPOState, dict[str, jax.Array]]:
     """Learn: E epochs x M minibatches of :func:`rlhf_jax.losses.grpo_loss`
     (:func:`rlhf_jax.train.epoch_updates`, PPO's learn phase).
 
     Each minibatch is one optimizer update, its gradient accumulated exactly over
     ``optim.grad_accum_steps`` microbatches (each loss divided by the whole minibatch's count
-    for the aggregation mode, as PPO). A non-finite update is dropped (``skipped``).
+    for the aggregation mode, as PPO), in the ``mode`` form on ``mesh`` (``parallel.step``:
+    ``'jit'`` or the per-device ``'shard_map'``, :func:`rlhf_jax.parallel.accumulate`). A
+    non-finite update is dropped (``skipped``).
     """
-    micro = cfg.optim.grad_accum_steps
     hp = state.hparams
     agg = cfg.conventions.loss_aggregation
     ok = jnp.all(jnp.isfinite(exp.advantages)) & jnp.all(jnp.isfinite(exp.ref_logprobs))
 
-    def count_of(mb):  # the whole minibatch's denominator, summed over its microbatches
+    def count_of(mb, pieces):  # the whole minibatch's denominator, summed over its row blocks
         mask = mb.response_mask
-        parts = mask.reshape(micro, mask.shape[0] // micro, mask.shape[1])
+        parts = mask.reshape(pieces, mask.shape[0] // pieces, mask.shape[1])
         per = jax.vmap(lambda x: losses.aggregate(jnp.zeros(x.shape), x, agg)[1])(parts)
         return jnp.sum(per)
 
@@ -414,7 +418,7 @@ def update(
             "policy/ratio": (mets["ratio"], tokens),
             "kl/token_k3": (mets["kl"], tokens),
         }
-        return micro * loss, (jnp.float32(1.0), (sums, {"loss": loss}))
+        return loss, (sums, {"loss": loss})
 
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
     train, metrics = epoch_updates(
@@ -427,6 +431,8 @@ def update(
         num_minibatches=cfg.num_minibatches,
         perm_key=perm_key,
         ok=ok,
+        mesh=mesh,
+        mode=mode,
     )
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
@@ -456,10 +462,15 @@ def rollout_metrics(exp: GRPOExperience, group_size: int) -> dict[str, jax.Array
 
 
 def iteration_fn(
-    cfg: GRPOConfig, static: GRPOModels, *, mesh: jax.sharding.Mesh | None = None
+    cfg: GRPOConfig,
+    static: GRPOModels,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
 ) -> Callable[..., tuple[GRPOState, dict[str, jax.Array]]]:
     """The pure iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``:
-    sample -> score -> learn; vmap it over runs before jitting (:func:`make_iteration`)."""
+    sample -> score -> learn; vmap it over runs before jitting (:func:`make_iteration`).
+    ``mode`` is the update's gradient form on ``mesh`` (:func:`update`)."""
     keep = (lambda tree: tree) if mesh is None else (lambda t: parallel.constrain_batch(t, mesh))
     spec = cfg.sampling_spec()
 
@@ -479,7 +490,7 @@ def iteration_fn(
         rows = keep(scoring.Responses.of(prompts, prompt_mask, sampled))
         exp = keep(experience(cfg, static, state, frozen, rows, sampled))
         metrics = rollout_metrics(exp, cfg.num_samples)
-        new_state, upd = update(cfg, static, state, exp, perm_key)
+        new_state, upd = update(cfg, static, state, exp, perm_key, mesh=mesh, mode=mode)
         return new_state.replace(step=state.step + 1), {**metrics, **upd}
 
     return iteration
@@ -492,14 +503,15 @@ def make_iteration(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     frozen_shardings: Any = None,
+    mode: str = "jit",
 ) -> Callable:
     """The compiled iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``
-    ``-> (state, metrics)``, the state donated (as PPO's ``make_iteration``)."""
+    ``-> (state, metrics)``, the state donated (as PPO's ``make_iteration``, ``mode`` too)."""
     if mesh is None:
         return jax.jit(iteration_fn(cfg, static), donate_argnums=0)
     rows = parallel.batch_sharding(mesh)
     jitted = parallel.jit_step(
-        iteration_fn(cfg, static, mesh=mesh),
+        iteration_fn(cfg, static, mesh=mesh, mode=mode),
         mesh,
         state_shardings,
         arg_shardings=(frozen_shardings, rows, rows, rows),
@@ -521,12 +533,19 @@ def make_step(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     frozen_shardings: Any = None,
+    mode: str = "jit",
 ) -> Callable:
     """``step(state, batch, key) -> (state, metrics)`` for :func:`rlhf_jax.train.run_loop`;
     ``batch`` has ``prompt_tokens``, ``prompt_mask`` and optionally ``prompt_index``. ``key`` is
-    unused (randomness from the state's seed and step: vmappable, exactly resumable)."""
+    unused (randomness from the state's seed and step: vmappable, exactly resumable).
+    ``mode``: the update's gradient form (:func:`make_iteration`)."""
     iterate = make_iteration(
-        cfg, static, mesh=mesh, state_shardings=state_shardings, frozen_shardings=frozen_shardings
+        cfg,
+        static,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        frozen_shardings=frozen_shardings,
+        mode=mode,
     )
 
     def step(state, batch, key):
@@ -582,20 +601,11 @@ def prepare(ctx: Any) -> Any:
     reward sources; check the batch splits; return the Plan."""
     from rlhf_jax import pipeline
     from rlhf_jax.algorithms.dpo import eval_config
-    from rlhf_jax.config import ConfigError
-    from rlhf_jax.stages import same_tokenizer
+    from rlhf_jax.stages import check_minibatches, same_tokenizer
 
     st = ctx.section
     cfg = st.trainer
-    rows = st.batch_size * cfg.num_samples
-    per = rows // cfg.num_minibatches
-    if rows % cfg.num_minibatches or per % cfg.optim.grad_accum_steps:
-        raise ConfigError(
-            f"grpo.batch_size x grpo.trainer.num_samples = {st.batch_size} x {cfg.num_samples} = "
-            f"{rows} rows must split into grpo.trainer.num_minibatches={cfg.num_minibatches} "
-            f"minibatches of grpo.trainer.optim.grad_accum_steps={cfg.optim.grad_accum_steps} "
-            "equal microbatches: change one of them"
-        )
+    check_minibatches(ctx, st, "grpo")
     policy_dir = ctx.model_dir(st.policy, "grpo.policy", "sft")
     policy = ctx.load_model(policy_dir)
     tokenizer = ctx.load_tokenizer(policy_dir, policy)
@@ -651,6 +661,7 @@ def prepare(ctx: Any) -> Any:
             mesh=ctx.mesh,
             state_shardings=shardings,
             frozen_shardings=frozen_shardings,
+            mode=ctx.cfg.parallel.step,
         )
 
     def finish(state, result):

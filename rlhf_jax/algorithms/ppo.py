@@ -807,9 +807,10 @@ def loss_masks(cfg: PPOConfig, response_mask: jax.Array) -> tuple[jax.Array, jax
 
 
 def loss_counts(cfg: PPOConfig, response_mask: jax.Array, num_micro: int) -> jax.Array:
-    """``[2]`` denominators (policy, value) of a minibatch split into ``num_micro`` microbatches.
+    """``[2]`` denominators (policy, value) of a minibatch whose loss is computed on
+    ``num_micro`` equal row blocks (the microbatches; in the ``shard_map`` form, every device's).
 
-    The sum over microbatches of :func:`rlhf_jax.losses.aggregate`'s count, so every aggregation
+    The sum over blocks of :func:`rlhf_jax.losses.aggregate`'s count, so every aggregation
     mode (token mean, sequence mean, ``bnpo``'s one per microbatch, ...) is exact.
     """
     conv = cfg.conventions
@@ -896,12 +897,17 @@ def update(
     state: PPOState,
     exp: Experience,
     frozen: FrozenParams | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """Phase 3, learn: E epochs x M minibatches of the PPO loss (``train.epoch_updates``).
 
     ``frozen`` is needed only with ``cfg.lora``: the loss is then taken on
     :func:`model_params` (base merged with the adapters), so the gradient reaches the adapters
-    and heads in the state, never the base.
+    and heads in the state, never the base. ``mesh`` and ``mode`` (``parallel.step``: ``'jit'``
+    or the per-device ``'shard_map'``) pick the gradient's form
+    (:func:`rlhf_jax.parallel.accumulate`); both give the same update.
 
     Epoch ``e`` permutes the ``N`` rows with ``fold_in(permutation_key, e)`` and cuts them into
     ``M`` equal minibatches; each minibatch is one optimizer update of
@@ -917,7 +923,6 @@ def update(
       over all updates), ``grad_norm`` (mean), ``lr`` and ``skipped`` (1 if any update was
       dropped).
     """
-    micro = cfg.optim.grad_accum_steps
     hparams = state.hparams
     exp_ok = _all_finite(
         (exp.advantages, exp.returns, exp.old_logprobs, exp.old_values)
@@ -926,16 +931,14 @@ def update(
     _, perm_key = iteration_keys(state)
 
     def objective(params, mb_and_counts):
-        # micro * (policy_sum / P + c_vf * value_sum / V) with count 1: accumulate's mean over
-        # the `micro` microbatches is then exactly the minibatch objective.
+        # this microbatch's share of policy_sum / P + c_vf * value_sum / V (whole-minibatch P, V)
         mb, counts = mb_and_counts
         full = model_params(cfg, static, frozen, params)
         pg_sum, vf_sum, sums = ppo_loss(cfg, static, full, mb, hparams)
         counts = jnp.maximum(counts[0], 1.0)  # the same [2] for every microbatch
         policy, value = pg_sum / counts[0], vf_sum / counts[1]
         loss = policy + hparams.vf_coef * value
-        values = {"loss": loss, "policy_loss": policy, "value_loss": value}
-        return micro * loss, (jnp.float32(1.0), (sums, values))
+        return loss, (sums, {"loss": loss, "policy_loss": policy, "value_loss": value})
 
     train = TrainState(params=state.params, opt_state=state.opt_state, step=state.step)
     train, metrics = epoch_updates(
@@ -943,11 +946,13 @@ def update(
         train,
         exp,
         objective,
-        lambda mb: loss_counts(cfg, mb.response_mask, micro),
+        lambda mb, pieces: loss_counts(cfg, mb.response_mask, pieces),
         num_epochs=cfg.num_epochs,
         num_minibatches=cfg.num_minibatches,
         perm_key=perm_key,
         ok=exp_ok,
+        mesh=mesh,
+        mode=mode,
     )
     return state.replace(params=train.params, opt_state=train.opt_state), metrics
 
@@ -1062,13 +1067,18 @@ def cost_metrics(exp: Experience) -> dict[str, jax.Array]:
 
 
 def iteration_fn(
-    cfg: PPOConfig, static: PPOModels, *, mesh: jax.sharding.Mesh | None = None
+    cfg: PPOConfig,
+    static: PPOModels,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str = "jit",
 ) -> Callable[..., tuple[PPOState, dict[str, jax.Array]]]:
     """The pure (un-jitted) iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
 
     Use it to ``jax.vmap`` over runs before jitting; :func:`make_iteration` is the jitted one.
     With ``mesh``, the prompts and the scored experience are kept split over ``('data', 'fsdp')``
-    (:func:`rlhf_jax.parallel.constrain_batch`).
+    (:func:`rlhf_jax.parallel.constrain_batch`), and ``mode`` is the update's gradient form
+    (:func:`update`).
     """
     keep = (lambda tree: tree) if mesh is None else (lambda t: parallel.constrain_batch(t, mesh))
 
@@ -1080,7 +1090,7 @@ def iteration_fn(
         if cfg.safety is not None:  # advantages/* below are then the combined ones
             lagrange, exp, lagrange_metrics = lagrange_step(cfg, state, exp)
         metrics = rollout_metrics(exp, state.kl_coef) | lagrange_metrics
-        new_state, update_metrics = update(cfg, static, state, exp, frozen)
+        new_state, update_metrics = update(cfg, static, state, exp, frozen, mesh=mesh, mode=mode)
         ok = update_metrics["skipped"] == 0
         new_state = new_state.replace(
             step=state.step + 1, kl_coef=kl_control(cfg, state, exp, ok), lagrange=lagrange
@@ -1098,6 +1108,7 @@ def make_iteration(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     frozen_shardings: Any = None,
+    mode: str = "jit",
 ) -> Callable:
     """The compiled iteration ``(state, frozen, prompts, prompt_mask, prompt_index=None)``.
 
@@ -1110,13 +1121,15 @@ def make_iteration(
     With ``mesh``: compiled by :func:`rlhf_jax.parallel.jit_step`, the state in and out on
     ``state_shardings``, ``frozen`` on ``frozen_shardings`` (its own rules), the prompts over
     ``('data', 'fsdp')``; called under ``jax.set_mesh(mesh)`` so the rollout's KV cache and
-    tokens follow the batch. The jax.jit object is the returned function's ``jitted``.
+    tokens follow the batch; ``mode`` (``parallel.step``) is the update's gradient form,
+    ``'jit'`` or the per-device ``'shard_map'`` (:func:`update`). The jax.jit object is the
+    returned function's ``jitted``.
     """
     if mesh is None:
         return jax.jit(iteration_fn(cfg, static), donate_argnums=0)
     rows = parallel.batch_sharding(mesh)
     jitted = parallel.jit_step(
-        iteration_fn(cfg, static, mesh=mesh),
+        iteration_fn(cfg, static, mesh=mesh, mode=mode),
         mesh,
         state_shardings,
         arg_shardings=(frozen_shardings, rows, rows, rows),
@@ -1138,16 +1151,23 @@ def make_step(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     frozen_shardings: Any = None,
+    mode: str = "jit",
 ) -> Callable:
     """``step(state, batch, key) -> (state, metrics)`` for :func:`rlhf_jax.train.run_loop`.
 
     ``batch`` is a dict with ``prompt_tokens`` [B, P], ``prompt_mask`` [B, P] and optionally
     ``prompt_index`` [B]. ``key`` is unused: PPO's randomness comes from the state's seed and step
     (module docstring), which is what makes runs vmappable over seeds and exactly resumable.
-    ``mesh`` and the shardings as in :func:`make_iteration` (``frozen`` placed on them already).
+    ``mesh``, the shardings and ``mode`` as in :func:`make_iteration` (``frozen`` placed on them
+    already).
     """
     iterate = make_iteration(
-        cfg, static, mesh=mesh, state_shardings=state_shardings, frozen_shardings=frozen_shardings
+        cfg,
+        static,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        frozen_shardings=frozen_shardings,
+        mode=mode,
     )
 
     def step(state, batch, key):

@@ -189,7 +189,7 @@ def accumulate(
         # a psum in the transpose, which the pmean below would count twice. Summed over its rows
         # (accumulate's mean times its clamped count).
         local = jax.lax.pcast(params, BATCH_AXES, to="varying")
-        grads, count, sums = accumulate_local(loss_fn, local, batch, num_micro)
+        grads, count, sums = accumulate_local(loss_fn, local, batch, num_micro, BATCH_AXES)
         count = jnp.asarray(count, jnp.float32)
         scale = jnp.maximum(count, 1.0)
         grad_sums = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
