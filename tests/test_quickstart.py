@@ -202,3 +202,19 @@ def test_report_figures_are_means_over_seeds_with_intervals():
     wide = {**good, "win_rate": Estimate(0.93, 0.80, 1.06, 5)}
     assert met["gold win rate mean >= 90%"](wide) and not met["gold win rate CI low >= 85%"](wide)
     assert not met["KL <= 8 nats"]({**good, "kl": Estimate(8.5, 8.0, 9.0, 5)})
+
+
+def test_compile_seconds_is_the_first_step_minus_the_mean_of_the_others():
+    """The report's compile figure: a 4-step run whose first step took 5 s and the others 1, 1.5
+    and 0.5 s compiled for 4 s; a resumed run counts only the steps of this process; fewer than two
+    steps give None."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(first_step_s=5.0, timings={"step": 8.0}, step=4, start_step=0)
+    assert quickstart.compile_seconds(run) == 4.0
+    resumed = SimpleNamespace(first_step_s=3.0, timings={"step": 5.0}, step=12, start_step=9)
+    assert quickstart.compile_seconds(resumed) == 2.0
+    one = SimpleNamespace(first_step_s=3.0, timings={"step": 3.0}, step=10, start_step=9)
+    assert quickstart.compile_seconds(one) is None
+    skipped = SimpleNamespace(first_step_s=None, timings={"step": 0.0}, step=10, start_step=10)
+    assert quickstart.compile_seconds(skipped) is None
