@@ -164,6 +164,23 @@ def stack_states(states: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *states)
 
 
+def prompt_step(iterate: Callable, frozen: Any) -> Callable:
+    """``step(state, batch, key) -> (state, metrics)`` for :func:`run_loop`, over an on-policy
+    iteration ``iterate(state, frozen, prompts, prompt_mask, prompt_index)`` (PPO, GRPO).
+
+    ``batch`` has ``prompt_tokens`` [B, P], ``prompt_mask`` [B, P] and optionally
+    ``prompt_index`` [B]. ``key`` is unused: the iteration draws its randomness from the state's
+    seed and step, which keeps runs vmappable over seeds and exactly resumable."""
+
+    def step(state, batch, key):
+        del key
+        return iterate(
+            state, frozen, batch["prompt_tokens"], batch["prompt_mask"], batch.get("prompt_index")
+        )
+
+    return step
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A step produced a non-finite loss or metric and the loop was told to stop.
 

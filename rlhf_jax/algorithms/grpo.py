@@ -67,6 +67,7 @@ from rlhf_jax.train import (
     TrainState,
     epoch_updates,
     hparam_arrays,
+    prompt_step,
     seeded_state,
     stack_states,
 )
@@ -547,14 +548,7 @@ def make_step(
         frozen_shardings=frozen_shardings,
         mode=mode,
     )
-
-    def step(state, batch, key):
-        del key
-        return iterate(
-            state, frozen, batch["prompt_tokens"], batch["prompt_mask"], batch.get("prompt_index")
-        )
-
-    return step
+    return prompt_step(iterate, frozen)
 
 
 # ------------------------------------------------------------------------------------------
