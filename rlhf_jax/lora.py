@@ -69,6 +69,9 @@ class LoRAConfig:
     # models/transformer.py: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.0  # adapter-input dropout: not implemented, must be 0
+    # top-level parameter groups trained in full beside the adapters (PEFT's modules_to_save),
+    # e.g. embed final_norm; PPO only. GPT-2's tied embedding is its output layer too
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.rank < 1:

@@ -283,3 +283,50 @@ def test_lora_ppo_update_is_the_adapters_gradient_of_the_documented_loss():
     assert min(moved) >= 0 and max(moved) > 1e-4
     for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+class _Words:
+    """Decodes TOY's token ids to WORDS (the reward function's text)."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(WORDS[i] for i in row) for row in rows]
+
+
+def _furry_share(prompts, responses):
+    return [r.split().count("furry") / 4 for r in responses]
+
+
+def test_lora_ppo_learns_a_reward():
+    """A LoRA PPO run (rank 4, the embedding and final norm in ``modules_to_save``) on TOY with
+    a rule reward, the share of "furry" in the 4-token responses: the rollouts' mean reward
+    rises from 0.16 to over 0.5 in 6 iterations. Checked when it was written: with the
+    learning rate at 1e-9 the reward stays at 0.11-0.16, with the reward's sign flipped it falls
+    to 0, and without ``modules_to_save`` (adapters only) it stays at 0.12-0.19 here, as the
+    toy task's LoRA run stalled without them (docs/running.md, LoRA)."""
+    from rlhf_jax.reward_fn import RewardFunction
+
+    cfg = ppo.PPOConfig(
+        response_length=4,
+        num_samples=4,
+        num_epochs=4,
+        num_minibatches=2,
+        critic="shared",
+        optim=OptimConfig(learning_rate=1e-2),
+        kl_coef=0.01,
+        temperature=1.0,
+        lora=lora.LoRAConfig(rank=4, alpha=8.0, modules_to_save=("embed", "final_norm")),
+    )
+    policy = models.init_model(TOY, jax.random.PRNGKey(0))
+    reward_fn = RewardFunction.load(_furry_share, _Words())
+    static, params, frozen = ppo.make_models(cfg, policy, reward_fn=reward_fn)
+    state = ppo.init_state(cfg, params)
+    iterate = ppo.make_iteration(cfg, static)
+    prompts, mask = jnp.tile(PROMPTS, (2, 1)), jnp.tile(PROMPT_MASK, (2, 1))
+    rewards = []
+    for _ in range(6):
+        state, metrics = iterate(state, frozen, prompts, mask)
+        rewards.append(float(metrics["score/mean"]))
+    assert rewards[-1] > 0.5 and rewards[-1] > rewards[0] + 0.3, rewards
+    with pytest.raises(ValueError, match="modules_to_save"):
+        bad = dataclasses.replace(cfg, lora=lora.LoRAConfig(modules_to_save=("wte",)))
+        ppo.make_models(bad, policy, reward_fn=reward_fn)

@@ -561,10 +561,18 @@ def make_models(
 
 def _lora_params(cfg: lora_lib.LoRAConfig, base, full, head: str, key, i: int) -> dict:
     """``{"adapters", "heads"}``: adapters on ``base``'s kernels (A from ``fold_in(key, i)``)
-    and ``full``'s ``head`` (a value or score head, trained in full; None if it has none)."""
+    and, trained in full, ``full``'s ``head`` (a value or score head) and the groups of
+    ``cfg.modules_to_save`` (None if there are none)."""
     from flax import nnx
 
-    heads = nnx.State({head: full[head]}) if head in full else None
+    missing = [m for m in cfg.modules_to_save if m not in full]
+    if missing:
+        raise ValueError(
+            f"lora.modules_to_save {missing}: not top-level parameter groups of this model "
+            f"(it has {sorted(full)})"
+        )
+    names = [n for n in (head, *cfg.modules_to_save) if n in full]
+    heads = nnx.State({n: full[n] for n in names}) if names else None
     adapters = lora_lib.init_adapters(base, cfg, jax.random.fold_in(key, i))
     return {"adapters": adapters, "heads": heads}
 

@@ -226,6 +226,8 @@ def make_step(
             raise ValueError(
                 f"sft.trainer.lora with parallel.step={mode!r} is not supported: use 'jit'"
             )
+        if cfg.lora.modules_to_save:
+            raise ValueError("sft.trainer.lora.modules_to_save is for PPO only; set it to []")
 
     def lora_step(state: TrainState, base, batch, key):
         def loss_fn(adapters, batch):
