@@ -570,6 +570,8 @@ def prepare_ppo(ctx: Context) -> Plan:
         adapter = PeftAdapter(
             state.params["policy"]["adapters"], trainer.lora, policy.config, base_model=policy_dir
         )
+        if trainer.lora.modules_to_save:  # the adapters alone are not the trained model
+            adapter = None
         return Outputs(policy.replace(params=params), tokenizer, adapter=adapter)
 
     return Plan(
