@@ -49,6 +49,7 @@ import tyro  # noqa: E402
 
 from rlhf_jax import memory, models, parallel  # noqa: E402
 from rlhf_jax.algorithms.ppo import PPOConfig  # noqa: E402
+from rlhf_jax.lora import LoRAConfig  # noqa: E402
 from rlhf_jax.optim import OptimConfig  # noqa: E402
 
 # Model shapes (no weights), from the models' config.json: GPT-2 small; Llama 3.2 1B; Llama 3.1 8B;
@@ -156,6 +157,7 @@ class Args:
     ppo: bool = False  # PPO's whole iteration (policy, critic, reference, reward model, rollout)
     samples: int = 1  # PPO: responses per prompt
     minibatches: int = 8  # PPO: minibatches per epoch (the update's activations are per minibatch)
+    lora_rank: int = 0  # PPO: LoRA adapters of this rank (alpha = 2 x rank) on policy and critic
 
 
 def parse_mesh(text: str) -> parallel.MeshConfig:
@@ -179,7 +181,12 @@ def measure(args: Args, model: str, mesh_text: str, preset: str, remat: str, bat
     optim = OptimConfig(name="adamw", moment_dtype=args.moment_dtype)
     name = f"{model} ({mesh_text}) {preset}" + ("" if remat == "none" else f" remat={remat}")
     if args.ppo:  # half the tokens prompt, half response; separate critic
+        lora = None
+        if args.lora_rank:
+            lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+            name += f" lora r={args.lora_rank}"
         ppo_cfg = PPOConfig(
+            lora=lora,
             response_length=args.seq_len // 2,
             num_samples=args.samples,
             num_epochs=1,
