@@ -624,9 +624,17 @@ class Block(nnx.Module):
 
 
 def _dense(x, w, dtype):
-    """``nnx.Linear`` as a function: ``x @ kernel (+ bias)``, operands in the compute dtype."""
+    """``nnx.Linear`` as a function: ``x @ kernel (+ bias)``, operands in the compute dtype.
+
+    The leading axes are flattened into one before the product. The numbers are the same, but
+    the backward differs: for ``[B, t, D] @ [D, F]`` JAX's transpose rule writes the kernel's
+    gradient as a contraction over two axes followed by a transpose, which XLA:CPU runs as a
+    generic dot at about half the GEMM rate; for ``[B t, D] @ [D, F]`` it is one ``x^T dy``.
+    On the PPO benchmark this made the iteration 12% faster (``experiments/bench_ppo.py``).
+    """
     kernel = w["kernel"].astype(dtype)
-    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    lead = x.shape[:-1]
+    y = (x.astype(dtype).reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
     if w.get("bias") is not None:
         y = y + w["bias"].astype(dtype)
     return y
