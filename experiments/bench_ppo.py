@@ -17,6 +17,14 @@ issue's configuration and say so in the header line.
 
     PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
+    PYTHONPATH=. python experiments/bench_ppo.py --ab rows --runs 10   # one change, A/B
+
+``--ab CHANGE`` times one speed change by an interleaved A/B in one process: the fused iteration
+traced with the formulation before the change (A, kept in this script) and with the library's (B),
+then ``--runs`` calls of each, alternating; it prints both medians, ``kl/response`` after the runs
+and ``ab <change>: speedup <A/B>``. The changes: ``logprobs`` (the taken token's log-prob as
+``z[token] - logsumexp(z)``), ``dense`` (dense layers flatten their leading axes, so the kernel
+gradient is one ``x^T dy`` GEMM), ``rows`` (the trunk's last layer on the scored rows only).
 
 Last line: ``ppo seconds per iteration: <s> (compile <c> s)``.
 
@@ -130,33 +138,76 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def _full_log_softmax_logprobs(module, hidden, tokens, start, temperature):
-    """The previous formulation of ``apply._logprobs_from_hidden``, kept here for ``--ab-logprobs``
-    only: a full ``[B, R, V]`` log-softmax, then the taken token gathered from it."""
-    h = hidden[:, start - 1 : -1]
+def _full_log_softmax_logprobs(module, h, tokens, start, temperature):
+    """Before ``logprobs``: a full ``[B, R, V]`` log-softmax, then the taken token gathered."""
     lg = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)
     logp = jax.nn.log_softmax(lg, axis=-1)
     targets = tokens[:, start:].astype(jnp.int32)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def ab_logprobs(cfg, static, params, frozen, args: tuple, runs: int) -> None:
-    """Interleaved A/B of the fused iteration: A = full log-softmax (the previous formulation),
-    B = ``logit[token] - logsumexp`` (the library's). Each program is traced under its
-    formulation, then runs i of A and B alternate; prints both medians and B's speed-up."""
-    from rlhf_jax.models import apply
+def _unflattened_dense(x, w, dtype):
+    """Before ``dense``: ``[..., D] @ [D, F]`` as one dot_general over the leading axes."""
+    kernel = w["kernel"].astype(dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if w.get("bias") is not None:
+        y = y + w["bias"].astype(dtype)
+    return y
 
-    current = apply._logprobs_from_hidden
+
+def _all_rows_trunk(trunk):
+    """Before ``rows``: the last layer on every row, then the scored rows sliced out."""
+
+    def full(graphdef, params, tokens, attention_mask, rows=None):
+        module, hidden = trunk(graphdef, params, tokens, attention_mask)
+        return module, hidden if rows is None else hidden[:, rows[0] : rows[1]]
+
+    return full
+
+
+# --ab CHANGE: (module, attribute, the formulation before the change, what the change did).
+AB_CHANGES = {
+    "logprobs": (
+        "rlhf_jax.models.apply",
+        "_logprobs_from_hidden",
+        lambda current: _full_log_softmax_logprobs,
+        "logit[token] - logsumexp instead of a full log-softmax and a gather",
+    ),
+    "dense": (
+        "rlhf_jax.models.transformer",
+        "_dense",
+        lambda current: _unflattened_dense,
+        "dense layers flatten their leading axes (the kernel gradient is one x^T dy GEMM)",
+    ),
+    "rows": (
+        "rlhf_jax.models.apply",
+        "_trunk",
+        _all_rows_trunk,
+        "the last layer's queries, attention and MLP on the scored rows only",
+    ),
+}
+
+
+def ab_change(change: str, cfg, static, params, frozen, args: tuple, runs: int) -> None:
+    """Interleaved A/B of the fused iteration for one change (``AB_CHANGES``): A = the
+    formulation before it, B = the library's. Each program is traced under its formulation, then
+    run i of A and run i of B alternate; prints both medians, ``kl/response`` after the runs and
+    B's speed-up."""
+    import importlib
+
+    module_name, attr, before, what = AB_CHANGES[change]
+    module = importlib.import_module(module_name)
+    current = getattr(module, attr)
     progs = {}
-    for name, fn in (("A full log-softmax", _full_log_softmax_logprobs), ("B logsumexp", current)):
-        apply._logprobs_from_hidden = fn
+    for name, fn in (("A before", before(current)), ("B library", current)):
+        setattr(module, attr, fn)
         try:
             iterate = ppo.make_iteration(cfg, static)
             state = ppo.init_state(cfg, params)
             state, metrics = iterate(state, frozen, *args)  # traces and compiles under `fn`
             jax.block_until_ready(metrics)
         finally:
-            apply._logprobs_from_hidden = current
+            setattr(module, attr, current)
         progs[name] = [iterate, state, metrics]
     times = {name: [] for name in progs}
     for _ in range(runs):
@@ -166,14 +217,15 @@ def ab_logprobs(cfg, static, params, frozen, args: tuple, runs: int) -> None:
             jax.block_until_ready(prog[2])
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"change: {change}: {what}")
     for name, prog in progs.items():
         runs_s = " ".join(f"{t:.3f}" for t in times[name])
         print(
-            f"{name:<20} median {med[name]:.3f} s  runs [{runs_s}]  "
+            f"{name:<10} median {med[name]:.3f} s  runs [{runs_s}]  "
             f"kl/response={float(prog[2]['kl/response']):.6f}"
         )
     a, b = med.values()
-    print(f"logprobs A/B: logsumexp speedup vs full log-softmax: {a / b:.3f}")
+    print(f"ab {change}: speedup {a / b:.3f}")
 
 
 def trl_run(args, model_cfg: models.ModelConfig, cfg: ppo.PPOConfig, seed: int) -> dict:
@@ -287,15 +339,16 @@ def main(argv=None) -> None:
         default="~/venvs/trl/bin/python",
         help="python of the environment with torch==2.13.0 and trl==1.12.0 (--against trl)",
     )
-    parser.add_argument("--runs", type=int, default=2, help="interleaved runs per side (--against)")
+    parser.add_argument(
+        "--runs", type=int, default=2, help="interleaved runs per side (--against, --ab)"
+    )
     parser.add_argument("--trl-warmup", type=int, default=1, help="TRL iterations dropped per run")
     parser.add_argument("--trl-threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument(
-        "--ab-logprobs",
-        type=int,
-        default=0,
-        metavar="RUNS",
-        help="only: interleaved A/B of the log-prob formulation in the fused iteration, RUNS each",
+        "--ab",
+        choices=sorted(AB_CHANGES),
+        default=None,
+        help="only: interleaved A/B of one change in the fused iteration (--runs each)",
     )
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
@@ -334,8 +387,8 @@ def main(argv=None) -> None:
     ).astype(jnp.int32)
     prompt_mask = jnp.ones_like(prompts)
     index = jnp.arange(args.batch, dtype=jnp.int32)
-    if args.ab_logprobs:
-        ab_logprobs(cfg, static, params, frozen, (prompts, prompt_mask, index), args.ab_logprobs)
+    if args.ab:
+        ab_change(args.ab, cfg, static, params, frozen, (prompts, prompt_mask, index), args.runs)
         return
     if args.against == "trl":
         if args.dtype != "float32" or args.critic != "separate":
