@@ -56,6 +56,7 @@ slower with 2 threads than with 1 on the 2-core development machine under load (
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
@@ -165,22 +166,27 @@ def _all_rows_trunk(trunk):
     return full
 
 
-# --ab CHANGE: (module, attribute, the formulation before the change, what the change did).
+# The modules an --ab change patches.
+AB_OWNERS = {
+    "apply": lambda: importlib.import_module("rlhf_jax.models.apply"),
+    "transformer": lambda: importlib.import_module("rlhf_jax.models.transformer"),
+}
+# --ab CHANGE: (AB_OWNERS key, attribute, the formulation before the change, what the change did).
 AB_CHANGES = {
     "logprobs": (
-        "rlhf_jax.models.apply",
+        "apply",
         "_logprobs_from_hidden",
         lambda current: _full_log_softmax_logprobs,
         "logit[token] - logsumexp instead of a full log-softmax and a gather",
     ),
     "dense": (
-        "rlhf_jax.models.transformer",
+        "transformer",
         "_dense",
         lambda current: _unflattened_dense,
         "dense layers flatten their leading axes (the kernel gradient is one x^T dy GEMM)",
     ),
     "rows": (
-        "rlhf_jax.models.apply",
+        "apply",
         "_trunk",
         _all_rows_trunk,
         "the last layer's queries, attention and MLP on the scored rows only",
@@ -191,41 +197,43 @@ AB_CHANGES = {
 def ab_change(change: str, cfg, static, params, frozen, args: tuple, runs: int) -> None:
     """Interleaved A/B of the fused iteration for one change (``AB_CHANGES``): A = the
     formulation before it, B = the library's. Each program is traced under its formulation, then
-    run i of A and run i of B alternate; prints both medians, ``kl/response`` after the runs and
+    run i of A and run i of B alternate; prints both medians (wall and process CPU seconds: the
+    CPU time moves less when other tenants share the host), ``kl/response`` after the runs and
     B's speed-up."""
-    import importlib
-
-    module_name, attr, before, what = AB_CHANGES[change]
-    module = importlib.import_module(module_name)
-    current = getattr(module, attr)
+    owner_name, attr, before, what = AB_CHANGES[change]
+    owner = AB_OWNERS[owner_name]()
+    current = getattr(owner, attr)
     progs = {}
     for name, fn in (("A before", before(current)), ("B library", current)):
-        setattr(module, attr, fn)
+        setattr(owner, attr, fn)
         try:
             iterate = ppo.make_iteration(cfg, static)
             state = ppo.init_state(cfg, params)
             state, metrics = iterate(state, frozen, *args)  # traces and compiles under `fn`
             jax.block_until_ready(metrics)
         finally:
-            setattr(module, attr, current)
+            setattr(owner, attr, current)
         progs[name] = [iterate, state, metrics]
     times = {name: [] for name in progs}
+    cpu = {name: [] for name in progs}
     for _ in range(runs):
         for name, prog in progs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             prog[1], prog[2] = prog[0](prog[1], frozen, *args)
             jax.block_until_ready(prog[2])
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     med = {name: statistics.median(t) for name, t in times.items()}
+    med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     print(f"change: {change}: {what}")
     for name, prog in progs.items():
         runs_s = " ".join(f"{t:.3f}" for t in times[name])
         print(
-            f"{name:<10} median {med[name]:.3f} s  runs [{runs_s}]  "
+            f"{name:<10} median {med[name]:.3f} s (CPU {med_cpu[name]:.3f} s)  runs [{runs_s}]  "
             f"kl/response={float(prog[2]['kl/response']):.6f}"
         )
-    a, b = med.values()
-    print(f"ab {change}: speedup {a / b:.3f}")
+    (a, b), (ca, cb) = med.values(), med_cpu.values()
+    print(f"ab {change}: speedup {a / b:.3f} (CPU seconds: {ca / cb:.3f})")
 
 
 def trl_run(args, model_cfg: models.ModelConfig, cfg: ppo.PPOConfig, seed: int) -> dict:
@@ -320,6 +328,25 @@ def profile(iterate, state, args: tuple, top: int = 20) -> None:
     print(f"top ops of one fused iteration, seconds (sum of op times {sum(total.values()):.3f}):")
     for name, sec in total.most_common(top):
         print(f"  {sec:7.3f}  {name[-110:]}")
+    phases: collections.Counter = collections.Counter()
+    for name, sec in total.items():
+        phases[_phase_of(name)] += sec
+    print("by phase (op times; with 2+ threads, ops that overlap each count in full):")
+    for phase, sec in phases.most_common():
+        print(f"  {sec:7.3f}  {phase}")
+
+
+def _phase_of(op_name: str) -> str:
+    """The iteration's phase an op belongs to, from its JAX ``op_name``."""
+    if "_sample" in op_name:
+        return "rollout (sampling loop)"
+    if "cond/branch" in op_name:
+        return "optimizer (the guarded update)"
+    if "transpose(jvp" in op_name:
+        return "update: backward"
+    if "jvp(" in op_name:
+        return "update: forward"
+    return "scoring and the rest (reference, critic values, reward model, GAE)"
 
 
 def main(argv=None) -> None:
