@@ -307,9 +307,12 @@ def profile(iterate, state, args: tuple, top: int = 20) -> None:
     import tempfile
 
     hlo = iterate.lower(state, *args).compile().as_text()
-    origin = {
-        m.group(1): m.group(2) for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)
-    }
+    # control flow (while, conditional, call) is left out: its time is its body's ops, counted
+    lines = (
+        re.match(r'\s*(?:ROOT )?%([\w.-]+) = (.*?)op_name="([^"]*)"', x) for x in hlo.split("\n")
+    )
+    control = re.compile(r"\s(while|conditional|call)\(")
+    origin = {m.group(1): m.group(3) for m in lines if m and not control.search(m.group(2))}
     state, metrics = iterate(state, *args)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as trace_dir:
