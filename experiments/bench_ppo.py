@@ -18,6 +18,7 @@ issue's configuration and say so in the header line.
     PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
     PYTHONPATH=. python experiments/bench_ppo.py --ab rows --runs 10   # one change, A/B
+    PYTHONPATH=. python experiments/bench_ppo.py --trace 5   # trace + lower a 5-run sweep step
 
 ``--ab CHANGE`` times one speed change by an interleaved A/B in one process: the fused iteration
 traced with the formulation before the change (A, kept in this script) and with the library's (B),
@@ -236,6 +237,37 @@ def ab_change(change: str, cfg, static, params, frozen, args: tuple, runs: int) 
     print(f"ab {change}: speedup {a / b:.3f} (CPU seconds: {ca / cb:.3f})")
 
 
+def trace_times(cfg, static, params, frozen, batch: tuple, runs: int) -> None:
+    """Seconds to trace and to lower the PPO step vmapped over ``runs`` runs (a sweep's program),
+    two ways: ``sweep.vmap_step`` (traced with the select guard) and a plain ``jax.vmap`` of the
+    step (the guard's ``lax.cond`` batched). Each is traced 3 times alternately, from new
+    functions; the medians are printed (the first trace in a process also pays JAX's own
+    first-use costs)."""
+    from rlhf_jax import sweep
+
+    state = ppo.init_state(cfg, params)
+    stacked = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
+    prompts, mask = batch[0], batch[1]
+    data = {"prompt_tokens": jnp.stack([prompts] * runs), "prompt_mask": jnp.stack([mask] * runs)}
+    ways = {
+        "sweep.vmap_step (select guard)": sweep.vmap_step,
+        "jax.vmap (cond guard batched)": lambda step: jax.vmap(step, in_axes=(0, 0, None)),
+    }
+    out = {name: [] for name in ways}
+    for _ in range(3):
+        for name, wrap in ways.items():
+            fn = jax.jit(wrap(ppo.make_step(cfg, static, frozen)))
+            t0 = time.perf_counter()
+            traced = fn.trace(stacked, data, jax.random.PRNGKey(0))
+            t1 = time.perf_counter()
+            traced.lower()
+            out[name].append((t1 - t0, time.perf_counter() - t1))
+    for name, times in out.items():
+        trace = statistics.median(t for t, _ in times)
+        lower = statistics.median(x for _, x in times)
+        print(f"{name:<32} {runs} runs: trace {trace:.2f} s, lower {lower:.2f} s")
+
+
 def trl_run(args, model_cfg: models.ModelConfig, cfg: ppo.PPOConfig, seed: int) -> dict:
     """One TRL run in its own process: ``{"seconds": [steady-state seconds of args.repeats
     iterations], "torch", "trl", "threads"}`` (the helper's JSON line)."""
@@ -381,6 +413,13 @@ def main(argv=None) -> None:
         help="only: interleaved A/B of one change in the fused iteration (--runs each)",
     )
     parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="only: seconds to trace and lower the step vmapped over RUNS runs (two guards)",
+    )
+    parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
     )
     parser.add_argument(
@@ -417,6 +456,9 @@ def main(argv=None) -> None:
     ).astype(jnp.int32)
     prompt_mask = jnp.ones_like(prompts)
     index = jnp.arange(args.batch, dtype=jnp.int32)
+    if args.trace:
+        trace_times(cfg, static, params, frozen, (prompts, prompt_mask), args.trace)
+        return
     if args.ab:
         ab_change(args.ab, cfg, static, params, frozen, (prompts, prompt_mask, index), args.runs)
         return
