@@ -18,7 +18,7 @@ issue's configuration and say so in the header line.
     PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
     PYTHONPATH=. python experiments/bench_ppo.py --ab rows --runs 10   # one change, A/B
-    PYTHONPATH=. python experiments/bench_ppo.py --trace 5   # trace + lower a 5-run sweep step
+    PYTHONPATH=. python experiments/bench_ppo.py --trace 5 --runs 3   # trace + lower, 5-run sweep
 
 ``--ab CHANGE`` times one speed change by an interleaved A/B in one process: the fused iteration
 traced with the formulation before the change (A, kept in this script) and with the library's (B),
@@ -63,6 +63,7 @@ import os
 import pathlib
 import statistics
 import subprocess
+import sys
 import time
 
 import jax
@@ -237,35 +238,38 @@ def ab_change(change: str, cfg, static, params, frozen, args: tuple, runs: int) 
     print(f"ab {change}: speedup {a / b:.3f} (CPU seconds: {ca / cb:.3f})")
 
 
-def trace_times(cfg, static, params, frozen, batch: tuple, runs: int) -> None:
-    """Seconds to trace and to lower the PPO step vmapped over ``runs`` runs (a sweep's program),
-    two ways: ``sweep.vmap_step`` (traced with the select guard) and a plain ``jax.vmap`` of the
-    step (the guard's ``lax.cond`` batched). Each is traced 3 times alternately, from new
-    functions; the medians are printed (the first trace in a process also pays JAX's own
-    first-use costs)."""
+def trace_once(cfg, static, params, frozen, batch: tuple, runs: int) -> None:
+    """Trace and lower the PPO step vmapped over ``runs`` runs once (``sweep.vmap_step``, a
+    sweep's program); prints one JSON line ``{"trace": s, "lower": s}``."""
     from rlhf_jax import sweep
 
     state = ppo.init_state(cfg, params)
     stacked = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
     prompts, mask = batch[0], batch[1]
     data = {"prompt_tokens": jnp.stack([prompts] * runs), "prompt_mask": jnp.stack([mask] * runs)}
-    ways = {
-        "sweep.vmap_step (select guard)": sweep.vmap_step,
-        "jax.vmap (cond guard batched)": lambda step: jax.vmap(step, in_axes=(0, 0, None)),
-    }
-    out = {name: [] for name in ways}
-    for _ in range(3):
-        for name, wrap in ways.items():
-            fn = jax.jit(wrap(ppo.make_step(cfg, static, frozen)))
-            t0 = time.perf_counter()
-            traced = fn.trace(stacked, data, jax.random.PRNGKey(0))
-            t1 = time.perf_counter()
-            traced.lower()
-            out[name].append((t1 - t0, time.perf_counter() - t1))
-    for name, times in out.items():
-        trace = statistics.median(t for t, _ in times)
-        lower = statistics.median(x for _, x in times)
-        print(f"{name:<32} {runs} runs: trace {trace:.2f} s, lower {lower:.2f} s")
+    fn = jax.jit(sweep.vmap_step(ppo.make_step(cfg, static, frozen)))
+    t0 = time.perf_counter()
+    traced = fn.trace(stacked, data, jax.random.PRNGKey(0))
+    t1 = time.perf_counter()
+    traced.lower()
+    print(json.dumps({"trace": t1 - t0, "lower": time.perf_counter() - t1}))
+
+
+def trace_times(args, runs: int) -> None:
+    """``--trace RUNS``: :func:`trace_once` in ``--runs`` fresh processes (what a new run pays,
+    JAX's own first-use costs included); the medians."""
+    rows = []
+    for _ in range(args.runs):
+        cmd = [sys.executable, __file__, "--trace", str(runs), "--trace-child"]
+        cmd += [] if args.unroll else ["--no-unroll"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"trace run failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    trace = statistics.median(r["trace"] for r in rows)
+    lower = statistics.median(r["lower"] for r in rows)
+    each = " ".join(f"{r['trace']:.2f}/{r['lower']:.2f}" for r in rows)
+    print(f"{runs} runs vmapped: trace {trace:.2f} s, lower {lower:.2f} s (each run: {each})")
 
 
 def trl_run(args, model_cfg: models.ModelConfig, cfg: ppo.PPOConfig, seed: int) -> dict:
@@ -417,8 +421,9 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         metavar="RUNS",
-        help="only: seconds to trace and lower the step vmapped over RUNS runs (two guards)",
+        help="only: seconds to trace and lower the step vmapped over RUNS runs (a sweep's)",
     )
+    parser.add_argument("--trace-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
     )
@@ -456,8 +461,11 @@ def main(argv=None) -> None:
     ).astype(jnp.int32)
     prompt_mask = jnp.ones_like(prompts)
     index = jnp.arange(args.batch, dtype=jnp.int32)
+    if args.trace and args.trace_child:
+        trace_once(cfg, static, params, frozen, (prompts, prompt_mask), args.trace)
+        return
     if args.trace:
-        trace_times(cfg, static, params, frozen, (prompts, prompt_mask), args.trace)
+        trace_times(args, args.trace)
         return
     if args.ab:
         ab_change(args.ab, cfg, static, params, frozen, (prompts, prompt_mask, index), args.runs)

@@ -25,8 +25,6 @@ The logger and checkpointer are duck-typed (:class:`rlhf_jax.logging.RunLogger`,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -225,26 +223,6 @@ class LoopResult:
 # ------------------------------------------------------------------------------------------
 
 
-# How apply_update drops a non-finite update while a step is traced: "cond" (a branch: a dropped
-# update is not computed) or "select" (computed, then the old values kept leaf by leaf). Under vmap
-# a cond whose predicate differs per run becomes a select anyway, and batching its branch (the
-# whole optimizer update) inside the nested epoch and minibatch scans was the largest single cost
-# of tracing a sweep's step, so sweep.vmap_step traces with "select".
-_UPDATE_GUARD = contextvars.ContextVar("rlhf_jax_update_guard", default="cond")
-
-
-@contextlib.contextmanager
-def update_guard(kind: str):
-    """Trace :func:`apply_update` with ``kind`` ("cond" or "select") inside this block."""
-    if kind not in ("cond", "select"):
-        raise ValueError(f"update_guard({kind!r}): use 'cond' or 'select'")
-    token = _UPDATE_GUARD.set(kind)
-    try:
-        yield
-    finally:
-        _UPDATE_GUARD.reset(token)
-
-
 def apply_update(
     optimizer: optax.GradientTransformation,
     state: TrainState,
@@ -257,8 +235,6 @@ def apply_update(
     Call it inside the compiled step. When ``loss`` or the global gradient norm is NaN/inf the
     returned state keeps the old ``params`` and ``opt_state`` (a ``lax.cond`` skips the update, so
     the bad values never touch the parameters or the Adam moments) and only ``step`` advances.
-    Inside :func:`update_guard` ``("select")`` (a sweep's vmapped step) the update is computed
-    and the old values are selected instead: the same result.
 
     Args:
       optimizer: the optax transformation (from :func:`rlhf_jax.optim.make_optimizer`).
@@ -288,13 +264,9 @@ def apply_update(
         params, opt_state, _ = operands
         return params, opt_state
 
-    operands = (state.params, state.opt_state, grads)
-    if _UPDATE_GUARD.get() == "select":
-        new_params, new_opt = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old), step(operands), skip(operands)
-        )
-    else:  # a branch: a dropped update is not computed, and a kept one is written once
-        new_params, new_opt = jax.lax.cond(ok, step, skip, operands)
+    # A branch, not a select of both results: the update is not computed when it is dropped, and
+    # a kept one is written once (under vmap the branch becomes a select of both, as before).
+    new_params, new_opt = jax.lax.cond(ok, step, skip, (state.params, state.opt_state, grads))
     new_state = state.replace(params=new_params, opt_state=new_opt, step=state.step + 1)
     metrics = {
         "grad_norm": grad_norm,

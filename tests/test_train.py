@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.train import (
-    LoopConfig,
-    NonFiniteError,
-    TrainState,
-    apply_update,
-    run_loop,
-    update_guard,
-)
+from rlhf_jax.train import LoopConfig, NonFiniteError, TrainState, apply_update, run_loop
 
 LR = 0.1
 OPTIM = OptimConfig(name="sgd", learning_rate=LR, max_grad_norm=None)
@@ -59,33 +52,6 @@ def test_apply_update_is_sgd_and_drops_nonfinite_updates():
     assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
     np.testing.assert_array_equal(state.params["w"], before)  # nothing corrupted
     assert int(state.opt_state.count) == count and int(state.step) == 2
-
-
-@pytest.mark.parametrize("guard", ["cond", "select"])
-def test_both_update_guards_drop_nonfinite_updates_alike(guard):
-    """``update_guard("select")`` (what a sweep traces its vmapped step with) keeps the old
-    values by a select instead of skipping a branch: same states, and no cond in the program."""
-    optimizer = make_optimizer(OPTIM)
-
-    def step(state, scale):
-        loss, grads = jax.value_and_grad(lambda p: scale * jnp.sum((p["w"] - 1.0) ** 2))(
-            state.params
-        )
-        return apply_update(optimizer, state, grads, loss, OPTIM)
-
-    with update_guard(guard):
-        jaxpr = jax.make_jaxpr(step)(_init(optimizer), jnp.float32(1.0))
-        run = jax.jit(step)
-        state, m = run(_init(optimizer), jnp.float32(1.0))
-        bad, m_bad = run(state, jnp.float32(np.nan))
-    assert ("cond" in str(jaxpr)) == (guard == "cond")
-    np.testing.assert_allclose(state.params["w"], _w_after(1), rtol=1e-6)
-    np.testing.assert_array_equal(bad.params["w"], state.params["w"])
-    assert int(bad.opt_state.count) == int(state.opt_state.count) and int(bad.step) == 2
-    assert float(m["skipped"]) == 0.0 and float(m_bad["skipped"]) == 1.0
-    with pytest.raises(ValueError, match="update_guard"):
-        with update_guard("branch"):
-            pass
 
 
 def test_max_steps_history_and_timings():
