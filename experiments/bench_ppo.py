@@ -17,15 +17,15 @@ issue's configuration and say so in the header line.
 
     PYTHONPATH=. python experiments/bench_ppo.py            # full: 5 repeats
     PYTHONPATH=. python experiments/bench_ppo.py --quick    # 2 repeats, for a smoke test
-    PYTHONPATH=. python experiments/bench_ppo.py --ab rows --runs 10   # one change, A/B
+    PYTHONPATH=. python experiments/bench_ppo.py --ab dense --runs 10   # one change, A/B
     PYTHONPATH=. python experiments/bench_ppo.py --trace 5 --runs 3   # trace + lower, 5-run sweep
 
 ``--ab CHANGE`` times one speed change by an interleaved A/B in one process: the fused iteration
 traced with the formulation before the change (A, kept in this script) and with the library's (B),
 then ``--runs`` calls of each, alternating; it prints both medians, ``kl/response`` after the runs
 and ``ab <change>: speedup <A/B>``. The changes: ``logprobs`` (the taken token's log-prob as
-``z[token] - logsumexp(z)``), ``dense`` (dense layers flatten their leading axes, so the kernel
-gradient is one ``x^T dy`` GEMM), ``rows`` (the trunk's last layer on the scored rows only).
+``z[token] - logsumexp(z)``) and ``dense`` (dense layers flatten their leading axes, so the
+kernel gradient is one ``x^T dy`` GEMM).
 
 Last line: ``ppo seconds per iteration: <s> (compile <c> s)``.
 
@@ -141,8 +141,9 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def _full_log_softmax_logprobs(module, h, tokens, start, temperature):
+def _full_log_softmax_logprobs(module, hidden, tokens, start, temperature):
     """Before ``logprobs``: a full ``[B, R, V]`` log-softmax, then the taken token gathered."""
+    h = hidden[:, start - 1 : -1]
     lg = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)
     logp = jax.nn.log_softmax(lg, axis=-1)
     targets = tokens[:, start:].astype(jnp.int32)
@@ -158,40 +159,19 @@ def _unflattened_dense(x, w, dtype):
     return y
 
 
-def _all_rows_trunk(trunk):
-    """Before ``rows``: the last layer on every row, then the scored rows sliced out."""
-
-    def full(graphdef, params, tokens, attention_mask, rows=None):
-        module, hidden = trunk(graphdef, params, tokens, attention_mask)
-        return module, hidden if rows is None else hidden[:, rows[0] : rows[1]]
-
-    return full
-
-
-# The modules an --ab change patches.
-AB_OWNERS = {
-    "apply": lambda: importlib.import_module("rlhf_jax.models.apply"),
-    "transformer": lambda: importlib.import_module("rlhf_jax.models.transformer"),
-}
-# --ab CHANGE: (AB_OWNERS key, attribute, the formulation before the change, what the change did).
+# --ab CHANGE: (module, attribute, the formulation before the change, what the change did).
 AB_CHANGES = {
     "logprobs": (
-        "apply",
+        "rlhf_jax.models.apply",
         "_logprobs_from_hidden",
         lambda current: _full_log_softmax_logprobs,
         "logit[token] - logsumexp instead of a full log-softmax and a gather",
     ),
     "dense": (
-        "transformer",
+        "rlhf_jax.models.transformer",
         "_dense",
         lambda current: _unflattened_dense,
         "dense layers flatten their leading axes (the kernel gradient is one x^T dy GEMM)",
-    ),
-    "rows": (
-        "apply",
-        "_trunk",
-        _all_rows_trunk,
-        "the last layer's queries, attention and MLP on the scored rows only",
     ),
 }
 
@@ -202,8 +182,8 @@ def ab_change(change: str, cfg, static, params, frozen, args: tuple, runs: int) 
     run i of A and run i of B alternate; prints both medians (wall and process CPU seconds: the
     CPU time moves less when other tenants share the host), ``kl/response`` after the runs and
     B's speed-up."""
-    owner_name, attr, before, what = AB_CHANGES[change]
-    owner = AB_OWNERS[owner_name]()
+    module_name, attr, before, what = AB_CHANGES[change]
+    owner = importlib.import_module(module_name)
     current = getattr(owner, attr)
     progs = {}
     for name, fn in (("A before", before(current)), ("B library", current)):

@@ -5,13 +5,10 @@ references are the model's own full forward (for the cache and padding invarianc
 numpy re-derivations (log-softmax gathers, read positions).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from rlhf_jax import models
 
@@ -353,48 +350,3 @@ def test_scan_unroll_same_numbers(model):
         want = jax.jit(fn, static_argnums=0)(model.graphdef, model.params)
         got = jax.jit(fn, static_argnums=0)(unrolled, model.params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _hidden(graphdef, params, tokens, mask, rows=None):
-    module = nnx.merge(graphdef, params)
-    mask = jnp.asarray(mask, jnp.int32)
-    positions = models.positions_from_mask(mask)
-    return module(jnp.asarray(tokens, jnp.int32), positions, mask, rows=rows)[0]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _rows_loss_grad(graphdef, params, rows):
-    def loss(params):  # rows (None, None): the full forward, then the rows 2 .. T-2
-        if rows[0] is None:
-            return jnp.sum(jnp.sin(_hidden(graphdef, params, TOKENS, MASK)[:, 2:-1]))
-        return jnp.sum(jnp.sin(_hidden(graphdef, params, TOKENS, MASK, rows)))
-
-    return jax.grad(loss)(params)
-
-
-@pytest.mark.parametrize(
-    "arch, kw",
-    [(arch, {}) for arch in ("gemma2", "qwen3", "mixtral")]  # last layer full; qk-norm; MoE
-    + [
-        ("gpt2", dict(num_layers=1)),
-        ("llama", dict(remat="full")),
-        (
-            "gemma3",
-            dict(num_layers=3, layer_types=("sliding_attention",) * 2 + ("full_attention",)),
-        ),
-    ],
-)
-def test_trunk_rows_are_those_rows_of_the_full_forward(arch, kw):
-    """``rows=(first, stop)`` runs the last layer's queries, attention output and MLP on those
-    rows only; the hidden states (and their gradients) are those rows of the full forward."""
-    m = models.init_model(make_config(arch, **kw), jax.random.key(2), value_head=True)
-    first, stop = 2, TOKENS.shape[1] - 1
-    full = _hidden(m.graphdef, m.params, TOKENS, MASK)
-    part = _hidden(m.graphdef, m.params, TOKENS, MASK, (first, stop))
-    assert part.shape == (TOKENS.shape[0], stop - first, full.shape[-1])
-    np.testing.assert_allclose(part, full[:, first:stop], rtol=1e-5, atol=1e-5)
-    g_part = _rows_loss_grad(m.graphdef, m.params, (first, stop))
-    g_full = _rows_loss_grad(m.graphdef, m.params, (None, None))
-    for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

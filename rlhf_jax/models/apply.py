@@ -64,19 +64,13 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
 
 
-def _trunk(graphdef, params, tokens, attention_mask, rows=None):
+def _trunk(graphdef, params, tokens, attention_mask):
     chex.assert_rank([tokens, attention_mask], 2)
     chex.assert_equal_shape([tokens, attention_mask])
     module = nnx.merge(graphdef, params)
     mask = attention_mask.astype(jnp.int32)
-    hidden, _ = module(tokens.astype(jnp.int32), positions_from_mask(mask), mask, rows=rows)
+    hidden, _ = module(tokens.astype(jnp.int32), positions_from_mask(mask), mask)
     return module, hidden
-
-
-def _scored_rows(tokens, start: int) -> tuple[int, int]:
-    """The hidden rows that score ``tokens[:, start:]``: ``start - 1 ... T - 2`` (row ``i``
-    predicts token ``i + 1``). The trunk's last layer runs on these rows only."""
-    return (start - 1, tokens.shape[1] - 1)
 
 
 def logits(graphdef, params, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -85,14 +79,14 @@ def logits(graphdef, params, tokens: jax.Array, attention_mask: jax.Array) -> ja
     return module.lm_logits(hidden)
 
 
-def _logprobs_from_hidden(module, h, tokens, start, temperature):
-    """``[B, T-start]`` log-probs of ``tokens[:, start:]`` from the hidden states of the scored
-    rows, ``h [B, T-start, D]`` (:func:`_scored_rows`: row ``start-1+i`` predicts ``start+i``).
+def _logprobs_from_hidden(module, hidden, tokens, start, temperature):
+    """``[B, T-start]`` log-probs of ``tokens[:, start:]`` from the ``[B, T, D]`` hidden states.
 
     The LM head runs on the ``T-start`` scored positions only (the prompt's logits are never
     formed), and the taken token's log-prob is ``z[token] - logsumexp(z)`` with ``z = logits /
     temperature``: one reduction over the vocabulary, no ``[B, T-start, V]`` log-softmax array.
     """
+    h = hidden[:, start - 1 : -1]  # [B, T-start, D]: position start-1+i predicts start+i
     z = module.lm_logits(h) / jnp.asarray(temperature, jnp.float32)  # [B, T-start, V]
     targets = tokens[:, start:].astype(jnp.int32)
     taken = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]  # [B, T-start]
@@ -122,8 +116,8 @@ def token_logprobs(
     did (TRL ``logits /= temperature + 1e-7``; LMHP divides by the temperature).
     """
     _check_start(tokens, start)
-    module, h = _trunk(graphdef, params, tokens, attention_mask, _scored_rows(tokens, start))
-    return _logprobs_from_hidden(module, h, tokens, start, temperature)
+    module, hidden = _trunk(graphdef, params, tokens, attention_mask)
+    return _logprobs_from_hidden(module, hidden, tokens, start, temperature)
 
 
 def _value_from_hidden(module, hidden):
@@ -142,8 +136,8 @@ def values(
     Uses the value head, or (a critic initialised from a reward model) the score head per token.
     """
     _check_start(tokens, start)
-    module, h = _trunk(graphdef, params, tokens, attention_mask, _scored_rows(tokens, start))
-    return _value_from_hidden(module, h)
+    module, hidden = _trunk(graphdef, params, tokens, attention_mask)
+    return _value_from_hidden(module, hidden[:, start - 1 : -1])
 
 
 def logprobs_and_values(
@@ -157,9 +151,9 @@ def logprobs_and_values(
 ) -> tuple[jax.Array, jax.Array]:
     """``(token_logprobs, values)``, both ``[B, T-start]``, from one trunk pass."""
     _check_start(tokens, start)
-    module, h = _trunk(graphdef, params, tokens, attention_mask, _scored_rows(tokens, start))
-    logp = _logprobs_from_hidden(module, h, tokens, start, temperature)
-    return logp, _value_from_hidden(module, h)
+    module, hidden = _trunk(graphdef, params, tokens, attention_mask)
+    logp = _logprobs_from_hidden(module, hidden, tokens, start, temperature)
+    return logp, _value_from_hidden(module, hidden[:, start - 1 : -1])
 
 
 def read_index(attention_mask: jax.Array, read: str = "last_nonpad") -> jax.Array:

@@ -599,9 +599,7 @@ class Block(nnx.Module):
             )
         return w
 
-    def __call__(
-        self, x, positions, allowed, inv_freq, cache, index, *, heads_first=False, rows=None
-    ):
+    def __call__(self, x, positions, allowed, inv_freq, cache, index, *, heads_first=False):
         return block(
             self.cfg,
             self.weights(),
@@ -612,7 +610,6 @@ class Block(nnx.Module):
             cache,
             index,
             heads_first=heads_first,
-            rows=rows,
         )
 
 
@@ -633,7 +630,7 @@ def _dense(x, w, dtype):
     the backward differs: for ``[B, t, D] @ [D, F]`` JAX's transpose rule writes the kernel's
     gradient as a contraction over two axes followed by a transpose, which XLA:CPU runs as a
     generic dot at about half the GEMM rate; for ``[B t, D] @ [D, F]`` it is one ``x^T dy``.
-    On the PPO benchmark this made the iteration 12% faster (``experiments/bench_ppo.py``).
+    On the PPO benchmark this made the iteration 9-13% faster (``bench_ppo.py --ab dense``).
     """
     kernel = w["kernel"].astype(dtype)
     lead = x.shape[:-1]
@@ -815,7 +812,6 @@ def block(
     index,
     *,
     heads_first: bool = False,
-    rows: tuple[int, int] | None = None,
 ):
     """One pre-norm transformer layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -830,10 +826,6 @@ def block(
         (``heads_first``: ``[B, Hkv, S, Dh]``); the ``t`` new keys/values are written at slots
         ``[index, index + t)``.
       index: the first slot written (int or traced int32).
-      rows: None, or static ``(first, stop)``: only those rows of the output are wanted. Every
-        row's key and value are still computed (the kept rows attend to them), but the queries,
-        the attention, its output projection and the MLP run on ``stop - first`` rows; the
-        output is ``[B, stop - first, D]``, equal to those rows of the full output.
 
     Returns:
       ``(x [B, t, D], new cache or None)``.
@@ -859,9 +851,6 @@ def block(
         keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
         vals = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
         new_cache = (keys, vals)
-    if rows is not None:
-        first, stop = rows
-        q, x, allowed = q[:, first:stop], x[:, first:stop], allowed[:, first:stop]
     out = _attend(cfg, q, keys, vals, allowed, heads_first)
     b, t = x.shape[:2]
     a = _dense(out.reshape(b, t, -1), w["o"], cfg.compute_dtype)
@@ -960,7 +949,7 @@ class Transformer(nnx.Module):
         if score_head:
             self.score_head = ScoreHead(cfg.hidden_size, param_dtype=cfg.weight_dtype, rngs=rngs)
 
-    def __call__(self, tokens, positions, kv_mask, cache=None, index=0, rows=None):
+    def __call__(self, tokens, positions, kv_mask, cache=None, index=0):
         """Hidden states after the final norm.
 
         Args:
@@ -970,13 +959,9 @@ class Transformer(nnx.Module):
           cache: None, or ``dict(k, v)`` of ``[L, B, S, Hkv, Dh]``; the t new keys/values are
             written at slots ``[index, index + t)``.
           index: int or scalar int32 array, the first slot written (0 without a cache).
-          rows: None, or static ``(first, stop)`` (no cache): return only those rows. The last
-            layer then runs its queries, attention output and MLP on those rows alone
-            (:func:`block`'s ``rows``); the numbers are those rows of the full output.
 
         Returns:
-          ``(hidden [B, t, D] in the compute dtype, new cache or None)`` (``[B, stop - first,
-          D]`` with ``rows``).
+          ``(hidden [B, t, D] in the compute dtype, new cache or None)``.
         """
         cfg = self.config
         chex.assert_rank([tokens, positions, kv_mask], 2)
@@ -1001,24 +986,6 @@ class Transformer(nnx.Module):
         if cache is None and cfg.remat != "none":  # training forward (decoding is never remat)
             body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
         flags = jnp.asarray(sliding) if len(per_kind) > 1 else None
-        if rows is not None:  # all layers but the last as below, then the last on `rows`
-            if cache is not None:
-                raise ValueError("rows= is for the training forward (no cache)")
-            n = cfg.num_layers
-            if n > 1:
-                head = jax.tree.map(lambda a: a[:-1], layer_state)
-                xs = (head, None, None, None if flags is None else flags[:-1])
-                x, _ = jax.lax.scan(body, x, xs, unroll=min(cfg.scan_unroll, n - 1))
-            allowed, inv_freq = per_kind[sliding[-1]]
-
-            def last(h, state):
-                layer = nnx.merge(layer_def, state)
-                return layer(h, positions, allowed, inv_freq, None, index, rows=rows)[0]
-
-            if cfg.remat != "none":
-                last = jax.checkpoint(last, policy=remat_policy(cfg.remat), prevent_cse=False)
-            x = last(x, jax.tree.map(lambda a: a[-1], layer_state))
-            return self.final_norm(x), None
         if cache is None:
             xs = (layer_state, None, None, flags)
         else:
