@@ -386,7 +386,7 @@ def main(argv=None) -> None:
         help="python of the environment with torch==2.13.0 and trl==1.12.0 (--against trl)",
     )
     parser.add_argument(
-        "--runs", type=int, default=2, help="interleaved runs per side (--against, --ab)"
+        "--runs", type=int, default=2, help="rounds: --against and --ab (per side), --trace"
     )
     parser.add_argument("--trl-warmup", type=int, default=1, help="TRL iterations dropped per run")
     parser.add_argument("--trl-threads", type=int, default=0, help="torch threads (0: default)")
