@@ -241,6 +241,9 @@ def trace_times(args, runs: int) -> None:
     rows = []
     for _ in range(args.runs):
         cmd = [sys.executable, __file__, "--trace", str(runs), "--trace-child"]
+        cmd += ["--dtype", args.dtype, "--critic", args.critic, "--batch", str(args.batch)]
+        cmd += ["--prompt-length", str(args.prompt_length)]
+        cmd += ["--response-length", str(args.response_length)]
         cmd += [] if args.unroll else ["--no-unroll"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
